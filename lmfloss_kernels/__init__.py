@@ -1,0 +1,46 @@
+"""lmfloss-kernels: fused class-imbalance losses for medical imaging (LMF, Unified Focal, Mixed Focal).
+
+Functional API in :mod:`lmfloss_kernels.functional`, ``nn.Module`` criteria at the top level,
+eager definitions in :mod:`lmfloss_kernels.reference`. See the README for the backends.
+"""
+
+from . import functional, reference
+from ._backends import available_backends
+from ._config import get_options, options, set_options
+from .functional import BackendMismatchError, drw_weights, ldam_margins
+from .modules import (
+    AsymmetricFocalLoss,
+    DiceLoss,
+    FocalLoss,
+    FocalTverskyLoss,
+    LDAMLoss,
+    LMFLoss,
+    MixedFocalLoss,
+    SymmetricFocalLoss,
+    TverskyLoss,
+    UnifiedFocalLoss,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AsymmetricFocalLoss",
+    "BackendMismatchError",
+    "DiceLoss",
+    "FocalLoss",
+    "FocalTverskyLoss",
+    "LDAMLoss",
+    "LMFLoss",
+    "MixedFocalLoss",
+    "SymmetricFocalLoss",
+    "TverskyLoss",
+    "UnifiedFocalLoss",
+    "available_backends",
+    "drw_weights",
+    "functional",
+    "get_options",
+    "ldam_margins",
+    "options",
+    "reference",
+    "set_options",
+]

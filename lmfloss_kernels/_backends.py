@@ -1,0 +1,114 @@
+"""Backend registry: which implementation computes a loss family for a given tensor.
+
+A backend is an object with a ``name``, an ``unavailable_reason(device, dtype)`` method that
+returns ``None`` when it can serve tensors of that device and dtype (or a sentence saying why
+not), and the two loss-family functions with the signatures of
+:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`.
+Fused backends live in their own subpackages and are imported lazily, the first time they are
+asked for, so a broken or missing Triton or C++ extension never stops the others.
+
+``"auto"`` tries, by device type, the candidates of :data:`AUTO_ORDER` and takes the first
+that is available; when it has to fall back to the eager reference on a device that has fused
+backends it warns once, saying why.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Protocol
+
+import torch
+
+from . import reference
+
+
+class Backend(Protocol):
+    name: str
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None: ...
+
+    def row_loss(self, *args, **kwargs) -> torch.Tensor: ...
+
+    def region_loss(self, *args, **kwargs) -> torch.Tensor: ...
+
+
+class ReferenceBackend:
+    """The eager PyTorch definitions of :mod:`lmfloss_kernels.reference`; serves every tensor."""
+
+    name = "reference"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return None
+
+    row_loss = staticmethod(reference.row_loss)
+    region_loss = staticmethod(reference.region_loss)
+
+
+# name -> "module:attribute" of the backend object, imported on first use.
+_LOCATIONS = {
+    "triton": "lmfloss_kernels.triton:BACKEND",
+    "cuda": "lmfloss_kernels.ext:CUDA_BACKEND",
+    "cpu": "lmfloss_kernels.ext:CPU_BACKEND",
+}
+AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+BACKEND_NAMES = ("auto", "reference", *_LOCATIONS)
+
+_loaded: dict[str, Backend | str] = {"reference": ReferenceBackend()}
+_warned: set[str] = set()
+
+
+def _load(name: str) -> Backend | str:
+    """The backend object, or a string saying why it could not be imported."""
+    if name not in _loaded:
+        module_name, attribute = _LOCATIONS[name].split(":")
+        try:
+            _loaded[name] = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError, OSError, RuntimeError) as error:
+            _loaded[name] = f"it could not be imported ({type(error).__name__}: {error})"
+    return _loaded[name]
+
+
+def _reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    backend = _load(name)
+    if isinstance(backend, str):
+        return backend
+    return backend.unavailable_reason(device, dtype)
+
+
+def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can serve tensors of this device and dtype."""
+    device = torch.device(device)
+    return [name for name in BACKEND_NAMES[1:] if _reason(name, device, dtype) is None]
+
+
+def resolve_backend(name: object, logits: torch.Tensor) -> Backend:
+    """The backend object for ``name`` (or the best one for ``"auto"``) and these logits."""
+    if not isinstance(name, str) or name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
+    device, dtype = logits.device, logits.dtype
+    if name == "auto":
+        reasons = {}
+        for candidate in AUTO_ORDER.get(device.type, ()):
+            reason = _reason(candidate, device, dtype)
+            if reason is None:
+                return _load(candidate)  # type: ignore[return-value]
+            reasons[candidate] = reason
+        key = f"{device.type}/{dtype}"
+        if reasons and key not in _warned:
+            _warned.add(key)
+            why = "; ".join(f"{n}: {r}" for n, r in reasons.items())
+            warnings.warn(
+                f"lmfloss_kernels: no fused backend for {device.type} {dtype} tensors ({why}); "
+                f"using the eager reference, which is correct but slower and uses more memory",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _loaded["reference"]  # type: ignore[return-value]
+    reason = _reason(name, device, dtype)
+    if reason is not None:
+        raise ValueError(
+            f"backend {name!r} cannot serve {device.type} {dtype} tensors: {reason}. "
+            f"Available for these tensors: {['auto', *available_backends(device, dtype)]}"
+        )
+    return _load(name)  # type: ignore[return-value]

@@ -1,0 +1,198 @@
+"""Argument checks shared by the functional API and the modules.
+
+Every check raises ``TypeError`` (wrong kind of object or dtype) or ``ValueError`` (wrong
+value or shape) with a message that names the argument, what was expected and what was given.
+None of them synchronises with an accelerator unless :mod:`lmfloss_kernels._config` asks for
+it (``check_labels``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ._config import get_options
+
+REDUCTIONS = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_reduction(reduction: object) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction  # type: ignore[return-value]
+
+
+def check_number(
+    name: str,
+    value: object,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """A finite real number in ``[low, high]`` (open ends where asked)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}: {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = low is not None and (value < low or (low_open and value == low))
+    too_high = high is not None and (value > high or (high_open and value == high))
+    if too_low or too_high:
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        interval = f"{'(' if low_open or low is None else '['}{left}, {right}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value:g}")
+    return value
+
+
+def check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def check_ignore_index(value: object, *, optional: bool) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        expected = "an int or None" if optional else "an int"
+        raise TypeError(f"ignore_index must be {expected}, got {type(value).__name__}: {value!r}")
+    return value
+
+
+def check_logits(logits: object, *, dense: bool) -> torch.Tensor:
+    """Floating-point logits with the class axis at dim 1 and at least two classes.
+
+    ``dense=True`` asks for ``(B, C, *S)`` with at least one spatial axis; otherwise ``(N, C)``
+    rows are accepted too.
+    """
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    min_rank = 3 if dense else 2
+    if logits.dim() < min_rank:
+        shape = "(B, C, *spatial) with at least one spatial axis" if dense else "(N, C) or (B, C, *spatial)"
+        raise ValueError(f"logits must have shape {shape}, got shape {tuple(logits.shape)}")
+    if logits.shape[1] < 2:
+        raise ValueError(
+            f"logits must have at least 2 classes on dim 1 (softmax over one class is constant), "
+            f"got shape {tuple(logits.shape)}"
+        )
+    if logits.numel() == 0:
+        raise ValueError(f"logits must not be empty, got shape {tuple(logits.shape)}")
+    return logits
+
+
+def _check_same_device(target: torch.Tensor, logits: torch.Tensor) -> None:
+    if target.device != logits.device:
+        raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
+
+
+def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
+    """Integer class labels for ``logits``; returns them with any singleton channel axis removed.
+
+    Accepted: any integer dtype or bool, shape ``logits.shape[:1] + logits.shape[2:]`` or with a
+    singleton channel axis at dim 1 (MONAI's ``B1H[WD]``). Values must lie in ``[0, C)`` or equal
+    ``ignore_index``; that is verified on CPU tensors always and on other devices when the
+    ``check_labels`` option is on (it needs a device-to-host sync).
+    """
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must hold integer class labels for this loss, got dtype {target.dtype}")
+    _check_same_device(target, logits)
+    expected = logits.shape[:1] + logits.shape[2:]
+    labels = target
+    if labels.dim() == logits.dim() and labels.shape[1] == 1:
+        labels = labels.squeeze(1)
+    if labels.shape != expected:
+        with_channel = tuple(logits.shape[:1]) + (1,) + tuple(logits.shape[2:])
+        raise ValueError(
+            f"target must have shape {tuple(expected)} or {with_channel} to match logits "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}"
+        )
+    if labels.device.type == "cpu" or get_options().check_labels:
+        check_label_range(labels, logits.shape[1], ignore_index)
+    return labels
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> None:
+    """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``."""
+    values = labels.long()
+    if ignore_index is not None:
+        values = values[values != ignore_index]
+    if values.numel() == 0:
+        return
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= num_classes:
+        allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+        raise ValueError(f"target labels must be in {allowed}, got values in [{low}, {high}]")
+
+
+def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
+    """Integer label map (see :func:`check_labels`) or float one-hot / soft map of the logits' shape."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if not target.is_floating_point():
+        return check_labels(logits, target, ignore_index=ignore_index)
+    _check_same_device(target, logits)
+    if target.shape != logits.shape:
+        raise ValueError(
+            f"a floating-point target is a one-hot / soft map and must have the logits' shape "
+            f"{tuple(logits.shape)}, got {tuple(target.shape)}; pass integer labels of shape "
+            f"{tuple(logits.shape[:1] + logits.shape[2:])} for a label map"
+        )
+    if ignore_index is not None:
+        raise ValueError(
+            f"ignore_index={ignore_index} applies to integer label maps only; a one-hot / soft target "
+            f"marks nothing to ignore (pass ignore_index=None or an integer label map)"
+        )
+    return target
+
+
+def class_vector(
+    name: str,
+    value: object,
+    num_classes: int,
+    device: torch.device,
+    *,
+    positive: bool = False,
+) -> torch.Tensor:
+    """A per-class vector of length ``num_classes`` as float32 on ``device`` (float64 stays float64)."""
+    if isinstance(value, torch.Tensor):
+        if value.is_complex() or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
+        vector = value.detach()
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        try:
+            vector = torch.tensor([float(v) for v in value])
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be a sequence of numbers, got {value!r}") from None
+    else:
+        raise TypeError(f"{name} must be a tensor or a sequence of {num_classes} numbers, got {type(value).__name__}")
+    if vector.dim() != 1 or vector.numel() != num_classes:
+        raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
+    dtype = torch.float64 if vector.dtype == torch.float64 else torch.float32
+    vector = vector.to(device=device, dtype=dtype)
+    if vector.device.type == "cpu" or get_options().check_labels:
+        if not bool(torch.isfinite(vector).all()):
+            raise ValueError(f"{name} must be finite, got {vector.tolist()}")
+        if positive and bool((vector <= 0).any()):
+            raise ValueError(f"{name} must be positive, got {vector.tolist()}")
+        if not positive and bool((vector < 0).any()):
+            raise ValueError(f"{name} must be non-negative, got {vector.tolist()}")
+    return vector
+
+
+def check_class_counts(class_counts: object, num_classes: int, device: torch.device) -> torch.Tensor:
+    """Per-class training-set counts: ``num_classes`` positive finite numbers."""
+    if class_counts is None:
+        raise TypeError("class_counts is required: the number of training samples of each class")
+    counts = class_vector("class_counts", class_counts, num_classes, torch.device("cpu"), positive=True)
+    return counts.to(device)

@@ -1,0 +1,338 @@
+"""Drop-in ``nn.Module`` criteria: ``criterion = UnifiedFocalLoss(); loss = criterion(logits, target)``.
+
+Each module takes the keywords of the function of the same name in
+:mod:`lmfloss_kernels.functional` (see there for formulas, defaults and sources) and checks
+them when it is built, so a bad hyper-parameter fails at construction, not in the first
+training step. Per-class tensors (margins, class weights, ``alpha``) are registered as
+buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+from ._backends import BACKEND_NAMES
+from ._validation import check_class_counts, check_number, class_vector
+
+__all__ = [
+    "AsymmetricFocalLoss",
+    "DiceLoss",
+    "FocalLoss",
+    "FocalTverskyLoss",
+    "LDAMLoss",
+    "LMFLoss",
+    "MixedFocalLoss",
+    "SymmetricFocalLoss",
+    "TverskyLoss",
+    "UnifiedFocalLoss",
+]
+
+
+def _check_backend(backend: object) -> str:
+    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
+    return backend
+
+
+class _KeywordLoss(nn.Module):
+    """A criterion that forwards fixed keywords to one function of :mod:`functional`.
+
+    Construction runs the function once on shape-only ``meta`` tensors with the eager
+    reference: every hyper-parameter check runs, no memory is touched.
+    """
+
+    _function = None
+
+    def __init__(self, *, tensors: dict[str, torch.Tensor | None] | None = None, **kwargs) -> None:
+        super().__init__()
+        self.backend = _check_backend(kwargs.pop("backend"))
+        self.kwargs = kwargs
+        self._tensor_names = tuple(tensors or {})
+        num_classes = 2
+        for name, tensor in (tensors or {}).items():
+            self.register_buffer(name, tensor)
+            if tensor is not None:
+                num_classes = tensor.numel()
+        dry_logits = torch.zeros(1, num_classes, 1, device="meta")
+        dry_target = torch.zeros(1, 1, dtype=torch.long, device="meta")
+        type(self)._function(dry_logits, dry_target, **self._call_kwargs(), backend="reference")
+
+    def _call_kwargs(self) -> dict:
+        return {**self.kwargs, **{name: getattr(self, name) for name in self._tensor_names}}
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return type(self)._function(logits, target, **self._call_kwargs(), backend=self.backend)
+
+    def extra_repr(self) -> str:
+        shown = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor)}
+        return ", ".join(f"{k}={v!r}" for k, v in {**shown, "backend": self.backend}.items())
+
+
+class UnifiedFocalLoss(_KeywordLoss):
+    """Module form of :func:`lmfloss_kernels.functional.unified_focal_loss`."""
+
+    _function = staticmethod(F.unified_focal_loss)
+
+    def __init__(
+        self,
+        *,
+        weight: float | None = 0.5,
+        delta: float = 0.6,
+        gamma: float = 0.5,
+        asymmetric: bool = True,
+        batch: bool = False,
+        clip: bool = True,
+        eps: float = 1e-7,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class FocalTverskyLoss(_KeywordLoss):
+    """Module form of :func:`lmfloss_kernels.functional.focal_tversky_loss`."""
+
+    _function = staticmethod(F.focal_tversky_loss)
+
+    def __init__(
+        self,
+        *,
+        delta: float = 0.7,
+        gamma: float = 0.75,
+        asymmetric: bool = False,
+        batch: bool = False,
+        clip: bool = True,
+        eps: float = 1e-7,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class SymmetricFocalLoss(_KeywordLoss):
+    """Module form of :func:`lmfloss_kernels.functional.symmetric_focal_loss`."""
+
+    _function = staticmethod(F.symmetric_focal_loss)
+
+    def __init__(
+        self,
+        *,
+        delta: float = 0.7,
+        gamma: float = 2.0,
+        clip: bool = True,
+        eps: float = 1e-7,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class AsymmetricFocalLoss(SymmetricFocalLoss):
+    """Module form of :func:`lmfloss_kernels.functional.asymmetric_focal_loss`."""
+
+    _function = staticmethod(F.asymmetric_focal_loss)
+
+
+class TverskyLoss(_KeywordLoss):
+    """Module form of :func:`lmfloss_kernels.functional.tversky_loss`."""
+
+    _function = staticmethod(F.tversky_loss)
+
+    def __init__(
+        self,
+        *,
+        delta: float = 0.7,
+        smooth: float = 1e-6,
+        batch: bool = False,
+        clip: bool = False,
+        eps: float = 1e-7,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class DiceLoss(_KeywordLoss):
+    """Module form of :func:`lmfloss_kernels.functional.dice_loss`."""
+
+    _function = staticmethod(F.dice_loss)
+
+    def __init__(
+        self,
+        *,
+        smooth: float = 1e-6,
+        batch: bool = False,
+        clip: bool = False,
+        eps: float = 1e-7,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class _AlphaLoss(_KeywordLoss):
+    """A keyword loss whose optional per-class ``alpha`` is kept as a buffer."""
+
+    def __init__(self, *, alpha, **kwargs) -> None:
+        if alpha is not None:
+            if not isinstance(alpha, (torch.Tensor, list, tuple)):
+                raise TypeError(f"alpha must be None, a tensor or a sequence of numbers, got {type(alpha).__name__}")
+            alpha = class_vector("alpha", alpha, len(alpha), torch.device("cpu"))
+        super().__init__(tensors={"alpha": alpha}, **kwargs)
+
+
+class FocalLoss(_AlphaLoss):
+    """Module form of :func:`lmfloss_kernels.functional.focal_loss`."""
+
+    _function = staticmethod(F.focal_loss)
+
+    def __init__(
+        self,
+        *,
+        gamma: float = 2.0,
+        alpha=None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class MixedFocalLoss(_AlphaLoss):
+    """Module form of :func:`lmfloss_kernels.functional.mixed_focal_loss`."""
+
+    _function = staticmethod(F.mixed_focal_loss)
+
+    def __init__(
+        self,
+        *,
+        weight: float | None = None,
+        alpha=None,
+        beta: float | None = None,
+        delta: float = 0.7,
+        gamma_f: float = 2.0,
+        gamma_fd: float = 0.75,
+        clip: bool = True,
+        eps: float = 1e-7,
+        smooth: float = 1e-6,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+class _MarginLoss(nn.Module):
+    """LDAM-style criterion: margins and class weights computed once from ``class_counts``."""
+
+    def __init__(self, class_counts, *, max_m, s, weight, alpha, beta, gamma, reduction, ignore_index, backend):
+        super().__init__()
+        if isinstance(class_counts, torch.Tensor):
+            num_classes = class_counts.numel()
+        else:
+            num_classes = len(class_counts)
+        counts = check_class_counts(class_counts, num_classes, torch.device("cpu"))
+        margins = F.ldam_margins(counts, check_number("max_m", max_m, low=0.0))
+        dry_logits = torch.zeros(1, num_classes)
+        class_weight = F._class_weight(weight, margins, dry_logits)
+        self.backend = _check_backend(backend)
+        self.options = dict(alpha=alpha, beta=beta, gamma=gamma, s=s, reduction=reduction, ignore_index=ignore_index)
+        self.register_buffer("class_counts", counts)
+        self.register_buffer("margins", margins)
+        self.register_buffer("class_weight", class_weight.clone())
+        # Validate every remaining keyword now, on a one-row dry run.
+        self._call(dry_logits, torch.zeros(1, dtype=torch.long), backend="reference")
+
+    def _call(self, logits, target, backend):
+        opts = self.options
+        logits = F.check_logits(logits, dense=False)
+        if logits.shape[1] != self.margins.numel():
+            raise ValueError(
+                f"logits have {logits.shape[1]} classes on dim 1 but class_counts has {self.margins.numel()} entries"
+            )
+        return F._row_family(
+            logits,
+            target,
+            self.margins.to(F._vector_dtype(logits)),
+            self.class_weight.to(F._vector_dtype(logits)),
+            self.class_weight.to(F._vector_dtype(logits)),
+            alpha=check_number("alpha", opts["alpha"], low=0.0),
+            beta=check_number("beta", opts["beta"], low=0.0),
+            gamma=check_number("gamma", opts["gamma"], low=0.0),
+            s=check_number("s", opts["s"], low=0.0, low_open=True),
+            reduction=opts["reduction"],
+            ignore_index=opts["ignore_index"],
+            backend=backend,
+        )
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return self._call(logits, target, self.backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in {**self.options, "backend": self.backend}.items())
+
+
+class LMFLoss(_MarginLoss):
+    """Module form of :func:`lmfloss_kernels.functional.lmf_loss` (margins computed once)."""
+
+    def __init__(
+        self,
+        class_counts,
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 1.5,
+        s: float = 30.0,
+        max_m: float = 0.5,
+        weight="margins",
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            class_counts,
+            max_m=max_m,
+            s=s,
+            weight=weight,
+            alpha=alpha,
+            beta=beta,
+            gamma=gamma,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            backend=backend,
+        )
+
+
+class LDAMLoss(_MarginLoss):
+    """Module form of :func:`lmfloss_kernels.functional.ldam_loss` (margins computed once)."""
+
+    def __init__(
+        self,
+        class_counts,
+        *,
+        max_m: float = 0.5,
+        s: float = 30.0,
+        weight=None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            class_counts,
+            max_m=max_m,
+            s=s,
+            weight=weight,
+            alpha=1.0,
+            beta=0.0,
+            gamma=0.0,
+            reduction=reduction,
+            ignore_index=ignore_index,
+            backend=backend,
+        )

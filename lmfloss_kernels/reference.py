@@ -1,0 +1,226 @@
+r"""Eager PyTorch definitions of every loss: the executable specification.
+
+Every named loss of the package (LMF, LDAM, focal, Unified Focal, focal Tversky, Mixed Focal,
+Tversky, Dice) is one of two *loss families*, each defined here once, in plain differentiable
+PyTorch, from logits:
+
+* :func:`row_loss` — per-row softmax losses on ``(N, C)`` rows or dense ``(B, C, *S)`` maps
+  where every voxel is a row (LMF = alpha * LDAM + beta * focal and its two components).
+* :func:`region_loss` — segmentation losses that combine a per-voxel focal cross-entropy with a
+  per-image, per-class Tversky index (Unified Focal, focal Tversky, Mixed Focal, Tversky, Dice).
+
+:mod:`lmfloss_kernels.functional` maps each named loss's keywords onto these families, so the
+reference and every fused backend are checked against exactly the same definitions. Gradients
+come from autograd; the fused backends implement the closed forms of ``losses.md`` instead.
+
+Precision: half-precision logits are upcast to float32 (``upcast=True``, the default, matching
+the fused kernels); float64 stays float64 so :func:`torch.autograd.gradcheck` works.
+``upcast=False`` computes in the input dtype, which is the "reference in the same dtype" of the
+Cut Cross-Entropy tolerance rule.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["drw_weights", "ldam_margins", "region_loss", "row_loss"]
+
+
+def ldam_margins(class_counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor:
+    r"""LDAM per-class margins ``m_j = max_m * (n_min / n_j) ** (1/4)``.
+
+    As in ``get_mlist`` of the LMF authors (Adnan-Sadi/LMFLOSS ``utils.py``) and ``LDAMLoss`` of
+    Cao et al. (kaidic/LDAM-DRW): the rarest class gets ``max_m``, the others less.
+    Returns float32 (float64 if the counts are float64) on the counts' device.
+    """
+    counts = class_counts.to(torch.float64 if class_counts.dtype == torch.float64 else torch.float32)
+    m = counts.pow(-0.25)
+    return m * (max_m / m.max())
+
+
+def drw_weights(class_counts: torch.Tensor, beta: float = 0.9999) -> torch.Tensor:
+    r"""Deferred re-weighting class weights ``w_j ∝ (1 - beta) / (1 - beta ** n_j)``, summing to C.
+
+    The "effective number of samples" weights that kaidic/LDAM-DRW switches on late in training
+    (``--train_rule DRW``, ``beta = 0.9999``). ``beta = 0`` gives all ones.
+    """
+    counts = class_counts.to(torch.float64)
+    w = (1.0 - beta) / (1.0 - torch.pow(torch.full_like(counts, beta), counts))
+    w = w / w.sum() * counts.numel()
+    return w.to(torch.float64 if class_counts.dtype == torch.float64 else torch.float32)
+
+
+def _math_dtype(logits: torch.Tensor, upcast: bool) -> torch.Tensor:
+    if upcast and logits.dtype in (torch.float16, torch.bfloat16):
+        return logits.float()
+    return logits
+
+
+def _focal_modulation(one_minus_p: torch.Tensor, gamma: torch.Tensor | float) -> torch.Tensor:
+    # (1 - p) ** gamma with a finite derivative at p = 1: there the term it multiplies (-log p)
+    # is 0 too, so clamping to the smallest normal number changes no value and avoids 0 * inf.
+    tiny = torch.finfo(one_minus_p.dtype).tiny
+    return one_minus_p.clamp_min(tiny).pow(gamma)
+
+
+def row_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    margins: torch.Tensor,
+    ldam_weight: torch.Tensor,
+    focal_weight: torch.Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    s: float,
+    ignore_index: int,
+    reduction: str,
+    upcast: bool = True,
+) -> torch.Tensor:
+    r"""LMF family: ``alpha * LDAM + beta * focal`` over rows.
+
+    Rows are ``logits`` of shape ``(N, C)`` with ``labels`` ``(N,)``, or every voxel of
+    ``(B, C, *S)`` with labels ``(B, *S)``. With ``t`` the label of row ``i``,
+    ``v_i = [t_i != ignore_index]``, ``p = softmax(z_i)``:
+
+    .. math::
+
+        \ell^{LDAM}_i &= -\log \mathrm{softmax}\big(s\,(z_i - m_{t} e_{t})\big)_{t} \\
+        \ell^{F}_i &= -(1 - p_{t})^{\gamma} \log p_{t} \\
+        \text{mean} &= \alpha \frac{\sum_i v_i w^{L}_{t} \ell^{LDAM}_i}{\sum_i v_i w^{L}_{t}}
+                     + \beta \frac{\sum_i v_i w^{F}_{t} \ell^{F}_i}{\sum_i v_i}
+
+    ``"none"`` returns ``alpha * w^L_t * l^LDAM_i + beta * w^F_t * l^F_i`` per row (0 for
+    ignored rows) in the labels' shape; ``"sum"`` is its sum. As with
+    :func:`torch.nn.functional.cross_entropy`, ``"mean"`` divides the weighted LDAM sum by the
+    sum of weights, not by N, and is NaN when every row is ignored. A term whose coefficient is
+    0 is not evaluated.
+    """
+    z = _math_dtype(logits, upcast)
+    num_classes = z.shape[1]
+    rows = z.movedim(1, -1).reshape(-1, num_classes)
+    target = labels.reshape(-1).long()
+    valid = target != ignore_index
+    safe_target = torch.where(valid, target, torch.zeros_like(target))
+    valid_f = valid.to(rows.dtype)
+    column = safe_target.unsqueeze(1)
+
+    per_row = torch.zeros_like(valid_f)
+    ldam_sum = rows.new_zeros(())
+    focal_sum = rows.new_zeros(())
+    if alpha != 0.0:
+        margin = margins.to(rows.dtype)[safe_target].unsqueeze(1)
+        shifted = rows - margin * F.one_hot(safe_target, num_classes).to(rows.dtype)
+        ce = -F.log_softmax(s * shifted, dim=1).gather(1, column).squeeze(1)
+        weighted = ldam_weight.to(rows.dtype)[safe_target] * valid_f * ce
+        per_row = per_row + alpha * weighted
+        ldam_sum = weighted.sum() / (ldam_weight.to(rows.dtype)[safe_target] * valid_f).sum()
+    if beta != 0.0:
+        log_pt = F.log_softmax(rows, dim=1).gather(1, column).squeeze(1)
+        modulation = _focal_modulation(-torch.expm1(log_pt), gamma)
+        weighted = focal_weight.to(rows.dtype)[safe_target] * valid_f * modulation * (-log_pt)
+        per_row = per_row + beta * weighted
+        focal_sum = weighted.sum() / valid_f.sum()
+
+    if reduction == "none":
+        return per_row.reshape(labels.shape)
+    if reduction == "sum":
+        return per_row.sum()
+    return alpha * ldam_sum + beta * focal_sum
+
+
+def region_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    focal_weight: torch.Tensor,
+    focal_gamma: torch.Tensor,
+    tversky_exponent: torch.Tensor,
+    *,
+    delta: float,
+    focal_coef: float,
+    tversky_coef: float,
+    smooth_nr: float,
+    smooth_dr: float,
+    eps: float,
+    clip: bool,
+    batch: bool,
+    ignore_index: int | None,
+    reduction: str,
+    upcast: bool = True,
+) -> torch.Tensor:
+    r"""Region family: per-voxel focal cross-entropy plus per-class focal Tversky terms.
+
+    ``logits`` ``(B, C, *S)``; ``target`` an integer label map ``(B, *S)`` (one-hot is implied,
+    voxels equal to ``ignore_index`` are dropped from every sum) or a float one-hot / soft map
+    ``(B, C, *S)``. ``p = softmax(z)`` per voxel; ``q = clip(p, eps, 1 - eps)`` when
+    ``clip`` (the authors' Keras semantics: the gradient is zero where ``p`` lies outside
+    ``[eps, 1 - eps]``) else ``q = p`` with ``log q`` taken in log space. For image ``b``
+    with ``V_b`` valid voxels and class ``c``:
+
+    .. math::
+
+        F_b &= \frac{1}{V_b}\sum_{i} \sum_c a_c\, y_{ic} (1 - q_{ic})^{\gamma_c} (-\log q_{ic}) \\
+        TP_{bc} &= \sum_i y q,\quad FN_{bc} = \sum_i y (1 - q),\quad FP_{bc} = \sum_i (1 - y) q \\
+        TI_{bc} &= \frac{TP + s_{nr}}{TP + \delta FN + (1 - \delta) FP + s_{dr}} \\
+        R_b &= \frac{1}{C}\sum_c (1 - TI_{bc})^{e_c} \\
+        L_b &= w_{FT} R_b + w_F F_b
+
+    ``a = focal_weight``, ``gamma_c = focal_gamma``, ``e_c = tversky_exponent``,
+    ``w_F = focal_coef``, ``w_FT = tversky_coef`` (a term with coefficient 0 is skipped).
+    ``1 - TI`` is formed as ``(delta FN + (1 - delta) FP + s_dr - s_nr) / den`` from sums of
+    non-negative terms, never as a difference of nearly equal numbers (losses.md 6.2).
+    ``batch=True`` sums TP, FN, FP over the batch first, so every image shares one ``R``.
+
+    Reductions: ``"none"`` returns ``L_b`` of shape ``(B,)``; ``"mean"`` its mean (the authors'
+    value, with all voxels valid); ``"sum"`` its sum.
+    """
+    z = _math_dtype(logits, upcast)
+    batch_size, num_classes = z.shape[:2]
+    z = z.reshape(batch_size, num_classes, -1)
+    log_p = F.log_softmax(z, dim=1)
+    p = log_p.exp()
+
+    if target.is_floating_point():
+        y = target.reshape(batch_size, num_classes, -1).to(z.dtype)
+        valid = torch.ones_like(z[:, :1])
+    else:
+        label = target.reshape(batch_size, 1, -1).long()
+        keep = torch.ones_like(label, dtype=torch.bool) if ignore_index is None else label != ignore_index
+        safe_label = torch.where(keep, label, torch.zeros_like(label))
+        valid = keep.to(z.dtype)
+        y = F.one_hot(safe_label.squeeze(1), num_classes).movedim(-1, 1).to(z.dtype) * valid
+
+    if clip:
+        q = p.clamp(eps, 1.0 - eps)
+        one_minus_q = 1.0 - q
+        log_q = q.log()
+    else:
+        q = p
+        one_minus_q = -torch.expm1(log_p)
+        log_q = log_p
+
+    loss = z.new_zeros(batch_size)
+    if focal_coef != 0.0:
+        weight = focal_weight.to(z.dtype).view(1, -1, 1)
+        gamma = focal_gamma.to(z.dtype).view(1, -1, 1)
+        voxel = (weight * y * _focal_modulation(one_minus_q, gamma) * (-log_q)).sum(1) * valid[:, 0]
+        loss = loss + focal_coef * voxel.sum(1) / valid.sum((1, 2)).clamp_min(1.0)
+    if tversky_coef != 0.0:
+        tp = (y * q * valid).sum(-1)
+        fn = (y * one_minus_q * valid).sum(-1)
+        fp = ((1.0 - y) * q * valid).sum(-1)
+        if batch:
+            tp, fn, fp = (t.sum(0, keepdim=True) for t in (tp, fn, fp))
+        den = tp + delta * fn + (1.0 - delta) * fp + smooth_dr
+        one_minus_ti = (delta * fn + (1.0 - delta) * fp + (smooth_dr - smooth_nr)) / den
+        exponent = tversky_exponent.to(z.dtype).view(1, -1)
+        per_class = one_minus_ti.clamp_min(torch.finfo(z.dtype).tiny).pow(exponent)
+        loss = loss + tversky_coef * per_class.mean(1)
+
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    return loss.mean()
