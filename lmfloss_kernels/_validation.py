@@ -91,6 +91,16 @@ def check_logits(logits: object, *, dense: bool) -> torch.Tensor:
     return logits
 
 
+def _can_inspect(tensor: torch.Tensor) -> bool:
+    """Whether value checks run on ``tensor``: always on CPU, on accelerators only with ``check_labels``.
+
+    Meta tensors (shape-only, used by the modules' construction-time dry run) hold no values.
+    """
+    if tensor.device.type == "meta":
+        return False
+    return tensor.device.type == "cpu" or get_options().check_labels
+
+
 def _check_same_device(target: torch.Tensor, logits: torch.Tensor) -> None:
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
@@ -119,7 +129,7 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
             f"target must have shape {tuple(expected)} or {with_channel} to match logits "
             f"{tuple(logits.shape)}, got {tuple(target.shape)}"
         )
-    if labels.device.type == "cpu" or get_options().check_labels:
+    if _can_inspect(labels):
         check_label_range(labels, logits.shape[1], ignore_index)
     return labels
 
@@ -182,7 +192,7 @@ def class_vector(
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
     dtype = torch.float64 if vector.dtype == torch.float64 else torch.float32
     vector = vector.to(device=device, dtype=dtype)
-    if vector.device.type == "cpu" or get_options().check_labels:
+    if _can_inspect(vector):
         if not bool(torch.isfinite(vector).all()):
             raise ValueError(f"{name} must be finite, got {vector.tolist()}")
         if positive and bool((vector <= 0).any()):

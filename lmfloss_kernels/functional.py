@@ -78,7 +78,7 @@ def ldam_margins(class_counts, max_m: float = 0.5) -> torch.Tensor:
     The rarest class gets ``max_m`` (default 0.5, ``get_mlist`` of the LMF authors and
     ``LDAMLoss`` of Cao et al.). ``class_counts``: a sequence or 1-D tensor of positive numbers.
     """
-    max_m = check_number("max_m", max_m, low=0.0, low_open=True)
+    max_m = check_number("max_m", max_m, low=0.0)
     counts = _counts_tensor(class_counts)
     return reference.ldam_margins(counts, max_m)
 
@@ -115,7 +115,10 @@ def _counts_tensor(class_counts) -> torch.Tensor:
 @functools.lru_cache(maxsize=256)
 def _constant(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Per-class constants are cached on the device so that a call builds no host-to-device copy.
-    return torch.tensor(values, dtype=dtype, device=device)
+    # A constant first built under torch.inference_mode() must still be usable by autograd later
+    # (an inference tensor cannot be saved for backward), hence the explicit normal mode.
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _vector_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -160,10 +163,31 @@ def _compare_with_reference(family, function, name, logits, args, kwargs) -> Non
 # Row losses: LMF, LDAM, focal
 
 
-def _class_weight(weight, margins: torch.Tensor, logits: torch.Tensor, name: str = "weight") -> torch.Tensor:
+def _margins(counts: torch.Tensor, max_m: float, logits: torch.Tensor) -> torch.Tensor:
+    # Computed from float64 counts so that float64 logits get float64-exact margins and float32
+    # ones correctly rounded margins (float32 counts above 2**24 are not even exact integers).
+    return reference.ldam_margins(counts.double(), max_m).to(_vector_dtype(logits))
+
+
+def _check_lmf_coefficients(alpha: object, beta: object) -> tuple[float, float]:
+    alpha = check_number("alpha", alpha, low=0.0)
+    beta = check_number("beta", beta, low=0.0)
+    if alpha == 0.0 and beta == 0.0:
+        raise ValueError("alpha and beta must not both be 0 (the loss would be identically 0), got alpha=0, beta=0")
+    return alpha, beta
+
+
+def _class_weight(
+    weight, margins: torch.Tensor, logits: torch.Tensor, name: str = "weight", max_m: float = 0.5
+) -> torch.Tensor:
     if isinstance(weight, str):
         if weight != "margins":
             raise ValueError(f"{name} must be 'margins', None or a per-class tensor, got {weight!r}")
+        if max_m == 0.0:
+            raise ValueError(
+                f"{name}='margins' uses the margins as class weights, which are all 0 for max_m=0; "
+                f"pass max_m > 0 or {name}=None"
+            )
         return margins
     if weight is None:
         return _per_class([1.0] * logits.shape[1], logits)
@@ -248,14 +272,13 @@ def lmf_loss(
     """
     logits = check_logits(logits, dense=False)
     num_classes = logits.shape[1]
-    alpha = check_number("alpha", alpha, low=0.0)
-    beta = check_number("beta", beta, low=0.0)
+    alpha, beta = _check_lmf_coefficients(alpha, beta)
     gamma = check_number("gamma", gamma, low=0.0)
     s = check_number("s", s, low=0.0, low_open=True)
     max_m = check_number("max_m", max_m, low=0.0)
     counts = check_class_counts(class_counts, num_classes, logits.device)
-    margins = reference.ldam_margins(counts, max_m).to(_vector_dtype(logits))
-    class_weight = _class_weight(weight, margins, logits)
+    margins = _margins(counts, max_m, logits)
+    class_weight = _class_weight(weight, margins, logits, max_m=max_m)
     return _row_family(
         logits,
         target,
@@ -301,8 +324,8 @@ def ldam_loss(
     s = check_number("s", s, low=0.0, low_open=True)
     max_m = check_number("max_m", max_m, low=0.0)
     counts = check_class_counts(class_counts, logits.shape[1], logits.device)
-    margins = reference.ldam_margins(counts, max_m).to(_vector_dtype(logits))
-    class_weight = _class_weight(weight, margins, logits)
+    margins = _margins(counts, max_m, logits)
+    class_weight = _class_weight(weight, margins, logits, max_m=max_m)
     return _row_family(
         logits,
         target,

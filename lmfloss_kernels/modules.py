@@ -238,10 +238,13 @@ class _MarginLoss(nn.Module):
             num_classes = class_counts.numel()
         else:
             num_classes = len(class_counts)
-        counts = check_class_counts(class_counts, num_classes, torch.device("cpu"))
-        margins = F.ldam_margins(counts, check_number("max_m", max_m, low=0.0))
-        dry_logits = torch.zeros(1, num_classes)
-        class_weight = F._class_weight(weight, margins, dry_logits)
+        counts = check_class_counts(class_counts, num_classes, torch.device("cpu")).double()
+        max_m = check_number("max_m", max_m, low=0.0)
+        # float64 buffers: each call rounds them once to the logits' vector dtype, so float64
+        # logits see exact margins and float32 logits the same values as the functional API.
+        dry_logits = torch.zeros(1, num_classes, dtype=torch.float64)
+        margins = F._margins(counts, max_m, dry_logits)
+        class_weight = F._class_weight(weight, margins, dry_logits, max_m=max_m).double()
         self.backend = _check_backend(backend)
         self.options = dict(alpha=alpha, beta=beta, gamma=gamma, s=s, reduction=reduction, ignore_index=ignore_index)
         self.register_buffer("class_counts", counts)
@@ -257,14 +260,16 @@ class _MarginLoss(nn.Module):
             raise ValueError(
                 f"logits have {logits.shape[1]} classes on dim 1 but class_counts has {self.margins.numel()} entries"
             )
+        alpha, beta = F._check_lmf_coefficients(opts["alpha"], opts["beta"])
+        class_weight = self.class_weight.to(F._vector_dtype(logits))
         return F._row_family(
             logits,
             target,
             self.margins.to(F._vector_dtype(logits)),
-            self.class_weight.to(F._vector_dtype(logits)),
-            self.class_weight.to(F._vector_dtype(logits)),
-            alpha=check_number("alpha", opts["alpha"], low=0.0),
-            beta=check_number("beta", opts["beta"], low=0.0),
+            class_weight,
+            class_weight,
+            alpha=alpha,
+            beta=beta,
             gamma=check_number("gamma", opts["gamma"], low=0.0),
             s=check_number("s", opts["s"], low=0.0, low_open=True),
             reduction=opts["reduction"],

@@ -32,11 +32,11 @@ def ldam_margins(class_counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor
 
     As in ``get_mlist`` of the LMF authors (Adnan-Sadi/LMFLOSS ``utils.py``) and ``LDAMLoss`` of
     Cao et al. (kaidic/LDAM-DRW): the rarest class gets ``max_m``, the others less.
-    Returns float32 (float64 if the counts are float64) on the counts' device.
+    Computed in float64; returns float32 (float64 if the counts are float64) on the counts' device.
     """
-    counts = class_counts.to(torch.float64 if class_counts.dtype == torch.float64 else torch.float32)
-    m = counts.pow(-0.25)
-    return m * (max_m / m.max())
+    m = class_counts.to(torch.float64).pow(-0.25)
+    m = m * (max_m / m.max())
+    return m.to(torch.float64 if class_counts.dtype == torch.float64 else torch.float32)
 
 
 def drw_weights(class_counts: torch.Tensor, beta: float = 0.9999) -> torch.Tensor:
