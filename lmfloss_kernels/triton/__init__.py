@@ -1,0 +1,113 @@
+"""Triton backend: fused kernels for both loss families (``backend="triton"``).
+
+* Row family (LMF, LDAM, focal) — :mod:`.row`: one pass computes the loss and the gradient into a
+  fresh buffer; backward multiplies by ``grad_output``.
+* Region family (Unified Focal, focal Tversky, Mixed Focal, Tversky, Dice) — :mod:`.region`: a
+  statistics pass, an ``O(B C)`` finalize, a gradient pass.
+
+Both are ``torch.library`` custom ops (:mod:`.ops`), so ``opcheck`` and
+``torch.compile(fullgraph=True)`` work. Serves float16 / bfloat16 / float32 CUDA tensors, and CPU
+tensors when Triton runs in interpreter mode (``TRITON_INTERPRET=1`` set before triton is first
+imported: that is how the tests run without a GPU). All arithmetic is float32; float64 logits go
+to the reference or the cpu backend.
+
+Check mode: ``lmfloss_kernels.set_options(check_backend=True)`` or ``LMFLOSS_KERNELS_CHECK=1``
+also runs the eager reference on every call and raises ``BackendMismatchError`` with both values
+when they disagree beyond tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ops
+from ._common import unavailable_reason
+
+__all__ = ["BACKEND", "TritonBackend"]
+
+
+class TritonBackend:
+    """The backend object of the registry contract (see :mod:`lmfloss_kernels._backends`)."""
+
+    name = "triton"
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        return unavailable_reason(device, dtype)
+
+    def row_loss(
+        self,
+        logits,
+        labels,
+        margins,
+        ldam_weight,
+        focal_weight,
+        *,
+        alpha,
+        beta,
+        gamma,
+        s,
+        ignore_index,
+        reduction,
+    ) -> torch.Tensor:
+        compute_grad = logits.requires_grad and torch.is_grad_enabled()
+        loss, _ = ops.row_loss_op(
+            logits,
+            labels,
+            _vector(margins),
+            _vector(ldam_weight),
+            _vector(focal_weight),
+            float(alpha),
+            float(beta),
+            float(gamma),
+            float(s),
+            int(ignore_index),
+            reduction,
+            compute_grad,
+        )
+        return loss
+
+    def region_loss(
+        self,
+        logits,
+        target,
+        focal_weight,
+        focal_gamma,
+        tversky_exponent,
+        *,
+        delta,
+        focal_coef,
+        tversky_coef,
+        smooth_nr,
+        smooth_dr,
+        eps,
+        clip,
+        batch,
+        ignore_index,
+        reduction,
+    ) -> torch.Tensor:
+        loss, _ = ops.region_forward_op(
+            logits,
+            target,
+            _vector(focal_weight),
+            _vector(focal_gamma),
+            _vector(tversky_exponent),
+            float(delta),
+            float(focal_coef),
+            float(tversky_coef),
+            float(smooth_nr),
+            float(smooth_dr),
+            float(eps),
+            bool(clip),
+            bool(batch),
+            None if ignore_index is None else int(ignore_index),
+            reduction,
+        )
+        return loss
+
+
+def _vector(values: torch.Tensor) -> torch.Tensor:
+    """Per-class constants as the kernels read them: contiguous float32, detached."""
+    return values.detach().to(torch.float32).contiguous()
+
+
+BACKEND = TritonBackend()

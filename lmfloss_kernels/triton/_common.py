@@ -1,0 +1,148 @@
+r"""Helpers shared by the Triton kernels: launch policy, tensor views and the per-voxel softmax.
+
+Layout. Every kernel sees the logits as a ``(B, C, V)`` *view* read with its three strides: a
+dense map ``(B, C, *S)`` is ``x.reshape(B, C, -1)`` (a view for contiguous and channels-last
+tensors, a copy only when the spatial axes cannot be merged), rows ``(N, C)`` are
+``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). A program owns a tile of
+``BLOCK_C x BLOCK_V`` (padded classes x voxels) of one image. All offsets are int64.
+
+Softmax. :func:`softmax_columns` returns, per voxel, ``p``, ``log p`` and ``1 - p`` in float32.
+``1 - p`` is never formed as a difference close to 1: for the arg-max class ``k`` it is
+``sum_{j != k} e_j / sum_j e_j`` (the other classes' mass, a sum of small positive terms) and
+``log p_k = -log1p(sum_{j != k} e_j)`` (``e_k = 1`` after the max shift), which keeps the focal
+factor ``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 6.1, 6.4).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Fixed when the kernels are decorated: triton.jit reads TRITON_INTERPRET at import.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+# Elements of one tile. The interpreter costs about 1 ms per program whatever its size, so it gets
+# big tiles; on a GPU 4096 fp32 values per program (16 per thread with 8 warps) keep the
+# registers modest and the grid large.
+_TILE_ELEMENTS = 1 << 16 if INTERPRETED else 4096
+_MIN_BLOCK_V = 16
+
+SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """``None`` when these kernels can serve logits of this device and dtype, else why not."""
+    if dtype == torch.float64:
+        return (
+            "Triton computes in float32; float64 logits are served by the reference or the cpu backend "
+            "(backend='reference' or 'cpu')"
+        )
+    if dtype not in SERVED_DTYPES:
+        return f"Triton serves float16, bfloat16 and float32 logits, got {dtype}"
+    if device.type == "cuda":
+        if INTERPRETED:
+            return "Triton runs in interpreter mode (TRITON_INTERPRET=1), which serves CPU tensors only"
+        if not torch.cuda.is_available():
+            return "no usable CUDA device"
+        return None
+    if device.type == "cpu":
+        if INTERPRETED and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return (
+            "Triton serves CPU tensors only through its interpreter (set TRITON_INTERPRET=1 before "
+            "importing triton); use backend='cpu' or 'reference'"
+        )
+    return f"Triton serves CUDA tensors, got a {device.type} tensor"
+
+
+def launch_config(num_classes: int, num_voxels: int) -> dict[str, int]:
+    """Block sizes: classes padded to a power of two, voxels filling the tile budget."""
+    block_c = triton.next_power_of_2(num_classes)
+    block_v = min(max(_TILE_ELEMENTS // block_c, _MIN_BLOCK_V), max(triton.next_power_of_2(num_voxels), _MIN_BLOCK_V))
+    num_warps = 4 if block_c * block_v <= 2048 else 8
+    return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": num_warps}
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer a kernel fills comes from here (tests poison it with NaN to prove full writes)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def empty_like(x: torch.Tensor) -> torch.Tensor:
+    """A buffer shaped and strided like ``x`` (channels-last stays channels-last); see :func:`empty`."""
+    return torch.empty_like(x)
+
+
+def class_view(x: torch.Tensor) -> torch.Tensor:
+    """``(N, C) -> (1, C, N)`` or ``(B, C, *S) -> (B, C, V)``; a view unless the axes cannot merge."""
+    if x.dim() == 2:
+        return x.t().unsqueeze(0)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+def label_view(labels: torch.Tensor) -> torch.Tensor:
+    """``(N,) -> (1, N)`` or ``(B, *S) -> (B, V)``, bool read as uint8 (same bytes, no copy)."""
+    if labels.dtype == torch.bool:
+        labels = labels.view(torch.uint8)
+    if labels.dim() == 1:
+        return labels.unsqueeze(0)
+    return labels.reshape(labels.shape[0], -1)
+
+
+def gradient_buffer(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh gradient ``g`` like ``logits`` and a ``(B, C, V)`` view the kernel writes into.
+
+    When ``g``'s spatial axes cannot be merged into one stride (a rare permuted layout), the
+    kernel writes a contiguous buffer instead and the caller copies it into ``g`` with
+    :func:`finish_gradient`.
+    """
+    grad = empty_like(logits)
+    if grad.dim() == 2:
+        return grad, grad.t().unsqueeze(0)
+    try:
+        return grad, grad.view(grad.shape[0], grad.shape[1], -1)
+    except RuntimeError:
+        return grad, empty((grad.shape[0], grad.shape[1], grad[0, 0].numel()), dtype=grad.dtype, device=grad.device)
+
+
+def finish_gradient(grad: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
+    """``grad`` holding what the kernel wrote into ``written`` (a copy only in the fallback case)."""
+    if grad.dim() > 2 and written.data_ptr() != grad.data_ptr():
+        grad.copy_(written.view(grad.shape))
+    return grad
+
+
+@triton.jit
+def log1p(x):
+    """``log(1 + x)`` for ``x >= 0`` without losing small ``x`` (Goldberg's correction)."""
+    w = 1.0 + x
+    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
+
+
+@triton.jit
+def power(x, g):
+    """``x ** g`` for ``x >= 0`` with ``0 ** 0 = 1`` (``exp2(g * log2 x)`` is NaN there)."""
+    return tl.where(g == 0.0, 1.0, tl.exp2(g * tl.log2(x)))
+
+
+@triton.jit
+def softmax_columns(z, cls, cmask):
+    """Softmax over axis 0 of a ``[BLOCK_C, BLOCK_V]`` fp32 tile whose padded classes hold -inf.
+
+    Returns ``(p, log p, 1 - p)``; padded classes get ``p = 0``, ``log p = 0``, ``1 - p = 1`` so
+    that products with their zero targets stay finite.
+    """
+    top = tl.max(z, axis=0)
+    e = tl.exp(z - top[None, :])
+    total = tl.sum(e, axis=0)
+    is_top = cls[:, None] == tl.argmax(z, axis=0)[None, :]
+    rest = tl.sum(tl.where(is_top, 0.0, e), axis=0)
+    inv_total = 1.0 / total
+    p = e * inv_total[None, :]
+    one_minus_p = tl.where(is_top, rest[None, :], total[None, :] - e) * inv_total[None, :]
+    log_p = tl.where(is_top, -log1p(rest)[None, :], z - top[None, :] - tl.log(total)[None, :])
+    cm = cmask[:, None]
+    return p, tl.where(cm, log_p, 0.0), tl.where(cm, one_minus_p, 1.0)

@@ -1,0 +1,141 @@
+"""The Triton kernels as ``torch.library`` custom ops (namespace ``lmfloss``, prefix ``triton_``).
+
+Each op has a fake (meta) implementation and an autograd formula, so ``torch.library.opcheck``
+passes and ``torch.compile(fullgraph=True)`` traces through a criterion (the ops are opaque to
+Inductor, which is what lets them run under the Triton interpreter too).
+
+* ``triton_row_loss(...) -> (loss, grad)``: the row family; ``grad`` is the gradient for
+  ``grad_output = 1`` computed in the same pass (empty when ``compute_grad`` is false); its
+  backward only multiplies it by ``grad_output`` (row-wise for ``"none"``).
+* ``triton_region_forward(...) -> (loss, stats)`` and ``triton_region_backward(...) -> grad``:
+  the region family's statistics pass + finalize and its gradient pass; only ``stats``
+  (``B x (2 + 3C)`` floats) is kept between them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import region, row
+
+
+@torch.library.custom_op("lmfloss::triton_row_loss", mutates_args=())
+def row_loss_op(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    margins: torch.Tensor,
+    ldam_weight: torch.Tensor,
+    focal_weight: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    s: float,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return row.row_forward(
+        logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction, compute_grad
+    )
+
+
+@row_loss_op.register_fake
+def _(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction, compute_grad):
+    shape = labels.shape if reduction == "none" else ()
+    loss = logits.new_empty(shape, dtype=torch.float32)
+    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
+    return loss, grad
+
+
+def _row_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.per_row = inputs[10] == "none"
+
+
+def _row_backward(ctx, grad_loss, _grad_of_grad):
+    (grad,) = ctx.saved_tensors
+    scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
+    return (grad * scale).to(grad.dtype), None, None, None, None, None, None, None, None, None, None, None
+
+
+row_loss_op.register_autograd(_row_backward, setup_context=_row_setup)
+
+
+@torch.library.custom_op("lmfloss::triton_region_forward", mutates_args=())
+def region_forward_op(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    focal_weight: torch.Tensor,
+    focal_gamma: torch.Tensor,
+    tversky_exponent: torch.Tensor,
+    delta: float,
+    focal_coef: float,
+    tversky_coef: float,
+    smooth_nr: float,
+    smooth_dr: float,
+    eps: float,
+    clip: bool,
+    batch: bool,
+    ignore_index: int | None,
+    reduction: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return region.region_forward(
+        logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef,
+        smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction,
+    )  # fmt: skip
+
+
+@region_forward_op.register_fake
+def _(logits, target, focal_weight, focal_gamma, tversky_exponent, *args):
+    reduction = args[-1]
+    batch, num_classes = logits.shape[:2]
+    loss = logits.new_empty((batch,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty((batch, 2 + 3 * num_classes), dtype=torch.float32)
+
+
+@torch.library.custom_op("lmfloss::triton_region_backward", mutates_args=())
+def region_backward_op(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    stats: torch.Tensor,
+    focal_weight: torch.Tensor,
+    focal_gamma: torch.Tensor,
+    tversky_exponent: torch.Tensor,
+    delta: float,
+    focal_coef: float,
+    tversky_coef: float,
+    smooth_nr: float,
+    smooth_dr: float,
+    eps: float,
+    clip: bool,
+    batch: bool,
+    ignore_index: int | None,
+    reduction: str,
+) -> torch.Tensor:
+    return region.region_backward(
+        grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef,
+        tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction,
+    )  # fmt: skip
+
+
+@region_backward_op.register_fake
+def _(grad_loss, logits, *args):
+    return torch.empty_like(logits)
+
+
+def _region_setup(ctx, inputs, output):
+    logits, target, focal_weight, focal_gamma, tversky_exponent = inputs[:5]
+    ctx.save_for_backward(logits, target, output[1], focal_weight, focal_gamma, tversky_exponent)
+    ctx.options = inputs[5:]
+
+
+def _region_backward(ctx, grad_loss, _grad_of_stats):
+    logits, target, stats, focal_weight, focal_gamma, tversky_exponent = ctx.saved_tensors
+    grad = region_backward_op(
+        grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, *ctx.options
+    )
+    return (grad,) + (None,) * 14
+
+
+region_forward_op.register_autograd(_region_backward, setup_context=_region_setup)

@@ -1,0 +1,239 @@
+r"""LMF family on Triton: ``alpha * LDAM + beta * focal`` over rows ``(N, C)`` or voxels of ``(B, C, *S)``.
+
+One pass computes the loss and, when a gradient is wanted, the gradient into a fresh buffer
+(never into the user's logits). For row ``i`` with label ``t``, validity ``v_i``, class weights
+``w^L`` (LDAM) and ``w^F`` (focal), ``q = softmax(s (z_i - m_t e_t))``, ``p = softmax(z_i)``,
+``u = 1 - p_t`` and ``G = u^gamma (1 - gamma p_t log(p_t) / u)`` (losses.md 0.2, 1.5):
+
+.. math::
+
+    \frac{\partial \ell_i}{\partial z_{ij}} = \alpha\, k_L\, v_i w^L_t\, s\,(q_{ij} - \delta_{jt})
+        + \beta\, k_F\, v_i w^F_t\, G\,(p_{ij} - \delta_{jt})
+
+with ``k_L = 1 / sum_i v_i w^L_{t_i}`` and ``k_F = 1 / sum_i v_i`` for ``"mean"`` (label-only
+sums computed on the device by :func:`_label_sums_kernel`, no host sync) and ``k = 1``
+otherwise. The entries ``q_t - 1`` and ``p_t - 1`` are written as ``-(1 - q_t)``, ``-u`` from the
+other classes' mass, so they do not cancel when the row is confident. Backward multiplies the
+stored gradient by ``grad_output`` (per row for ``"none"``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    class_view,
+    empty,
+    finish_gradient,
+    gradient_buffer,
+    label_view,
+    launch_config,
+    power,
+    softmax_columns,
+)
+
+# Below this ``u = 1 - p_t`` the ratio log(p_t) / u is taken from its series -1 - u/2 - u^2/3.
+_SERIES_BELOW = 1e-3
+
+
+@triton.jit
+def _select(onehot, values):
+    """Per voxel, the entry of ``values`` (a [BLOCK_C, BLOCK_V] tile or a [BLOCK_C, 1] column) at the label."""
+    return tl.sum(tl.where(onehot, values, 0.0), axis=0)
+
+
+@triton.jit
+def _load_labels(label_ptr, b, v, vmask, cls, cmask, slb, slv, ignore_index):
+    label = tl.load(label_ptr + b * slb + v * slv, mask=vmask, other=0).to(tl.int64)
+    valid = vmask & (label != ignore_index)
+    onehot = (cls[:, None] == label[None, :]) & valid[None, :] & cmask[:, None]
+    return valid, onehot
+
+
+@triton.jit
+def _label_sums_kernel(
+    label_ptr,
+    weight_ptr,
+    partial_ptr,
+    C,
+    V,
+    slb,
+    slv,
+    ignore_index,
+    BLOCK_C: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """Per program: ``sum v_i w_{t_i}`` and ``sum v_i`` over its voxels, into ``partial[b, pid, 0:2]``."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cls = tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    valid, onehot = _load_labels(label_ptr, b, v, v < V, cls, cmask, slb, slv, ignore_index)
+    weight = tl.load(weight_ptr + cls, mask=cmask, other=0.0)
+    out = partial_ptr + (b * tl.num_programs(0) + pid) * 2
+    tl.store(out, tl.sum(_select(onehot, weight[:, None]), axis=0))
+    tl.store(out + 1, tl.sum(valid.to(tl.float32), axis=0))
+
+
+@triton.jit
+def _row_kernel(
+    logit_ptr,
+    label_ptr,
+    margin_ptr,
+    ldam_weight_ptr,
+    focal_weight_ptr,
+    norm_ptr,
+    row_loss_ptr,
+    partial_ptr,
+    grad_ptr,
+    C,
+    V,
+    szb,
+    szc,
+    szv,
+    slb,
+    slv,
+    sgb,
+    sgc,
+    sgv,
+    alpha,
+    beta,
+    gamma,
+    s,
+    ignore_index,
+    HAS_LDAM: tl.constexpr,
+    HAS_FOCAL: tl.constexpr,
+    MEAN: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cls = tl.arange(0, BLOCK_C)
+    vmask = v < V
+    cmask = cls < C
+    tile_mask = cmask[:, None] & vmask[None, :]
+    valid, onehot = _load_labels(label_ptr, b, v, vmask, cls, cmask, slb, slv, ignore_index)
+    valid_f = valid.to(tl.float32)
+    cls64 = cls.to(tl.int64)
+    z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
+    z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
+
+    if MEAN:
+        scale_ldam = 1.0 / tl.load(norm_ptr)
+        scale_focal = 1.0 / tl.load(norm_ptr + 1)
+    else:
+        scale_ldam = 1.0
+        scale_focal = 1.0
+
+    ldam = tl.zeros([BLOCK_V], dtype=tl.float32)
+    focal = tl.zeros([BLOCK_V], dtype=tl.float32)
+    grad = tl.zeros([BLOCK_C, BLOCK_V], dtype=tl.float32)
+    if HAS_LDAM:
+        margin = tl.load(margin_ptr + cls, mask=cmask, other=0.0)
+        w_t = _select(onehot, tl.load(ldam_weight_ptr + cls, mask=cmask, other=0.0)[:, None]) * valid_f
+        shifted = s * (z - tl.where(onehot, margin[:, None], 0.0))
+        q, log_q, one_minus_q = softmax_columns(shifted, cls, cmask)
+        ldam = -w_t * _select(onehot, log_q)
+        if HAS_GRAD:
+            q_minus_y = tl.where(onehot, -_select(onehot, one_minus_q)[None, :], q)
+            grad += (alpha * s * scale_ldam * w_t)[None, :] * q_minus_y
+    if HAS_FOCAL:
+        p, log_p, one_minus_p = softmax_columns(z, cls, cmask)
+        a_t = _select(onehot, tl.load(focal_weight_ptr + cls, mask=cmask, other=0.0)[:, None]) * valid_f
+        log_pt = _select(onehot, log_p)
+        u = _select(onehot, one_minus_p)
+        modulation = power(u, gamma)
+        focal = -a_t * modulation * log_pt
+        if HAS_GRAD:
+            series = u < _SERIES_BELOW
+            ratio = tl.where(series, -1.0 - u * (0.5 + u * (1.0 / 3.0)), log_pt / tl.where(series, 1.0, u))
+            factor = modulation * (1.0 - gamma * _select(onehot, p) * ratio)
+            p_minus_y = tl.where(onehot, -u[None, :], p)
+            grad += (beta * scale_focal * a_t * factor)[None, :] * p_minus_y
+
+    if PER_ROW:
+        tl.store(row_loss_ptr + b * V + v, alpha * ldam + beta * focal, mask=vmask)
+    else:
+        out = partial_ptr + (b * tl.num_programs(0) + pid) * 2
+        tl.store(out, tl.sum(ldam, axis=0))
+        tl.store(out + 1, tl.sum(focal, axis=0))
+    if HAS_GRAD:
+        g_offsets = b * sgb + cls64[:, None] * sgc + v[None, :] * sgv
+        tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
+
+
+def row_forward(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    margins: torch.Tensor,
+    ldam_weight: torch.Tensor,
+    focal_weight: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    s: float,
+    ignore_index: int,
+    reduction: str,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss (float32; per row in the labels' shape for ``"none"``) and, if asked, the gradient of
+    the *unscaled* loss (``grad_output = 1``) in the logits' dtype; else an empty tensor."""
+    z = class_view(logits)
+    lab = label_view(labels)
+    batch, num_classes, num_voxels = z.shape
+    config = launch_config(num_classes, num_voxels)
+    grid = (triton.cdiv(num_voxels, config["BLOCK_V"]), batch)
+    device = logits.device
+    margins, ldam_weight, focal_weight = (
+        t.to(device=device, dtype=torch.float32) for t in (margins, ldam_weight, focal_weight)
+    )
+    mean = reduction == "mean"
+    per_row = reduction == "none"
+
+    norm = partial_norm = None
+    if mean:
+        partial_norm = empty((batch, grid[0], 2), dtype=torch.float32, device=device)
+        _label_sums_kernel[grid](
+            lab, ldam_weight, partial_norm, num_classes, num_voxels, *lab.stride(), ignore_index,
+            BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],
+        )  # fmt: skip
+        norm = partial_norm.sum((0, 1))
+    rows = empty((batch, num_voxels), dtype=torch.float32, device=device) if per_row else None
+    partial = None if per_row else empty((batch, grid[0], 2), dtype=torch.float32, device=device)
+    if compute_grad:
+        grad, grad_view = gradient_buffer(logits)
+        grad_strides = grad_view.stride()
+    else:
+        grad = grad_view = logits.new_empty(0)
+        grad_strides = (0, 0, 0)
+    dummy = margins  # stands in for the pointers a constexpr branch never touches
+    _row_kernel[grid](
+        z, lab, margins, ldam_weight, focal_weight,
+        dummy if norm is None else norm,
+        dummy if rows is None else rows,
+        dummy if partial is None else partial,
+        grad_view if compute_grad else dummy,
+        num_classes, num_voxels, *z.stride(), *lab.stride(), *grad_strides,
+        float(alpha), float(beta), float(gamma), float(s), ignore_index,
+        HAS_LDAM=alpha != 0.0, HAS_FOCAL=beta != 0.0, MEAN=mean, PER_ROW=per_row, HAS_GRAD=compute_grad,
+        BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],
+    )  # fmt: skip
+    if compute_grad:
+        grad = finish_gradient(grad, grad_view)
+    if per_row:
+        return rows.view(labels.shape), grad
+    ldam_sum, focal_sum = partial.sum((0, 1)).unbind()
+    loss = torch.zeros((), dtype=torch.float32, device=device)
+    # A term with coefficient 0 is skipped, not multiplied by 0 (its normaliser may be 0).
+    if alpha != 0.0:
+        loss = loss + alpha * (ldam_sum / norm[0] if mean else ldam_sum)
+    if beta != 0.0:
+        loss = loss + beta * (focal_sum / norm[1] if mean else focal_sum)
+    return loss, grad
