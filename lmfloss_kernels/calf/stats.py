@@ -1,0 +1,351 @@
+r"""Dataset imbalance statistics for CALF: per-image foreground sizes, their skewness and kurtosis.
+
+From the CALF paper (Alam et al., arXiv 2504.04458): the imbalance severity of a segmentation data
+set is measured by the distribution of its **foreground sizes** ``A_1 .. A_N`` (voxels of foreground
+per image) through the population skewness and excess kurtosis
+
+.. math::
+
+    S = \frac{1}{N}\sum_i \Big(\frac{A_i - \mu}{\sigma}\Big)^3, \qquad
+    K = \frac{1}{N}\sum_i \Big(\frac{A_i - \mu}{\sigma}\Big)^4 - 3,
+
+``μ``, ``σ`` the population mean and standard deviation (``scipy.stats.skew(bias=True)`` and
+``scipy.stats.kurtosis(fisher=True, bias=True)``). Ours, not the paper's: which classes count as
+foreground (default: every class but 0), dropping images without foreground before the statistics
+(``drop_empty=True``, our reading of the paper's "dataset filtering"), and the warning below
+:data:`MIN_IMAGES` images.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .._config import get_options
+from .._validation import check_ignore_index, check_label_range
+
+__all__ = [
+    "MIN_IMAGES",
+    "FewImagesWarning",
+    "ForegroundSizeAccumulator",
+    "ImbalanceStatistics",
+    "foreground_sizes",
+    "imbalance_statistics",
+]
+
+MIN_IMAGES = 8
+"""Below this many images the sample skewness and kurtosis are too noisy to choose a loss by."""
+
+COUNT_BACKENDS = ("auto", "torch", "triton")
+
+
+class FewImagesWarning(UserWarning):
+    """The statistics were computed from fewer than ``min_count`` images."""
+
+
+# --------------------------------------------------------------------------------------------
+# Per-image class counts
+
+
+def _check_num_classes(num_classes: object) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int):
+        raise TypeError(f"num_classes must be an int, got {type(num_classes).__name__}: {num_classes!r}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    return num_classes
+
+
+def _count_with_torch(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
+    # One bincount over the key b * C + label; labels outside [0, C) or ignored go to an extra bin.
+    batch_size = labels.shape[0]
+    flat = labels.reshape(batch_size, -1).long()
+    keep = (flat >= 0) & (flat < num_classes)
+    if ignore_index is not None:
+        keep &= flat != ignore_index
+    offsets = torch.arange(batch_size, device=flat.device).unsqueeze(1) * num_classes
+    key = torch.where(keep, flat + offsets, batch_size * num_classes)
+    counts = torch.bincount(key.reshape(-1), minlength=batch_size * num_classes + 1)
+    return counts[: batch_size * num_classes].view(batch_size, num_classes)
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton serves CUDA tensors, got {device.type}"
+    try:
+        from . import _triton  # noqa: F401
+    except ImportError as error:
+        return f"triton could not be imported ({error})"
+    return None
+
+
+def foreground_sizes(
+    labels: torch.Tensor,
+    num_classes: int,
+    ignore_index: int | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Voxel count of every class in every image: ``(B, num_classes)`` int64 on the labels' device.
+
+    ``labels``: integer or bool label map ``(B, *spatial)`` (a channel axis ``(B, 1, *S)`` is just
+    another spatial axis here). Voxels equal to ``ignore_index`` are not counted. Values must lie in
+    ``[0, num_classes)`` or equal ``ignore_index``: checked on CPU tensors, and on GPU tensors when
+    ``set_options(check_labels=True)`` (the check synchronises); unchecked stray values are not
+    counted.
+
+    One fused pass: on CUDA (or CPU under ``TRITON_INTERPRET=1`` with ``backend="triton"``) a
+    Triton kernel that reads each label once and writes per-tile counts, summed per image; on CPU
+    (``backend="torch"``, the ``"auto"`` choice there) one ``torch.bincount`` over
+    ``b * num_classes + label``.
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex():
+        raise TypeError(f"labels must be an integer or bool label map, got dtype {labels.dtype}")
+    if labels.dim() < 2 or labels.shape[0] == 0:
+        raise ValueError(f"labels must have shape (B, *spatial) with B >= 1, got {tuple(labels.shape)}")
+    num_classes = _check_num_classes(num_classes)
+    ignore_index = check_ignore_index(ignore_index, optional=True)
+    if backend not in COUNT_BACKENDS:
+        raise ValueError(f"backend must be one of {COUNT_BACKENDS}, got {backend!r}")
+    if labels.device.type == "cpu" or get_options().check_labels:
+        check_label_range(labels, num_classes, ignore_index)
+    reason = _triton_reason(labels.device)
+    if backend == "triton" and reason is not None:
+        raise ValueError(f"backend 'triton' cannot count {labels.device.type} labels: {reason}")
+    if backend == "triton" or (backend == "auto" and labels.device.type == "cuda" and reason is None):
+        from ._triton import calf_foreground_sizes
+
+        return calf_foreground_sizes(labels, num_classes, ignore_index)
+    return _count_with_torch(labels, num_classes, ignore_index)
+
+
+# --------------------------------------------------------------------------------------------
+# Skewness and kurtosis
+
+
+@dataclass(frozen=True)
+class ImbalanceStatistics:
+    """Distribution of per-image foreground sizes: ``count`` images, population moments.
+
+    ``skewness`` and ``kurtosis`` (excess) are NaN when they are undefined: fewer than two images,
+    or all sizes equal.
+    """
+
+    count: int
+    mean: float
+    std: float
+    skewness: float
+    kurtosis: float
+
+    def __str__(self) -> str:
+        return (
+            f"{self.count} images, foreground size mean {self.mean:.6g}, std {self.std:.6g}, "
+            f"skewness S = {self.skewness:.4g}, excess kurtosis K = {self.kurtosis:.4g}"
+        )
+
+
+def _as_float64(sizes: object) -> np.ndarray:
+    if isinstance(sizes, torch.Tensor):
+        values = sizes.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(sizes, np.ndarray | Sequence) and not isinstance(sizes, str | bytes):
+        try:
+            values = np.asarray(sizes, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise TypeError(f"sizes must be a sequence of numbers, got {sizes!r}") from None
+    else:
+        raise TypeError(f"sizes must be a 1-D tensor, array or sequence of numbers, got {type(sizes).__name__}")
+    if values.ndim != 1:
+        raise ValueError(f"sizes must be 1-D (one foreground size per image), got shape {values.shape}")
+    if values.size == 0:
+        raise ValueError("sizes must hold at least one foreground size, got none")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError(f"sizes must be finite and non-negative, got min {values.min():g}, max {values.max():g}")
+    return values
+
+
+def imbalance_statistics(sizes, *, min_count: int = MIN_IMAGES) -> ImbalanceStatistics:
+    r"""Population skewness ``S`` and excess kurtosis ``K`` of per-image foreground sizes.
+
+    ``sizes``: a 1-D tensor, array or sequence (e.g. :attr:`ForegroundSizeAccumulator.sizes`).
+    Computed in float64 with centred moments ``m_k = mean((A - μ)^k)``: ``S = m3 / m2^{3/2}``,
+    ``K = m4 / m2^2 - 3``, identical to ``scipy.stats.skew(bias=True)`` and
+    ``scipy.stats.kurtosis(fisher=True, bias=True)``; NaN (as in scipy) when ``m2`` vanishes
+    relative to the mean (all sizes equal) or there is one image. Warns with
+    :class:`FewImagesWarning` below ``min_count`` images.
+    """
+    if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
+        raise ValueError(f"min_count must be a positive int, got {min_count!r}")
+    values = _as_float64(sizes)
+    count = values.size
+    if count < min_count:
+        warnings.warn(
+            f"imbalance statistics from {count} images (fewer than {min_count}): skewness and kurtosis "
+            f"of so few foreground sizes are too noisy to choose a loss by",
+            FewImagesWarning,
+            stacklevel=2,
+        )
+    mean = float(values.mean())
+    centred = values - mean
+    m2 = float(np.mean(centred**2))
+    if count < 2 or m2 <= (np.finfo(np.float64).eps * mean) ** 2:
+        skewness = kurtosis = math.nan
+    else:
+        skewness = float(np.mean(centred**3)) / m2**1.5
+        kurtosis = float(np.mean(centred**4)) / m2**2 - 3.0
+    return ImbalanceStatistics(count, mean, math.sqrt(m2), skewness, kurtosis)
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming accumulation over a dataset
+
+
+def _extract_labels(item: object, label_key: object) -> torch.Tensor:
+    if callable(label_key):
+        labels = label_key(item)
+    elif label_key is not None:
+        labels = item[label_key]  # type: ignore[index]
+    elif isinstance(item, dict):
+        if "label" not in item:
+            raise ValueError(f"a dict item needs label_key to name its label entry, got keys {sorted(item)}")
+        labels = item["label"]
+    elif isinstance(item, tuple | list):
+        labels = item[-1]
+    else:
+        labels = item
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"the label map of an item must be a tensor or array, got {type(labels).__name__}")
+    return labels
+
+
+class ForegroundSizeAccumulator:
+    """Gathers per-image foreground sizes batch by batch, for :func:`imbalance_statistics`.
+
+    ``foreground``: the classes whose voxels count as foreground (default ``1 .. num_classes - 1``).
+    ``drop_empty``: leave images without foreground out of the statistics (ours; the sizes of
+    every image stay available in :attr:`sizes`). Sizes are kept on the labels' device until read,
+    so :meth:`update` does not synchronise with a GPU.
+
+    >>> acc = ForegroundSizeAccumulator(num_classes=2)
+    >>> for batch in loader:
+    ...     acc.update(batch["label"])
+    >>> stats = acc.statistics()
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 2,
+        *,
+        foreground: Sequence[int] | None = None,
+        ignore_index: int | None = None,
+        drop_empty: bool = True,
+        backend: str = "auto",
+    ) -> None:
+        self.num_classes = _check_num_classes(num_classes)
+        classes = list(range(1, num_classes)) if foreground is None else list(foreground)
+        if not classes or any(isinstance(c, bool) or not isinstance(c, int) for c in classes):
+            raise ValueError(f"foreground must be a non-empty sequence of class indices, got {foreground!r}")
+        if any(not 0 <= c < num_classes for c in classes):
+            raise ValueError(f"foreground classes must lie in [0, {num_classes}), got {classes}")
+        self.foreground = tuple(classes)
+        self.ignore_index = check_ignore_index(ignore_index, optional=True)
+        self.drop_empty = bool(drop_empty)
+        self.backend = backend
+        self._chunks: list[torch.Tensor] = []
+
+    def update(self, labels: torch.Tensor, *, batched: bool = True) -> torch.Tensor:
+        """Add the images of a label batch ``(B, *spatial)`` (or one image with ``batched=False``).
+
+        Float label maps (as many loaders produce) must hold integral values; they are converted.
+        Returns the foreground sizes of these images (int64, on the labels' device).
+        """
+        if isinstance(labels, np.ndarray):
+            labels = torch.from_numpy(labels)
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a tensor or array, got {type(labels).__name__}")
+        if not batched:
+            labels = labels.unsqueeze(0)
+        if labels.dim() == 1:
+            labels = labels.unsqueeze(1)
+        if labels.is_floating_point():
+            if (labels.device.type == "cpu" or get_options().check_labels) and not bool(
+                (labels == labels.round()).all()
+            ):
+                raise ValueError("a float label map must hold integral class values, got fractional values")
+            labels = labels.long()
+        counts = foreground_sizes(labels, self.num_classes, self.ignore_index, backend=self.backend)
+        sizes = counts[:, list(self.foreground)].sum(1)
+        self._chunks.append(sizes)
+        return sizes
+
+    @property
+    def sizes(self) -> torch.Tensor:
+        """Foreground size of every image seen so far (1-D int64, CPU), empty images included."""
+        if not self._chunks:
+            return torch.zeros(0, dtype=torch.int64)
+        merged = torch.cat([chunk.cpu() for chunk in self._chunks])
+        self._chunks = [merged]
+        return merged
+
+    def statistics(self, *, min_count: int = MIN_IMAGES) -> ImbalanceStatistics:
+        """:func:`imbalance_statistics` of the sizes gathered (without empty images if ``drop_empty``)."""
+        sizes = self.sizes
+        if self.drop_empty:
+            sizes = sizes[sizes > 0]
+        if sizes.numel() == 0:
+            raise ValueError(
+                f"no image with foreground (classes {list(self.foreground)}) among the {self.sizes.numel()} seen"
+            )
+        return imbalance_statistics(sizes, min_count=min_count)
+
+    @classmethod
+    def from_loader(
+        cls,
+        data: Iterable,
+        num_classes: int = 2,
+        *,
+        label_key: object = None,
+        batched: bool | None = None,
+        progress: bool = True,
+        **kwargs,
+    ) -> ForegroundSizeAccumulator:
+        """One pass over a ``DataLoader``, a map-style dataset or any iterable of items.
+
+        Each item is a label tensor, a ``(image, label)`` tuple / list (the last element is taken),
+        or a dict with a ``"label"`` entry (MONAI); ``label_key`` (an index, a key or a callable on
+        the item) picks another. ``batched``: whether items carry a batch axis (default: True for a
+        ``DataLoader``, False otherwise). ``progress`` shows a tqdm bar when tqdm is installed.
+        Other keywords go to the constructor.
+        """
+        accumulator = cls(num_classes, **kwargs)
+        is_loader = isinstance(data, torch.utils.data.DataLoader)
+        batched = is_loader if batched is None else batched
+        items: Iterable = data
+        if (
+            not is_loader
+            and not hasattr(data, "__iter__")
+            and hasattr(data, "__getitem__")
+            and hasattr(data, "__len__")
+        ):
+            items = (data[i] for i in range(len(data)))  # type: ignore[index]
+        total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                items = tqdm(items, total=total, desc="CALF foreground sizes", unit="batch" if batched else "image")
+            except ImportError:
+                pass
+        for item in items:
+            accumulator.update(_extract_labels(item, label_key), batched=batched)
+        return accumulator
