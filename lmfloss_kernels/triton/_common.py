@@ -132,8 +132,9 @@ def power(x, g):
 def softmax_columns(z, cls, cmask):
     """Softmax over axis 0 of a ``[BLOCK_C, BLOCK_V]`` fp32 tile whose padded classes hold -inf.
 
-    Returns ``(p, log p, 1 - p)``; padded classes get ``p = 0``, ``log p = 0``, ``1 - p = 1`` so
-    that products with their zero targets stay finite.
+    Returns ``(p, log p, 1 - p, is_top)``; padded classes get ``p = 0``, ``log p = 0``,
+    ``1 - p = 1`` so that products with their zero targets stay finite; ``is_top`` marks the one
+    class per voxel whose ``1 - p`` was taken from the others' mass.
     """
     top = tl.max(z, axis=0)
     e = tl.exp(z - top[None, :])
@@ -145,4 +146,4 @@ def softmax_columns(z, cls, cmask):
     one_minus_p = tl.where(is_top, rest[None, :], total[None, :] - e) * inv_total[None, :]
     log_p = tl.where(is_top, -log1p(rest)[None, :], z - top[None, :] - tl.log(total)[None, :])
     cm = cmask[:, None]
-    return p, tl.where(cm, log_p, 0.0), tl.where(cm, one_minus_p, 1.0)
+    return p, tl.where(cm, log_p, 0.0), tl.where(cm, one_minus_p, 1.0), is_top

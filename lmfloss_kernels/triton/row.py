@@ -139,13 +139,13 @@ def _row_kernel(
         margin = tl.load(margin_ptr + cls, mask=cmask, other=0.0)
         w_t = _select(onehot, tl.load(ldam_weight_ptr + cls, mask=cmask, other=0.0)[:, None]) * valid_f
         shifted = s * (z - tl.where(onehot, margin[:, None], 0.0))
-        q, log_q, one_minus_q = softmax_columns(shifted, cls, cmask)
+        q, log_q, one_minus_q, _ = softmax_columns(shifted, cls, cmask)
         ldam = -w_t * _select(onehot, log_q)
         if HAS_GRAD:
             q_minus_y = tl.where(onehot, -_select(onehot, one_minus_q)[None, :], q)
             grad += (alpha * s * scale_ldam * w_t)[None, :] * q_minus_y
     if HAS_FOCAL:
-        p, log_p, one_minus_p = softmax_columns(z, cls, cmask)
+        p, log_p, one_minus_p, _ = softmax_columns(z, cls, cmask)
         a_t = _select(onehot, tl.load(focal_weight_ptr + cls, mask=cmask, other=0.0)[:, None]) * valid_f
         log_pt = _select(onehot, log_p)
         u = _select(onehot, one_minus_p)

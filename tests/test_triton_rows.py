@@ -1,0 +1,166 @@
+"""Triton row family (LMF, LDAM, focal on (N, C) rows and dense (B, C, *S) maps) against the reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_helpers import (
+    DEVICE,
+    INTERPRETER_WARNINGS,
+    assert_fp32_close,
+    assert_no_worse_than_reference,
+    loss_and_grad,
+    random_grad_output,
+)
+
+import lmfloss_kernels.functional as F
+from lmfloss_kernels import reference
+from lmfloss_kernels.triton import BACKEND
+
+pytestmark = INTERPRETER_WARNINGS
+
+# (alpha, beta, gamma): LMF with the authors' gamma, LDAM alone, focal alone with gamma < 1 and 0.
+TERMS = {
+    "lmf": (1.5, 1.0, 1.5),
+    "ldam": (1.0, 0.0, 0.0),
+    "focal_half": (0.0, 1.0, 0.5),
+    "lmf_gamma0": (1.0, 2.0, 0.0),
+}
+
+
+def _row_inputs(shape, label_dtype=torch.int64, ignore_index=-100, ignore_fraction=0.2, scale=3.0):
+    num_classes = shape[1]
+    logits = torch.randn(shape, device=DEVICE) * scale
+    label_shape = shape[:1] + shape[2:]
+    labels = torch.randint(0, num_classes, label_shape, device=DEVICE)
+    drop = torch.rand(label_shape, device=DEVICE) < ignore_fraction
+    labels = torch.where(drop, torch.full_like(labels, ignore_index), labels).to(label_dtype)
+    margins = torch.rand(num_classes, device=DEVICE) * 0.5
+    ldam_weight = torch.rand(num_classes, device=DEVICE) + 0.5
+    focal_weight = torch.rand(num_classes, device=DEVICE) + 0.5
+    return logits, labels, margins, ldam_weight, focal_weight
+
+
+def _compare(logits, labels, margins, ldam_weight, focal_weight, terms, reduction, ignore_index=-100, s=30.0):
+    alpha, beta, gamma = TERMS[terms]
+    kwargs = dict(alpha=alpha, beta=beta, gamma=gamma, s=s, ignore_index=ignore_index, reduction=reduction)
+    args = (labels, margins, ldam_weight, focal_weight)
+    loss_shape = labels.shape if reduction == "none" else ()
+    grad_output = random_grad_output(loss_shape)
+    expected = loss_and_grad(reference.row_loss, logits, *args, grad_output=grad_output, **kwargs)
+    actual = loss_and_grad(BACKEND.row_loss, logits, *args, grad_output=grad_output, **kwargs)
+    assert actual[0].dtype == torch.float32 and actual[1].dtype == logits.dtype
+    assert_fp32_close(actual[0], expected[0], "loss")
+    assert_fp32_close(actual[1], expected[1], "gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("terms", list(TERMS))
+@pytest.mark.parametrize("shape", [(37, 5), (64, 2), (2, 3, 9, 10, 11), (3, 4, 13)])
+def test_rows_match_reference(shape, terms, reduction):
+    _compare(*_row_inputs(shape), terms, reduction)
+
+
+@pytest.mark.parametrize("num_classes", [3, 32, 33])
+def test_many_classes_not_a_power_of_two(num_classes):
+    _compare(*_row_inputs((45, num_classes)), "lmf", "mean")
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "ignore_index"),
+    [(torch.uint8, 255), (torch.int8, -1), (torch.int16, -100), (torch.int32, -100), (torch.int64, 7)],
+)
+def test_label_dtypes_and_ignore_index(label_dtype, ignore_index):
+    inputs = _row_inputs((2, 4, 6, 7), label_dtype=label_dtype, ignore_index=ignore_index, ignore_fraction=0.3)
+    assert bool((inputs[1] == ignore_index).any())
+    _compare(*inputs, "lmf", "mean", ignore_index=ignore_index)
+    _compare(*inputs, "lmf", "none", ignore_index=ignore_index)
+
+
+def test_bool_labels():
+    logits, labels, *vectors = _row_inputs((50, 2), ignore_fraction=0.0)
+    _compare(logits, labels.bool(), *vectors, "lmf", "mean")
+
+
+@pytest.mark.parametrize("layout", ["transposed_rows", "channels_last", "sliced", "expanded"])
+def test_strided_logits(layout):
+    if layout == "transposed_rows":
+        logits = torch.randn(5, 40, device=DEVICE).t()  # (40, 5) with class stride 40
+    elif layout == "channels_last":
+        logits = torch.randn(2, 3, 6, 7, 5, device=DEVICE).to(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        logits = torch.randn(2, 6, 9, 14, device=DEVICE)[:, ::2, :, ::2]
+    else:
+        logits = torch.randn(1, 3, 8, 9, device=DEVICE).expand(3, 3, 8, 9)
+    _, labels, *vectors = _row_inputs(tuple(logits.shape))
+    _compare(logits, labels, *vectors, "lmf", "none")
+    _compare(logits, labels, *vectors, "lmf", "mean")
+
+
+def test_confident_rows_stay_finite_and_exact():
+    # Scaled logits with margins of s = 30: q is one-hot to float32 precision on most rows, and
+    # p_t -> 1 exercises the series branch of the focal factor.
+    logits, labels, *vectors = _row_inputs((200, 4), ignore_fraction=0.0, scale=12.0)
+    _compare(logits, labels, *vectors, "lmf", "sum")
+    _compare(logits, labels, *vectors, "focal_half", "none")
+
+
+def test_all_rows_ignored():
+    logits, labels, *vectors = _row_inputs((20, 3), ignore_fraction=1.0)
+    for reduction in ("sum", "none"):
+        loss, grad = loss_and_grad(
+            BACKEND.row_loss, logits, labels, *vectors, alpha=1.0, beta=1.0, gamma=1.5, s=30.0,
+            ignore_index=-100, reduction=reduction,
+        )  # fmt: skip
+        assert bool((loss == 0).all()) and bool((grad == 0).all())
+
+
+def test_no_grad_call_gives_the_same_loss():
+    logits, labels, *vectors = _row_inputs((2, 3, 5, 6))
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction="mean")
+    with torch.no_grad():
+        fused = BACKEND.row_loss(logits, labels, *vectors, **kwargs)
+    assert_fp32_close(fused, reference.row_loss(logits, labels, *vectors, **kwargs), "loss")
+
+
+def test_logits_are_not_modified():
+    logits, labels, *vectors = _row_inputs((30, 4))
+    before = logits.clone()
+    loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, alpha=1.0, beta=1.0, gamma=1.5, s=30.0,
+                  ignore_index=-100, reduction="mean")  # fmt: skip
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("shape", [(64, 5), (2, 3, 7, 9)])
+def test_low_precision_no_worse_than_reference_in_that_dtype(shape, dtype, reduction):
+    logits, labels, *vectors = _row_inputs(shape)
+    logits = logits.to(dtype)
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)
+    grad_output = random_grad_output(labels.shape if reduction == "none" else ())
+    truth = loss_and_grad(
+        reference.row_loss, logits.double(), labels, *(v.double() for v in vectors), grad_output=grad_output.double(),
+        **kwargs,
+    )  # fmt: skip
+    same = loss_and_grad(reference.row_loss, logits, labels, *vectors, grad_output=grad_output.to(dtype),
+                         upcast=False, **kwargs)  # fmt: skip
+    fused = loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, grad_output=grad_output, **kwargs)
+    assert fused[1].dtype == dtype
+    assert_no_worse_than_reference(fused[0], same[0], truth[0], dtype, "loss")
+    assert_no_worse_than_reference(fused[1], same[1], truth[1], dtype, "gradient")
+
+
+@pytest.mark.parametrize("name", ["lmf", "ldam", "focal"])
+def test_public_api_on_triton(name):
+    logits, labels, *_ = _row_inputs((2, 4, 5, 6), ignore_fraction=0.1)
+    counts = [100, 20, 5, 1]
+    calls = {
+        "lmf": lambda x, backend: F.lmf_loss(x, labels, counts, backend=backend),
+        "ldam": lambda x, backend: F.ldam_loss(x, labels, counts, weight=F.drw_weights(counts), backend=backend),
+        "focal": lambda x, backend: F.focal_loss(x, labels, gamma=0.5, alpha=[0.1, 0.2, 0.3, 0.4], backend=backend),
+    }
+    expected = loss_and_grad(calls[name], logits, backend="reference")
+    actual = loss_and_grad(calls[name], logits, backend="triton")
+    assert_fp32_close(actual[0], expected[0], "loss")
+    assert_fp32_close(actual[1], expected[1], "gradient")
