@@ -196,7 +196,8 @@ def _check_binary_target(logits: torch.Tensor, target: object, ignore_index: int
             f"target must have the logits' shape {shape} (a singleton channel axis at dim 1 may be "
             f"present or absent), got {other}"
         )
-    check_labels = target.device.type == "cpu" or get_options().check_labels
+    # Value checks need the data (a sync on a GPU) and cannot be traced: eager calls only.
+    check_labels = (target.device.type == "cpu" or get_options().check_labels) and not torch.compiler.is_compiling()
     if target.is_floating_point():
         if ignore_index is not None:
             raise ValueError(
