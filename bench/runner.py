@@ -1,0 +1,406 @@
+"""The benchmark runner: every provider side by side, per loss, size, dtype, target and mode.
+
+``python -m bench`` runs the default plan for the device present (CUDA if there is one, else
+the CPU), shows a progress bar, prints the table and writes CSV, JSON, a markdown table and PNG
+plots under ``bench/results/``. ``python -m bench --help`` lists the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+
+import lmfloss_kernels
+from lmfloss_kernels import available_backends
+
+from . import measure, report
+from .workloads import (
+    TARGET_KINDS,
+    WORKLOADS,
+    Workload,
+    bytes_moved,
+    compiled_reference,
+    logits_shape,
+    make_inputs,
+    monai_loss,
+    target_label,
+    voxels,
+)
+
+MODES = ("forward", "backward", "full", "nograd")
+BASELINES = ("eager", "compile", "monai")
+FUSED = ("triton", "cuda", "cpu")
+PROVIDERS = (*BASELINES, *FUSED)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A block of the plan: the cartesian product of its fields is benchmarked."""
+
+    loss: str
+    sizes: tuple[int, ...]  # cube edge for dense workloads, N for rows
+    classes: tuple[int, ...] = (4,)
+    dtypes: tuple[str, ...] = ("fp32",)
+    targets: tuple[str, ...] = ("labels",)
+    modes: tuple[str, ...] = ("full",)
+
+
+def default_plan(device: torch.device) -> list[Spec]:
+    """Sizes chosen to finish in about 5 minutes on a 2-core CPU, or a few minutes on one GPU."""
+    if device.type == "cuda":
+        edges = (64, 96, 128, 160, 192)
+        rows = (4096, 65536, 262144, 1 << 20)
+        return [
+            Spec("ufl_asym", edges, dtypes=("bf16", "fp32"), modes=MODES),
+            Spec("ufl_asym", (128, 192), dtypes=("bf16",), targets=("onehot",)),
+            Spec("ufl_sym", edges, dtypes=("bf16",)),
+            Spec("mixed_focal", edges, dtypes=("bf16",)),
+            Spec("dense_lmf", (64, 128, 192), classes=(2, 4, 14), dtypes=("bf16",)),
+            Spec("lmf_rows", rows, classes=(4, 8), dtypes=("bf16", "fp32"), modes=MODES),
+        ]
+    return [
+        Spec("ufl_asym", (32, 64), modes=MODES),
+        Spec("ufl_asym", (96, 128)),  # 2x4x128^3 fp32 fwd+bwd: the CPU target of the design
+        Spec("ufl_asym", (64,), dtypes=("bf16",)),
+        Spec("ufl_asym", (64,), targets=("onehot",)),
+        Spec("ufl_sym", (32, 64)),
+        Spec("mixed_focal", (32, 64)),
+        Spec("dense_lmf", (64,), classes=(2, 4, 14)),
+        Spec("lmf_rows", (4096, 65536, 1 << 20), classes=(4, 8)),
+        Spec("lmf_rows", (65536,), classes=(8,), modes=("forward", "backward", "nograd")),
+    ]
+
+
+def quick_plan() -> list[Spec]:
+    """Tiny sizes that still exercise every workload, target kind and mode."""
+    return [
+        Spec("ufl_asym", (16,), modes=MODES),
+        Spec("ufl_asym", (16,), targets=("onehot",)),
+        Spec("ufl_sym", (16,)),
+        Spec("mixed_focal", (16,)),
+        Spec("dense_lmf", (16,)),
+        Spec("lmf_rows", (4096,)),
+    ]
+
+
+def apply_overrides(plan: list[Spec], args: argparse.Namespace) -> list[Spec]:
+    """Restrict the plan to the chosen losses and replace the fields the flags set."""
+    out = []
+    for spec in plan:
+        if args.losses and spec.loss not in args.losses:
+            continue
+        dense = WORKLOADS[spec.loss].dense
+        changes: dict[str, tuple] = {}
+        if dense and args.sizes:
+            changes["sizes"] = tuple(args.sizes)
+        if not dense and args.rows:
+            changes["sizes"] = tuple(args.rows)
+        for name in ("classes", "dtypes", "modes"):
+            if getattr(args, name):
+                changes[name] = tuple(getattr(args, name))
+        if args.targets:
+            targets = tuple(t for t in args.targets if dense or t == "labels")
+            if not targets:
+                continue
+            changes["targets"] = targets
+        out.append(replace(spec, **changes))
+    return out
+
+
+@dataclass(frozen=True)
+class Case:
+    loss: str
+    size: int
+    classes: int
+    dtype: str
+    target: str
+    modes: tuple[str, ...]
+
+
+def expand(plan: list[Spec]) -> list[Case]:
+    # Blocks can overlap (overrides make that common): each case runs once with the union of modes.
+    merged: dict[tuple, list[str]] = {}
+    for spec in plan:
+        for size in spec.sizes:
+            for classes in spec.classes:
+                for dtype in spec.dtypes:
+                    for target in spec.targets:
+                        modes = merged.setdefault((spec.loss, size, classes, dtype, target), [])
+                        modes.extend(m for m in spec.modes if m not in modes)
+    return [Case(*key, tuple(m for m in MODES if m in modes)) for key, modes in merged.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# Providers
+
+
+@dataclass
+class Settings:
+    device: torch.device
+    providers: tuple[str, ...]
+    warmup: int = 1
+    min_reps: int = 3
+    max_reps: int = 50
+    budget_s: float = 1.0
+    skipped: list[dict] = field(default_factory=list)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+_compiled: dict[tuple[str, str], Callable] = {}
+
+
+def provider_fn(name: str, workload: Workload, case: Case, inputs, settings: Settings) -> Callable | str:
+    """``fn(logits, target) -> loss`` for a provider, or a string saying why it cannot run."""
+    x, t = inputs[0]
+    if name == "eager":
+        return lambda a, b: workload.call(a, b, backend="reference")
+    if name == "compile":
+        key = (workload.name, case.target)
+        if key not in _compiled:
+            _compiled[key] = compiled_reference(workload, x, t)
+        return _compiled[key]
+    if name == "monai":
+        fn = monai_loss(workload, case.classes, case.target)
+        if fn is None:
+            return "MONAI is not installed (pip install monai)"
+        settings.notes[workload.name] = workload.monai_note
+        return fn
+    if name == "triton" and settings.device.type != "cuda":
+        return "Triton runs on the CPU only under TRITON_INTERPRET, which is not a benchmark"
+    if name not in available_backends(settings.device, x.dtype):
+        return f"backend {name!r} is not available for {settings.device.type} {x.dtype}"
+    return lambda a, b: workload.call(a, b, backend=name)
+
+
+def mode_runner(mode: str, fn: Callable, inputs) -> tuple[Callable[[int], object], Callable[[int], object] | None]:
+    """``(run, setup)``: ``run(i)`` is one call of ``fn`` in ``mode`` on input copy ``i``; ``setup(i)``
+    prepares it outside the timed region (the backward mode's forward pass) or is None."""
+    if mode == "full":
+
+        def run(i):
+            x, t = inputs[i]
+            x.grad = None
+            fn(x, t).backward()
+
+        return run, None
+    if mode == "forward":
+        return lambda i: fn(*inputs[i]), None
+    if mode == "nograd":
+
+        def run(i):
+            with torch.no_grad():
+                fn(*inputs[i])
+
+        return run, None
+
+    # backward: a fresh forward graph per call (compiled backwards free their buffers, so a
+    # retained graph cannot be replayed), built in setup and consumed by the timed backward.
+    pending: dict[int, torch.Tensor] = {}
+
+    def setup(i):
+        x, t = inputs[i]
+        x.grad = None
+        pending[i] = fn(x, t)
+
+    def run(i):
+        pending.pop(i).backward()
+
+    return run, setup
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+def run_case(case: Case, settings: Settings, copy_bw: float) -> list[dict]:
+    workload = WORKLOADS[case.loss]
+    device = settings.device
+    dtype = DTYPES[case.dtype]
+    shape = logits_shape(workload, case.size, case.classes)
+    probe = make_inputs(workload, shape, dtype, case.target, device)
+    input_bytes = sum(t.numel() * t.element_size() for t in probe)
+    copies = measure.rotation_count(device, input_bytes)
+    inputs = [probe] + [make_inputs(workload, shape, dtype, case.target, device) for _ in range(copies - 1)]
+    grad_bytes = probe[0].numel() * probe[0].element_size()
+    rows = []
+    for provider in settings.providers:
+        fn = provider_fn(provider, workload, case, inputs, settings)
+        if isinstance(fn, str):
+            settings.skipped.append({"provider": provider, "loss": case.loss, "dtype": case.dtype, "reason": fn})
+            continue
+        for mode in case.modes:
+            try:
+                run, setup = mode_runner(mode, fn, inputs)
+                median, p20, p80, reps = _time(run, setup, inputs, provider, settings)
+                for x, _ in inputs:
+                    x.grad = None
+                gc.collect()
+                if setup is not None:
+                    setup(0)
+                peak = measure.peak_extra_bytes(lambda run=run: run(0), device)
+            except Exception as error:  # noqa: BLE001 - one failing provider must not end the run
+                settings.skipped.append(
+                    {"provider": provider, "loss": case.loss, "dtype": case.dtype, "mode": mode, "reason": repr(error)}
+                )
+                continue
+            finally:
+                for x, _ in inputs:
+                    x.grad = None
+                run = setup = None
+                gc.collect()
+            moved = bytes_moved(mode, *probe)
+            rows.append(
+                {
+                    "loss": case.loss,
+                    "shape": "x".join(map(str, shape)),
+                    "voxels": voxels(shape),
+                    "classes": case.classes,
+                    "dtype": case.dtype,
+                    "target": target_label(workload, probe[1]),
+                    "mode": mode,
+                    "provider": provider,
+                    "median_ms": median * 1e3,
+                    "p20_ms": p20 * 1e3,
+                    "p80_ms": p80 * 1e3,
+                    "reps": reps,
+                    "input_copies": len(inputs),
+                    "peak_extra_mb": peak / 2**20,
+                    "grad_mb": grad_bytes / 2**20,
+                    "peak_over_grad": peak / grad_bytes,
+                    "bytes_moved": moved,
+                    "bandwidth_gbs": moved / median / 1e9,
+                    "bandwidth_frac": moved / median / copy_bw,
+                }
+            )
+    order = {name: index for index, name in enumerate(settings.providers)}
+    return sorted(rows, key=lambda row: (MODES.index(row["mode"]), order[row["provider"]]))
+
+
+def _time(run, setup, inputs, provider: str, settings: Settings):
+    # Compilation (and Dynamo's re-specialisation on the second call) belongs to the warm-up.
+    warmup = settings.warmup + (1 if provider == "compile" else 0)
+    if settings.device.type == "cuda":
+        return measure.time_cuda(
+            lambda: run(0),
+            [inputs[0][0]],
+            warmup=warmup,
+            min_reps=settings.min_reps,
+            budget_s=settings.budget_s,
+            setup=None if setup is None else lambda: setup(0),
+        )
+    return measure.time_cpu(
+        run,
+        len(inputs),
+        warmup=warmup,
+        min_reps=settings.min_reps,
+        max_reps=settings.max_reps,
+        budget_s=settings.budget_s,
+        setup=setup,
+    )
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Speed-up of every row over the eager and the compiled reference of the same case."""
+    key = ("loss", "shape", "dtype", "target", "mode")
+    base: dict[tuple, dict[str, float]] = {}
+    for row in rows:
+        if row["provider"] in ("eager", "compile"):
+            base.setdefault(tuple(row[k] for k in key), {})[row["provider"]] = row["median_ms"]
+    for row in rows:
+        ref = base.get(tuple(row[k] for k in key), {})
+        for provider in ("eager", "compile"):
+            row[f"vs_{provider}"] = ref[provider] / row["median_ms"] if provider in ref else math.nan
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _csv(kind: Callable, choices=None):
+    def parse(text: str):
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        if choices is not None:
+            bad = [v for v in values if v not in choices]
+            if bad:
+                raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {list(choices)}")
+        return values
+
+    return parse
+
+
+def _size(text: str) -> int:
+    # Accept 4k / 1M shorthands for row counts.
+    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1)
+    return int(text[:-1] if scale > 1 else text) * scale
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark every loss provider (eager reference, torch.compile of it, MONAI, fused backends) "
+        "for time, peak extra memory and bandwidth; prints a table and writes CSV/JSON/markdown/PNG results.",
+    )
+    parser.add_argument("--losses", type=_csv(str, WORKLOADS), help=f"subset of {list(WORKLOADS)}")
+    parser.add_argument("--sizes", type=_csv(_size), help="cube edges of dense volumes, e.g. 32,64,128")
+    parser.add_argument("--rows", type=_csv(_size), help="row counts N of lmf_rows, e.g. 4k,64k,1M")
+    parser.add_argument("--classes", type=_csv(int), help="class counts C, e.g. 2,4,14")
+    parser.add_argument("--providers", type=_csv(str, PROVIDERS), help=f"subset of {list(PROVIDERS)}")
+    parser.add_argument("--modes", type=_csv(str, MODES), help=f"subset of {list(MODES)} (full = fwd+bwd)")
+    parser.add_argument("--dtypes", type=_csv(str, DTYPES), help=f"subset of {list(DTYPES)}")
+    parser.add_argument("--targets", type=_csv(str, TARGET_KINDS), help=f"subset of {list(TARGET_KINDS)}")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (a smoke test)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda if available)")
+    parser.add_argument("--budget", type=float, default=None, help="seconds of timing per row (default 1, quick 0.05)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    args = parser.parse_args(argv)
+    if args.classes and any(c < 2 for c in args.classes):
+        parser.error("--classes must all be >= 2")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cuda":
+        print("TRITON_INTERPRET=1 is set: Triton timings would be the interpreter's", file=sys.stderr)
+    cases = expand(apply_overrides(quick_plan() if args.quick else default_plan(device), args))
+    if not cases:
+        print("nothing to run: the flags filtered out every case", file=sys.stderr)
+        return 2
+    budget = args.budget if args.budget is not None else (0.05 if args.quick else 1.0)
+    settings = Settings(
+        device=device,
+        providers=tuple(args.providers or PROVIDERS),
+        min_reps=2 if args.quick else 3,
+        budget_s=budget,
+    )
+    measure.prepare_rss()
+    torch.manual_seed(0)
+    started = time.time()
+    copy_bw = measure.copy_bandwidth(device)
+    rows: list[dict] = []
+    with lmfloss_kernels.options(check_backend=False):
+        for case in report.progress(cases, desc="bench"):
+            rows.extend(run_case(case, settings, copy_bw))
+    add_speedups(rows)
+    meta = report.metadata(device, copy_bw, time.time() - started, sys.argv if argv is None else argv)
+    print(report.format_table(rows, settings.notes, settings.skipped, meta))
+    paths = report.write(rows, meta, settings.notes, settings.skipped, args.out, plots=not args.no_plots)
+    for path in paths:
+        print(f"wrote {path}")
+    return 0 if rows else 1
