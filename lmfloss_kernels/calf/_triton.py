@@ -76,7 +76,13 @@ def _sigmoid_parts(z):
 @triton.jit
 def _transform_term(z, y, limit, TRANSFORM: tl.constexpr):
     """Per-voxel loss ℓ_T and its derivative dℓ_T/dz (clip mask included) for fp32 z, y."""
-    if TRANSFORM == 2 or TRANSFORM == 3:  # fisher, logit: z clipped to [-L, L]
+    if TRANSFORM == 4:  # arcsine: θ = atan(e^{z/2}); √(p(1-p)) = h / (1 + h²), h = e^{-|z|/2}
+        h = tl.exp(-0.5 * tl.abs(z))
+        small = _atan_unit(h)
+        theta = tl.where(z >= 0.0, 1.5707963267948966 - small, small)
+        loss = -(y * theta + (1.0 - y) * (1.5707963267948966 - theta))
+        slope = (1.0 - 2.0 * y) * h / (2.0 * (1.0 + h * h))
+    elif TRANSFORM >= 2:  # fisher (2), logit (3): z clipped to [-L, L], gradient masked outside
         inside = (z >= -limit) & (z <= limit)
         zc = tl.where(z < -limit, -limit, tl.where(z > limit, limit, z))
         if TRANSFORM == 3:
@@ -89,13 +95,7 @@ def _transform_term(z, y, limit, TRANSFORM: tl.constexpr):
             artanh_q = 0.5 * (_log1p_unit(q) - log_p)
             loss = -(y * artanh_p + (1.0 - y) * artanh_q)
             slope = tl.where(inside, -(y * p / (1.0 + p) - (1.0 - y) * q / (1.0 + q)), 0.0)
-    elif TRANSFORM == 4:  # arcsine: θ = atan(e^{z/2}); √(p(1-p)) = h / (1 + h²), h = e^{-|z|/2}
-        h = tl.exp(-0.5 * tl.abs(z))
-        small = _atan_unit(h)
-        theta = tl.where(z >= 0.0, 1.5707963267948966 - small, small)
-        loss = -(y * theta + (1.0 - y) * (1.5707963267948966 - theta))
-        slope = (1.0 - 2.0 * y) * h / (2.0 * (1.0 + h * h))
-    else:  # ln, log10: BCE, scaled by 1/ln 10
+    else:  # ln (0), log10 (1): BCE, scaled by 1/ln 10
         p, q, log_p, log_q = _sigmoid_parts(z)
         loss = -(y * log_p + (1.0 - y) * log_q)
         slope = p - y
