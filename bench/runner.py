@@ -84,6 +84,7 @@ def quick_plan() -> list[Spec]:
     """Tiny sizes that still exercise every workload, target kind and mode."""
     return [
         Spec("ufl_asym", (16,), modes=MODES),
+        Spec("ufl_asym", (12,)),  # a second size, so that the plots are drawn
         Spec("ufl_asym", (16,), targets=("onehot",)),
         Spec("ufl_sym", (16,)),
         Spec("mixed_focal", (16,)),
@@ -108,7 +109,7 @@ def apply_overrides(plan: list[Spec], args: argparse.Namespace) -> list[Spec]:
             if getattr(args, name):
                 changes[name] = tuple(getattr(args, name))
         if args.targets:
-            targets = tuple(t for t in args.targets if dense or t == "labels")
+            targets = tuple(t for t in args.targets if t in WORKLOADS[spec.loss].target_kinds)
             if not targets:
                 continue
             changes["targets"] = targets

@@ -2,9 +2,9 @@
 
 A workload is one named loss of :mod:`lmfloss_kernels.functional` with fixed keywords (the
 authors' defaults), plus MONAI's closest equivalent and a sentence saying how MONAI's function
-differs. Region workloads take ``(B, C, D, H, W)`` logits and either a ``uint8`` label map
-``(B, D, H, W)`` (the fast path) or a float one-hot map of the logits' shape; row workloads take
-``(N, C)`` logits and ``int64`` labels ``(N,)`` as a classification data loader yields them.
+differs. Dense workloads take ``(B, C, D, H, W)`` logits and a ``uint8`` label map ``(B, D, H, W)`` (the
+fast path) or, for the region losses, a float one-hot map of the logits' shape; row workloads
+take ``(N, C)`` logits and ``int64`` labels ``(N,)`` as a classification data loader yields them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from lmfloss_kernels import reference
 # Class counts of a long-tailed training set (each class 4x rarer than the one before); only the
 # LMF margins depend on them.
 _TAIL_RATIO = 4.0
+TARGET_KINDS = ("labels", "onehot")
 
 
 def class_counts(num_classes: int) -> list[float]:
@@ -36,6 +37,12 @@ class Workload:
     dense: bool  # (B, C, *S) volumes, else (N, C) rows
     call: Callable[..., torch.Tensor]  # call(logits, target, backend=...) through the public API
     monai_note: str
+    family: str = "region_loss"  # the reference family the public API maps it onto
+    onehot: bool = True  # also takes a float one-hot target (the region losses)
+
+    @property
+    def target_kinds(self) -> tuple[str, ...]:
+        return TARGET_KINDS if self.onehot else ("labels",)
 
 
 def _lmf(x, t, backend):
@@ -79,6 +86,8 @@ WORKLOADS: dict[str, Workload] = {
             _lmf,
             "MONAI FocalLoss(use_softmax=True, gamma=1.5): focal term only (MONAI has no LDAM), no class weights, "
             "mean over B*C*voxels (divided by C too)",
+            family="row_loss",
+            onehot=False,
         ),
         Workload(
             "lmf_rows",
@@ -87,12 +96,11 @@ WORKLOADS: dict[str, Workload] = {
             _lmf,
             "MONAI FocalLoss(use_softmax=True, gamma=1.5) on (N, C): focal term only (MONAI has no LDAM), no class "
             "weights, mean over N*C",
+            family="row_loss",
+            onehot=False,
         ),
     )
 }
-
-# Each dense workload can take a label map or a one-hot map; rows take labels only.
-TARGET_KINDS = ("labels", "onehot")
 
 
 def logits_shape(workload: Workload, size: int, num_classes: int, batch: int = 2) -> tuple[int, ...]:
@@ -111,8 +119,8 @@ def make_inputs(
     labels = torch.randint(0, num_classes, label_shape, device=device, dtype=label_dtype)
     if target_kind == "labels":
         return logits, labels
-    if not workload.dense:
-        raise ValueError(f"workload {workload.name!r} takes labels only, got target kind {target_kind!r}")
+    if target_kind not in workload.target_kinds:
+        raise ValueError(f"workload {workload.name!r} takes {workload.target_kinds}, got target kind {target_kind!r}")
     onehot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1).to(dtype).contiguous()
     return logits, onehot
 
