@@ -48,12 +48,19 @@ def _(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s,
 
 
 def _row_setup(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
+    # A forward run without compute_grad (the backend asks for it only when no gradient is
+    # wanted) keeps its inputs instead, and backward recomputes the gradient.
+    ctx.recompute = not inputs[11]
+    ctx.save_for_backward(*(inputs[:5] if ctx.recompute else output[1:]))
+    ctx.options = inputs[5:11]
     ctx.per_row = inputs[10] == "none"
 
 
 def _row_backward(ctx, grad_loss, _grad_of_grad):
-    (grad,) = ctx.saved_tensors
+    if ctx.recompute:
+        _, grad = row_loss_op(*ctx.saved_tensors, *ctx.options, True)
+    else:
+        (grad,) = ctx.saved_tensors
     scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
     return (grad * scale).to(grad.dtype), None, None, None, None, None, None, None, None, None, None, None
 
