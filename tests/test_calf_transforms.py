@@ -188,7 +188,7 @@ def test_fused_matches_reference_fp32(transform, dice_coef, target_kind):
             target[torch.rand(target.shape) < 0.25] = 255
         elif target_kind == "bool":
             target = target.bool()
-    for reduction in ("none", "mean"):
+    for reduction in ("none", "mean") if target_kind == "uint8" else ("none",):
         results = _fused_and_reference(
             z, target, transform, dice_coef=dice_coef, ignore_index=ignore_index, reduction=reduction
         )
