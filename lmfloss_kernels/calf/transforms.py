@@ -62,7 +62,8 @@ Inputs: ``logits`` ``(B, 1, *S)`` or ``(B, *S)`` (every axis after the batch axi
 so a ``(B, K, *S)`` map is treated as K binary maps pooled per image); ``target`` of the same shape
 (a singleton channel axis on either side is allowed): an integer / bool label map with values in
 ``{0, 1}`` (or ``ignore_index``, whose voxels are dropped from every sum) or a float map in
-``[0, 1]`` (``ignore_index`` must then be None).
+``[0, 1]`` (``ignore_index`` must then be None). Target values are checked on CPU tensors, and
+on GPU tensors with ``set_options(check_labels=True)`` (a sync); never inside ``torch.compile``.
 
 Backends: ``"reference"`` (eager PyTorch, autograd; float64 included) and ``"triton"`` (the fused
 per-voxel kernel of :mod:`lmfloss_kernels.calf._triton`, closed-form gradients above; CUDA, or CPU
@@ -189,8 +190,8 @@ def _check_binary_target(logits: torch.Tensor, target: object, ignore_index: int
     if target.device != logits.device:
         raise ValueError(f"target must be on the logits' device {logits.device}, got {target.device}")
     shape, other = tuple(logits.shape), tuple(target.shape)
-    squeezed = shape[:1] + shape[2:] if len(shape) > 2 and shape[1] == 1 else shape
-    other_squeezed = other[:1] + other[2:] if len(other) > 2 and other[1] == 1 else other
+    squeezed = shape[:1] + shape[2:] if len(shape) >= 2 and shape[1] == 1 else shape
+    other_squeezed = other[:1] + other[2:] if len(other) >= 2 and other[1] == 1 else other
     if squeezed != other_squeezed:
         raise ValueError(
             f"target must have the logits' shape {shape} (a singleton channel axis at dim 1 may be "
