@@ -176,22 +176,26 @@ def class_vector(
     *,
     positive: bool = False,
 ) -> torch.Tensor:
-    """A per-class vector of length ``num_classes`` as float32 on ``device`` (float64 stays float64)."""
+    """A per-class vector of length ``num_classes`` on ``device``.
+
+    float64 for Python sequences, integer tensors and float64 tensors (all exact), float32 for
+    other floating-point tensors; callers round it once to the dtype their logits need.
+    """
     if isinstance(value, torch.Tensor):
         if value.is_complex() or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
         vector = value.detach()
     elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
         try:
-            vector = torch.tensor([float(v) for v in value])
+            vector = torch.tensor([float(v) for v in value], dtype=torch.float64)
         except (TypeError, ValueError):
             raise TypeError(f"{name} must be a sequence of numbers, got {value!r}") from None
     else:
         raise TypeError(f"{name} must be a tensor or a sequence of {num_classes} numbers, got {type(value).__name__}")
     if vector.dim() != 1 or vector.numel() != num_classes:
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
-    dtype = torch.float64 if vector.dtype == torch.float64 else torch.float32
-    vector = vector.to(device=device, dtype=dtype)
+    exact = vector.dtype == torch.float64 or not vector.is_floating_point()
+    vector = vector.to(device=device, dtype=torch.float64 if exact else torch.float32)
     if _can_inspect(vector):
         if not bool(torch.isfinite(vector).all()):
             raise ValueError(f"{name} must be finite, got {vector.tolist()}")

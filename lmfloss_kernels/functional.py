@@ -77,10 +77,11 @@ def ldam_margins(class_counts, max_m: float = 0.5) -> torch.Tensor:
 
     The rarest class gets ``max_m`` (default 0.5, ``get_mlist`` of the LMF authors and
     ``LDAMLoss`` of Cao et al.). ``class_counts``: a sequence or 1-D tensor of positive numbers.
+    Computed in float64; returned as float32 (float64 for a float64 tensor of counts).
     """
     max_m = check_number("max_m", max_m, low=0.0)
-    counts = _counts_tensor(class_counts)
-    return reference.ldam_margins(counts, max_m)
+    margins = reference.ldam_margins(_counts_tensor(class_counts), max_m)
+    return margins if _is_float64(class_counts) else margins.float()
 
 
 def drw_weights(class_counts, beta: float = 0.9999) -> torch.Tensor:
@@ -90,8 +91,12 @@ def drw_weights(class_counts, beta: float = 0.9999) -> torch.Tensor:
     :func:`ldam_loss` or :func:`lmf_loss` from the epoch where re-weighting starts.
     """
     beta = check_number("beta", beta, low=0.0, high=1.0, high_open=True)
-    counts = _counts_tensor(class_counts)
-    return reference.drw_weights(counts, beta)
+    weights = reference.drw_weights(_counts_tensor(class_counts), beta)
+    return weights if _is_float64(class_counts) else weights.float()
+
+
+def _is_float64(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.float64
 
 
 def _counts_tensor(class_counts) -> torch.Tensor:

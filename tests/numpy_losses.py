@@ -226,7 +226,11 @@ def keras_on_logits(
     """
     num_classes = logits.shape[1]
     probs = softmax(channels_last(logits), axis=-1)
-    truth = one_hot(labels, num_classes) if soft_target is None else channels_last(soft_target)
+    if soft_target is not None:
+        truth = channels_last(soft_target)
+    else:
+        known = labels if ignore_index is None else np.where(labels == ignore_index, 0, labels)
+        truth = one_hot(known, num_classes)  # ignored voxels are dropped below whatever their row is
     per_image = []
     for b in range(logits.shape[0]):
         p_b, y_b = probs[b], truth[b]
