@@ -116,6 +116,20 @@ def finish_gradient(grad: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def tile_position(V, BLOCK_V: tl.constexpr):
+    """``(pid, b, v)`` of this program in the 1-D grid ``B * cdiv(V, BLOCK_V)``, all int64.
+
+    One grid axis (image-major) has no 65535 limit on B; ``pid`` indexes the program's row of a
+    ``[B, cdiv(V, BLOCK_V), ...]`` partial-sums buffer.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.cdiv(V, BLOCK_V)
+    b = pid // blocks
+    v = (pid - b * blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
+    return pid, b, v
+
+
+@triton.jit
 def log1p(x):
     """``log(1 + x)`` for ``x >= 0`` without losing small ``x`` (Goldberg's correction)."""
     w = 1.0 + x

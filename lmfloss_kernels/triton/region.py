@@ -50,6 +50,7 @@ from ._common import (
     launch_config,
     power,
     softmax_columns,
+    tile_position,
 )
 
 _SERIES_BELOW = 1e-3
@@ -89,9 +90,7 @@ def _region_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid, b, v = tile_position(V, BLOCK_V)
     cls = tl.arange(0, BLOCK_C)
     cls64 = cls.to(tl.int64)
     vmask = v < V
@@ -152,7 +151,7 @@ def _region_kernel(
         g_offsets = b * sgb + cls64[:, None] * sgc + v[None, :] * sgv
         tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
     else:
-        out = partial_ptr + (b * tl.num_programs(0) + pid) * (2 + 3 * C)
+        out = partial_ptr + pid * (2 + 3 * C)
         focal = 0.0
         if HAS_FOCAL:
             term = tl.where(cmask[:, None], alpha * y * power(one_minus_q, gamma) * (-log_q), 0.0)
@@ -181,7 +180,8 @@ def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_inde
     t_strides = t.stride() if soft else (t.stride(0), 0, t.stride(1))
     batch, num_classes, num_voxels = z.shape
     config = launch_config(num_classes, num_voxels)
-    grid = (triton.cdiv(num_voxels, config["BLOCK_V"]), batch)
+    blocks = triton.cdiv(num_voxels, config["BLOCK_V"])
+    grid = (batch * blocks,)
     backward = "grad" in buffers
     dummy = focal_weight  # stands in for the pointers a constexpr branch never touches
     if backward:
@@ -190,7 +190,7 @@ def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_inde
         args = (dummy, buffers["focal_coef"], buffers["coef_a"], buffers["coef_e"], grad_view)
         grad_strides = grad_view.stride()
     else:
-        partial = empty((batch, grid[0], 2 + 3 * num_classes), dtype=torch.float32, device=logits.device)
+        partial = empty((batch, blocks, 2 + 3 * num_classes), dtype=torch.float32, device=logits.device)
         args = (partial, dummy, dummy, dummy, dummy)
         grad_strides = (0, 0, 0)
     _region_kernel[grid](

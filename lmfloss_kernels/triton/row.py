@@ -32,6 +32,7 @@ from ._common import (
     launch_config,
     power,
     softmax_columns,
+    tile_position,
 )
 
 # Below this ``u = 1 - p_t`` the ratio log(p_t) / u is taken from its series -1 - u/2 - u^2/3.
@@ -66,14 +67,12 @@ def _label_sums_kernel(
     BLOCK_V: tl.constexpr,
 ):
     """Per program: ``sum v_i w_{t_i}`` and ``sum v_i`` over its voxels, into ``partial[b, pid, 0:2]``."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid, b, v = tile_position(V, BLOCK_V)
     cls = tl.arange(0, BLOCK_C)
     cmask = cls < C
     valid, onehot = _load_labels(label_ptr, b, v, v < V, cls, cmask, slb, slv, ignore_index)
     weight = tl.load(weight_ptr + cls, mask=cmask, other=0.0)
-    out = partial_ptr + (b * tl.num_programs(0) + pid) * 2
+    out = partial_ptr + pid * 2
     tl.store(out, tl.sum(_select(onehot, weight[:, None]), axis=0))
     tl.store(out + 1, tl.sum(valid.to(tl.float32), axis=0))
 
@@ -112,9 +111,7 @@ def _row_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    v = pid.to(tl.int64) * BLOCK_V + tl.arange(0, BLOCK_V)
+    pid, b, v = tile_position(V, BLOCK_V)
     cls = tl.arange(0, BLOCK_C)
     vmask = v < V
     cmask = cls < C
@@ -161,7 +158,7 @@ def _row_kernel(
     if PER_ROW:
         tl.store(row_loss_ptr + b * V + v, alpha * ldam + beta * focal, mask=vmask)
     else:
-        out = partial_ptr + (b * tl.num_programs(0) + pid) * 2
+        out = partial_ptr + pid * 2
         tl.store(out, tl.sum(ldam, axis=0))
         tl.store(out + 1, tl.sum(focal, axis=0))
     if HAS_GRAD:
@@ -189,7 +186,8 @@ def row_forward(
     lab = label_view(labels)
     batch, num_classes, num_voxels = z.shape
     config = launch_config(num_classes, num_voxels)
-    grid = (triton.cdiv(num_voxels, config["BLOCK_V"]), batch)
+    blocks = triton.cdiv(num_voxels, config["BLOCK_V"])
+    grid = (batch * blocks,)
     device = logits.device
     margins, ldam_weight, focal_weight = (
         t.to(device=device, dtype=torch.float32) for t in (margins, ldam_weight, focal_weight)
@@ -199,14 +197,14 @@ def row_forward(
 
     norm = partial_norm = None
     if mean:
-        partial_norm = empty((batch, grid[0], 2), dtype=torch.float32, device=device)
+        partial_norm = empty((batch, blocks, 2), dtype=torch.float32, device=device)
         _label_sums_kernel[grid](
             lab, ldam_weight, partial_norm, num_classes, num_voxels, *lab.stride(), ignore_index,
             BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],
         )  # fmt: skip
         norm = partial_norm.sum((0, 1))
     rows = empty((batch, num_voxels), dtype=torch.float32, device=device) if per_row else None
-    partial = None if per_row else empty((batch, grid[0], 2), dtype=torch.float32, device=device)
+    partial = None if per_row else empty((batch, blocks, 2), dtype=torch.float32, device=device)
     if compute_grad:
         grad, grad_view = gradient_buffer(logits)
         grad_strides = grad_view.stride()
