@@ -12,6 +12,8 @@ from lmfloss_kernels import options
 from lmfloss_kernels.calf import TRANSFORMS, bce_dice_loss, clip_limit, transform_loss, transform_loss_reference
 
 EPS = 1e-7
+# Fused tests run the compiled kernels on a GPU, else the interpreter on CPU tensors (conftest).
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,13 +156,14 @@ def test_clip_kills_gradient_outside_and_bounds_loss():
 
 def _fused_and_reference(z, target, transform, dtype=torch.float32, **kwargs):
     results = []
+    target = target.to(DEVICE)
     for backend in ("triton", "reference"):
-        x = z.detach().to(dtype).requires_grad_(True)
+        x = z.detach().to(DEVICE, dtype).requires_grad_(True)
         value = transform_loss(x, target, transform, backend=backend, **kwargs)
-        weights = torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype).view(value.shape)
+        weights = torch.linspace(0.5, 1.5, value.numel(), dtype=value.dtype, device=DEVICE).view(value.shape)
         (value * weights).sum().backward()
         assert x.grad.dtype == dtype and x.grad.shape == z.shape
-        results.append((value.detach(), x.grad))
+        results.append((value.detach().cpu(), x.grad.cpu()))
     return results
 
 
@@ -221,8 +224,8 @@ def test_fused_odd_layouts_and_options(transform):
 
 
 def test_fused_check_mode_and_bce_dice_alias():
-    z = _logits((2, 1, 8, 8), torch.float32, spread=2.0)
-    target = torch.randint(0, 2, (2, 8, 8))
+    z = _logits((2, 1, 8, 8), torch.float32, spread=2.0).to(DEVICE)
+    target = torch.randint(0, 2, (2, 8, 8), device=DEVICE)
     with options(check_backend=True):
         fused = bce_dice_loss(z, target, backend="triton")
     reference = transform_loss(z, target, "ln", dice_coef=1.0, backend="reference")
@@ -232,12 +235,12 @@ def test_fused_check_mode_and_bce_dice_alias():
 def test_fused_ops_opcheck_and_compile():
     from lmfloss_kernels.calf._triton import calf_foreground_sizes, calf_transform_backward, calf_transform_loss
 
-    z = _logits((2, 1, 6, 7), torch.float32, spread=2.0).requires_grad_(True)
-    target = torch.randint(0, 2, (2, 6, 7), dtype=torch.uint8)
+    z = _logits((2, 1, 6, 7), torch.float32, spread=2.0).to(DEVICE).requires_grad_(True)
+    target = torch.randint(0, 2, (2, 6, 7), dtype=torch.uint8, device=DEVICE)
     args = ("fisher", 1.0, 0.5, EPS, 1e-5, 1e-5, False, None)
     torch.library.opcheck(calf_transform_loss, (z, target, *args))
     stats = calf_transform_loss(z.detach(), target, *args)[1]
-    torch.library.opcheck(calf_transform_backward, (torch.ones(2), z.detach(), target, stats, *args))
+    torch.library.opcheck(calf_transform_backward, (torch.ones(2, device=DEVICE), z.detach(), target, stats, *args))
     torch.library.opcheck(calf_foreground_sizes, (target, 2, None))
 
     def step(x, y):
