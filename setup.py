@@ -1,9 +1,117 @@
 """Build script of lmfloss-kernels.
 
 The pure-Python package (reference, functional API, modules, Triton kernels) always installs.
+The C++/CUDA extension ``lmfloss_kernels._C`` (``csrc/``) is built with
+``torch.utils.cpp_extension`` and ninja; install with ``pip install --no-build-isolation -e .``
+so that it compiles against the torch already installed.
+
+* CPU kernels: always (OpenMP through ``at::parallel_for``).
+* CUDA kernels: when ``FORCE_CUDA=1``, or ``TORCH_CUDA_ARCH_LIST`` is set, or a GPU and a CUDA
+  toolkit (``CUDA_HOME``) are visible; ``FORCE_ONLY_CPU=1`` skips them. Without a visible GPU the
+  architectures default to ``8.0;8.6;8.9;9.0+PTX``.
+* ``MAX_JOBS`` defaults to what the cores and the memory allow (about 2 GiB per nvcc job).
+* Build metadata (torch and CUDA versions, architectures, compiler, with_cuda) is written to
+  ``lmfloss_kernels/_build_info.json`` next to the library; the package compares it with the
+  running torch at import.
 """
 
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
 from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _default_max_jobs() -> str:
+    cores = os.cpu_count() or 1
+    try:
+        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gib = 2.0 * cores
+    return str(max(1, min(cores, int(memory_gib // 2))))
+
+
+def _extension_and_command():
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    if _flag("FORCE_ONLY_CPU"):
+        with_cuda = False
+    else:
+        with_cuda = _flag("FORCE_CUDA") or bool(os.environ.get("TORCH_CUDA_ARCH_LIST"))
+        with_cuda = with_cuda or (torch.cuda.is_available() and cuda_home is not None)
+    if with_cuda and torch.version.cuda is None:
+        raise RuntimeError("FORCE_CUDA / TORCH_CUDA_ARCH_LIST asked for CUDA kernels, but this torch has no CUDA")
+    if with_cuda and not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    os.environ.setdefault("MAX_JOBS", _default_max_jobs())
+
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    # No -std: torch.utils.cpp_extension adds the standard its headers need (C++20 for torch >= 2.12).
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    extra = {"cxx": cxx}
+    macros = []
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        macros.append(("WITH_CUDA", None))
+        extra["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        ext_type = cpp_extension.CUDAExtension
+    else:
+        ext_type = cpp_extension.CppExtension
+    extension = ext_type(
+        "lmfloss_kernels._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        define_macros=macros,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+    )
+    info = {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "with_cuda": with_cuda,
+        "cuda_home": cuda_home if with_cuda else None,
+        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
+        "compiler": _compiler_version(),
+        "python": sys.version.split()[0],
+    }
+
+    class BuildExtension(cpp_extension.BuildExtension):
+        """Builds with ninja, then writes the build metadata next to the library."""
+
+        def run(self):
+            super().run()
+            path = os.path.join(os.path.dirname(self.get_ext_fullpath("lmfloss_kernels._C")), "_build_info.json")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as handle:
+                json.dump(info, handle, indent=2)
+
+    return extension, BuildExtension.with_options(use_ninja=True)
+
+
+def _compiler_version() -> str:
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[
+            0
+        ]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return compiler
+
+
+extension, build_ext = _extension_and_command()
 
 setup(
     name="lmfloss-kernels",
@@ -12,4 +120,7 @@ setup(
     packages=find_packages(include=["lmfloss_kernels", "lmfloss_kernels.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
+    ext_modules=[extension],
+    cmdclass={"build_ext": build_ext},
+    zip_safe=False,
 )

@@ -1,0 +1,44 @@
+// Host-side preparation shared by the CPU and CUDA implementations: the ops' declarations, the
+// (B, C, V) strided geometry of logits / targets / gradients, and argument conversions.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+namespace lmfloss {
+
+enum Reduction : int64_t { kNone = 0, kSum = 1, kMean = 2 };
+
+// A tensor seen as (B, C, V) through strides: every loss is a loop over B images, C classes and V
+// voxels (rows are B = 1, V = N). Offsets are int64 everywhere.
+struct Geometry {
+  int64_t batch = 1, classes = 1, voxels = 1;
+  int64_t sb = 0, sc = 0, sv = 0;
+};
+
+// The stride that walks the flattened spatial axes dims[first..], if they can be flattened
+// without a copy (size-1 axes are free); -1 otherwise.
+int64_t flat_stride(const at::Tensor& t, int64_t first);
+
+// (B, C, V) geometry of a (N, C) or (B, C, *S) tensor; makes `t` contiguous first if its spatial
+// axes cannot be flattened as a view (rare: some permuted or expanded layouts).
+Geometry class_geometry(at::Tensor& t);
+// (B, V) geometry (classes = 1) of labels of shape (N,) or (B, *S), paired with logits of rank `logits_dim`.
+Geometry label_geometry(at::Tensor& labels, int64_t logits_dim);
+
+// Labels in a dtype the kernels read natively (uint8, int32, int64); bool is reinterpreted as
+// uint8, other integer dtypes are widened to int64.
+at::Tensor native_labels(const at::Tensor& labels);
+
+// Per-class vector as a contiguous tensor of the math dtype on the logits' device.
+at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name);
+at::ScalarType math_type(const at::Tensor& logits);
+
+// Uninitialised gradient of the logits' shape and dtype whose spatial axes flatten as a view
+// (the logits' own layout when it allows it: contiguous, channels-last, ...).
+at::Tensor gradient_like(const at::Tensor& logits);
+
+void check_logits(const at::Tensor& logits, const char* op);
+
+}  // namespace lmfloss

@@ -1,0 +1,337 @@
+// CPU kernels of the region family: per-voxel focal CE + per-(image, class) focal Tversky terms
+// (reference.region_loss), in the plan of losses.md 0.4:
+//   forward  : one pass -> per image [TP_c, FN_c, FP_c, focal sum, valid voxels] (RegionStats)
+//   finalize : O(B C) -> loss; in the backward, d loss / d TP, FN, FP per (b, c) and the focal scale
+//   backward : one pass that recomputes the softmax and writes
+//              h_c = p_c [mask_q (dTP y_c + dFP (1 - y_c)) - mask_u dFN y_c] - s_F a_c y_c G_c
+//              d/dz_j = h_j - p_j sum_c h_c
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "tile.h"
+
+namespace lmfloss::cpu {
+namespace {
+
+template <typename math_t>
+struct RegionParams {
+  const math_t* focal_weight;
+  const math_t* focal_gamma;
+  ClipBounds<math_t> bounds;
+  bool with_focal, with_tversky;
+};
+
+template <typename scalar_t, typename Target>
+struct RegionTile {
+  using math_t = math_of<scalar_t>;
+  const scalar_t* x;
+  Geometry g;
+  const Target& target;
+  std::vector<math_t> buf;
+  math_t *z, *p, *y, *h;  // log p, p, soft target, gradient w.r.t. log p
+  int64_t label[kTile];
+  math_t valid[kTile];
+
+  RegionTile(const scalar_t* x_, const Geometry& g_, const Target& target_)
+      : x(x_), g(g_), target(target_), buf(4 * g_.classes * kTile) {
+    z = buf.data();
+    p = z + g.classes * kTile;
+    y = p + g.classes * kTile;
+    h = y + g.classes * kTile;
+  }
+
+  void load(int64_t b, int64_t v0, int64_t n) {
+    load_tile(x, g, b, v0, n, z);
+    target.load(b, v0, n, label, valid, y);
+    softmax_tile(z, p, g.classes);
+  }
+
+  // Target of class c at lane t (one-hot for label maps), 0 on ignored and padding lanes.
+  math_t target_of(int64_t c, int64_t t) const {
+    if constexpr (Target::kSoft) {
+      return y[c * kTile + t] * valid[t];
+    } else {
+      return label[t] == c ? math_t(1) : math_t(0);
+    }
+  }
+};
+
+template <typename scalar_t, typename Target>
+void region_forward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
+                         double* stats) {
+  using math_t = math_of<scalar_t>;
+  at::Tensor logits = logits_in;
+  const Geometry g = class_geometry(logits);
+  const int64_t C = g.classes;
+  const int64_t width = RegionStats<double>::width(C);
+  const int64_t per_image = chunks_per_image(g.voxels);
+  std::vector<double> partials(g.batch * per_image * width, 0.0);
+
+  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+    RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      double* acc = partials.data() + chunk * width;
+      for_tiles(chunk, per_image, g.voxels, [&](int64_t, int64_t v0, int64_t n) {
+        tile.load(chunk / per_image, v0, n);
+        if (P.with_tversky) {
+          for (int64_t c = 0; c < C; ++c) {
+            math_t tp = 0, fn = 0, fp = 0;
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
+              const math_t yt = tile.target_of(c, t);
+              tp += yt * cp.q;
+              fn += yt * cp.u;
+              fp += (tile.valid[t] - yt) * cp.q;
+            }
+            acc[c] += tp;
+            acc[C + c] += fn;
+            acc[2 * C + c] += fp;
+          }
+        }
+        if (P.with_focal) {
+          math_t focal = 0;
+          if constexpr (Target::kSoft) {
+            for (int64_t c = 0; c < C; ++c) {
+              const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+              for (int64_t t = 0; t < kTile; ++t) {
+                const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
+                focal += a * tile.target_of(c, t) * focal_modulation(cp.u, gamma) * (-cp.log_q);
+              }
+            }
+          } else {
+            for (int64_t t = 0; t < kTile; ++t) {  // one-hot: only the true class has a focal term
+              const int64_t c = tile.label[t];
+              if (c < 0) continue;
+              const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
+              focal += P.focal_weight[c] * focal_modulation(cp.u, P.focal_gamma[c]) * (-cp.log_q);
+            }
+          }
+          acc[RegionStats<double>::focal(C)] += focal;
+        }
+        math_t count = 0;
+        for (int64_t t = 0; t < kTile; ++t) count += tile.valid[t];
+        acc[RegionStats<double>::count(C)] += count;
+      });
+    }
+  });
+  for (int64_t b = 0; b < g.batch; ++b) {
+    for (int64_t k = 0; k < width; ++k) {
+      double sum = 0.0;
+      for (int64_t chunk = b * per_image; chunk < (b + 1) * per_image; ++chunk) sum += partials[chunk * width + k];
+      stats[b * width + k] = sum;
+    }
+  }
+}
+
+// coef: per image [dTP_c, dFN_c, dFP_c (3C), focal scale s_F], already times d loss / d L_b.
+template <typename scalar_t, typename Target>
+void region_backward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
+                          const std::vector<math_of<scalar_t>>& coef, at::Tensor& grad_in) {
+  using math_t = math_of<scalar_t>;
+  at::Tensor logits = logits_in;
+  const Geometry g = class_geometry(logits);
+  const Geometry gg = class_geometry(grad_in);
+  scalar_t* dx = grad_in.data_ptr<scalar_t>();
+  const int64_t C = g.classes;
+  const int64_t per_image = chunks_per_image(g.voxels);
+
+  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+    RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
+    math_t hsum[kTile];
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
+        const math_t* k = coef.data() + b * (3 * C + 1);
+        const math_t focal_scale = k[3 * C];
+        tile.load(b, v0, n);
+        for (int64_t c = 0; c < C; ++c) {
+          const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
+          const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
+          const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
+          math_t* hc = tile.h + c * kTile;
+          for (int64_t t = 0; t < kTile; ++t) {
+            const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], P.bounds);
+            const math_t yt = tile.target_of(c, t);
+            math_t d = 0;
+            if (P.with_tversky) {
+              d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
+            }
+            if (Target::kSoft && P.with_focal) d -= a * yt * focal_factor(cp, pc[t], gamma);
+            hc[t] = d;
+          }
+        }
+        if (!Target::kSoft && P.with_focal) {
+          for (int64_t t = 0; t < kTile; ++t) {  // one-hot: only the true class has a focal term
+            const int64_t c = tile.label[t];
+            if (c < 0) continue;
+            const math_t pt = tile.p[c * kTile + t];
+            const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], pt, P.bounds);
+            tile.h[c * kTile + t] -= focal_scale * P.focal_weight[c] * focal_factor(cp, pt, P.focal_gamma[c]);
+          }
+        }
+        for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;
+        for (int64_t c = 0; c < C; ++c) {
+          for (int64_t t = 0; t < kTile; ++t) hsum[t] += tile.h[c * kTile + t];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* out = dx + b * gg.sb + c * gg.sc + v0 * gg.sv;
+          const math_t *hc = tile.h + c * kTile, *pc = tile.p + c * kTile;
+          for (int64_t t = 0; t < n; ++t) out[t * gg.sv] = static_cast<scalar_t>(hc[t] - pc[t] * hsum[t]);
+        }
+      });
+    }
+  });
+}
+
+// Calls fn(target accessor) for a label map or a float map (read in the math dtype).
+template <typename scalar_t, typename Fn>
+void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std::optional<int64_t> ignore_index,
+                     Fn&& fn) {
+  using math_t = math_of<scalar_t>;
+  if (target_in.is_floating_point()) {
+    at::Tensor target = target_in.to(c10::CppTypeToScalarType<math_t>());
+    const Geometry tg = class_geometry(target);
+    fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
+    return;
+  }
+  at::Tensor labels = kernel_labels(target_in);
+  if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
+  const Geometry lg = label_geometry(labels, logits.dim());
+  dispatch_labels(labels, [&](auto tag) {
+    using label_t = decltype(tag);
+    fn(LabelMap<label_t>{labels.data_ptr<label_t>(), lg, logits.size(1), ignore_index.has_value(),
+                         ignore_index.value_or(0)});
+  });
+}
+
+template <typename math_t>
+RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, double focal_coef, double tversky_coef,
+                                   double eps, bool clip) {
+  return {fw.data_ptr<math_t>(), fg.data_ptr<math_t>(), ClipBounds<math_t>::make(clip, eps), focal_coef != 0.0,
+          tversky_coef != 0.0};
+}
+
+// Per-image rows of Tversky sums: the image's own, or (batch = true) the sums over the batch.
+std::vector<double> tversky_rows(const double* st, int64_t batch, int64_t classes, bool batch_sum) {
+  const int64_t width = RegionStats<double>::width(classes);
+  std::vector<double> rows(st, st + batch * width);
+  if (batch_sum) {
+    for (int64_t k = 0; k < width; ++k) {
+      double sum = 0.0;
+      for (int64_t b = 0; b < batch; ++b) sum += st[b * width + k];
+      for (int64_t b = 0; b < batch; ++b) rows[b * width + k] = sum;
+    }
+  }
+  return rows;
+}
+
+std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits, const at::Tensor& target,
+                                                       const at::Tensor& focal_weight, const at::Tensor& focal_gamma,
+                                                       const at::Tensor& tversky_exponent, double delta,
+                                                       double focal_coef, double tversky_coef, double smooth_nr,
+                                                       double smooth_dr, double eps, bool clip, bool batch,
+                                                       std::optional<int64_t> ignore_index, int64_t reduction) {
+  check_cpu(logits, target, "region_loss_forward");
+  TORCH_CHECK(logits.dim() >= 3, "lmfloss_ext::region_loss_forward: logits must be (B, C, *S), got ", logits.sizes());
+  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
+  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+  const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const int64_t width = RegionStats<double>::width(C);
+  at::Tensor stats = at::empty({B, width}, logits.options().dtype(at::kDouble));
+  double* st = stats.data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cpu", [&] {
+    const auto P = region_params<math_of<scalar_t>>(fw, fg, focal_coef, tversky_coef, eps, clip);
+    dispatch_target<scalar_t>(logits, target, ignore_index,
+                              [&](const auto& acc) { region_forward_impl<scalar_t>(logits, acc, P, st); });
+  });
+  // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c.
+  const double* e = ex.data_ptr<double>();
+  const std::vector<double> tv = tversky_rows(st, B, C, batch);
+  at::Tensor per_image = at::empty({B}, logits.options().dtype(at::kDouble));
+  double* L = per_image.data_ptr<double>();
+  double total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    double value = 0.0;
+    if (focal_coef != 0.0) {
+      value += focal_coef * st[b * width + RegionStats<double>::focal(C)] * region_focal_scale(st + b * width, C);
+    }
+    if (tversky_coef != 0.0) {
+      const double* row = tv.data() + b * width;
+      double sum = 0.0;
+      for (int64_t c = 0; c < C; ++c) {
+        sum += tversky_term(row[c], row[C + c], row[2 * C + c], delta, smooth_nr, smooth_dr, e[c]).value;
+      }
+      value += tversky_coef * sum / double(C);
+    }
+    L[b] = value;
+    total += value;
+  }
+  const auto mt = math_type(logits);
+  if (reduction == kNone) return {per_image.to(mt), stats};
+  const double value = reduction == kMean ? total / double(B) : total;
+  return {at::scalar_tensor(value, logits.options().dtype(mt)), stats};
+}
+
+at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits, const at::Tensor& target,
+                                const at::Tensor& focal_weight, const at::Tensor& focal_gamma,
+                                const at::Tensor& tversky_exponent, const at::Tensor& stats_in, double delta,
+                                double focal_coef, double tversky_coef, double smooth_nr, double smooth_dr, double eps,
+                                bool clip, bool batch, std::optional<int64_t> ignore_index, int64_t reduction) {
+  check_cpu(logits, target, "region_loss_backward");
+  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
+  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+  const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
+  const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
+  const at::Tensor go = grad.to(at::kDouble).contiguous();
+  const int64_t B = logits.size(0), C = logits.size(1);
+  const int64_t width = RegionStats<double>::width(C);
+  const double* st = stats.data_ptr<double>();
+  const double* e = ex.data_ptr<double>();
+  const double* g = go.data_ptr<double>();
+  // w_b = d loss / d L_b.
+  std::vector<double> w(B);
+  double w_total = 0.0;
+  for (int64_t b = 0; b < B; ++b) {
+    w[b] = reduction == kNone ? g[b] : (reduction == kMean ? g[0] / double(B) : g[0]);
+    w_total += w[b];
+  }
+  const std::vector<double> tv = tversky_rows(st, B, C, batch);
+  std::vector<double> coef(B * (3 * C + 1), 0.0);
+  for (int64_t b = 0; b < B; ++b) {
+    double* k = coef.data() + b * (3 * C + 1);
+    if (tversky_coef != 0.0) {
+      // With batch = true the shared index enters every image's loss: its weight is sum_b w_b.
+      const double scale = tversky_coef * (batch ? w_total : w[b]) / double(C);
+      const double* row = tv.data() + b * width;
+      for (int64_t c = 0; c < C; ++c) {
+        const auto term = tversky_term(row[c], row[C + c], row[2 * C + c], delta, smooth_nr, smooth_dr, e[c]);
+        k[c] = scale * term.d_tp;
+        k[C + c] = scale * term.d_fn;
+        k[2 * C + c] = scale * term.d_fp;
+      }
+    }
+    if (focal_coef != 0.0) k[3 * C] = focal_coef * w[b] * region_focal_scale(st + b * width, C);
+  }
+  at::Tensor grad_in = gradient_like(logits);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_backward_cpu", [&] {
+    using math_t = math_of<scalar_t>;
+    const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
+    const std::vector<math_t> k(coef.begin(), coef.end());
+    dispatch_target<scalar_t>(logits, target, ignore_index,
+                              [&](const auto& acc) { region_backward_impl<scalar_t>(logits, acc, P, k, grad_in); });
+  });
+  return grad_in;
+}
+
+}  // namespace
+}  // namespace lmfloss::cpu
+
+TORCH_LIBRARY_IMPL(lmfloss_ext, CPU, m) {
+  m.impl("region_loss_forward", &lmfloss::cpu::region_loss_forward);
+  m.impl("region_loss_backward", &lmfloss::cpu::region_loss_backward);
+}

@@ -1,0 +1,207 @@
+// Loss mathematics shared by the CPU and the CUDA kernels of lmfloss-kernels.
+//
+// Everything here is an inline function of scalars, compiled as plain C++ by the host compiler
+// and as __host__ __device__ code by nvcc, so both backends evaluate exactly the same formulas
+// (losses.md sections 0.2, 0.3, 1.5, 2.6). `T` is the math type: float for float16 / bfloat16 /
+// float32 logits, double for float64 logits.
+//
+// Notation: per voxel (or row) p = softmax(z), log p = z - LSE(z); q = clip(p, eps, 1 - eps) when
+// the authors' clip is on, else q = p with log q taken in log space; u = 1 - q.
+// Every gradient below is taken with respect to log p_c ("h_c"); the logit gradient then is
+//     dL/dz_j = h_j - p_j * sum_c h_c                      (log-softmax backward, losses.md (S))
+// which needs only one reduction over the classes.
+#pragma once
+
+#include <math.h>
+
+#include <cfloat>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define LMF_HD __host__ __device__ __forceinline__
+#else
+#define LMF_HD inline
+#endif
+
+namespace lmfloss {
+
+// Overloads instead of std:: names so the same call resolves on the host and on the device.
+LMF_HD float math_exp(float x) { return expf(x); }
+LMF_HD double math_exp(double x) { return exp(x); }
+LMF_HD float math_log(float x) { return logf(x); }
+LMF_HD double math_log(double x) { return log(x); }
+LMF_HD float math_expm1(float x) { return expm1f(x); }
+LMF_HD double math_expm1(double x) { return expm1(x); }
+LMF_HD float math_pow(float x, float y) { return powf(x, y); }
+LMF_HD double math_pow(double x, double y) { return pow(x, y); }
+
+template <typename T>
+struct Limits;
+template <>
+struct Limits<float> {
+  // Smallest positive normal number: the reference clamps (1 - q) and (1 - TI) to it before pow.
+  LMF_HD static float tiny() { return FLT_MIN; }
+  LMF_HD static float lowest() { return -FLT_MAX; }
+};
+template <>
+struct Limits<double> {
+  LMF_HD static double tiny() { return DBL_MIN; }
+  LMF_HD static double lowest() { return -DBL_MAX; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Stable softmax statistics: running max m and sum s = sum_c exp(z_c - m), merged one logit at a
+// time (online softmax), so one pass over the classes gives LSE = m + log s.
+template <typename T>
+struct SoftmaxStats {
+  T max;
+  T sum;
+};
+
+template <typename T>
+LMF_HD SoftmaxStats<T> softmax_init() {
+  return {Limits<T>::lowest(), T(0)};
+}
+
+template <typename T>
+LMF_HD void softmax_push(SoftmaxStats<T>& st, T z) {
+  if (z > st.max) {
+    st.sum = st.sum * math_exp(st.max - z) + T(1);
+    st.max = z;
+  } else {
+    st.sum += math_exp(z - st.max);
+  }
+}
+
+template <typename T>
+LMF_HD T softmax_lse(const SoftmaxStats<T>& st) {
+  return st.max + math_log(st.sum);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Clip (losses.md 0.3, 6.5), as lmfloss_kernels.reference.region_loss evaluates it: q, 1 - q and
+// log q each come from log p (1 - p = -expm1(log p) keeps its digits near p = 1) and are each
+// clamped to the image of [eps, 1 - eps]; each clamp passes the gradient only inside its range,
+// inclusive (torch.clamp, tf.clip_by_value). Without the clip the masks are 1 and q = p.
+template <typename T>
+struct ClippedProb {
+  T q, u, log_q;              // q, 1 - q, log q
+  T mask_q, mask_u, mask_log;  // d(clamped)/d(unclamped) of each: 1 or 0
+};
+
+template <typename T>
+LMF_HD T clamp_with_mask(T x, T lo, T hi, T& mask) {
+  mask = (x >= lo && x <= hi) ? T(1) : T(0);
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// Clip bounds rounded once from double, as torch rounds a Python float bound to the tensor dtype.
+template <typename T>
+struct ClipBounds {
+  bool clip;
+  T lo, hi, log_lo, log_hi;  // eps, 1 - eps, log(eps), log1p(-eps)
+  static ClipBounds make(bool clip, double eps) {
+    return {clip, T(eps), T(1.0 - eps), T(::log(eps)), T(::log1p(-eps))};
+  }
+};
+
+template <typename T>
+LMF_HD ClippedProb<T> clip_prob(T log_p, T p, const ClipBounds<T>& b) {
+  ClippedProb<T> r;
+  const T u = -math_expm1(log_p);
+  if (b.clip) {
+    r.q = clamp_with_mask(p, b.lo, b.hi, r.mask_q);
+    r.u = clamp_with_mask(u, b.lo, b.hi, r.mask_u);
+    r.log_q = clamp_with_mask(log_p, b.log_lo, b.log_hi, r.mask_log);
+  } else {
+    r.q = p;
+    r.u = u;
+    r.log_q = log_p;
+    r.mask_q = r.mask_u = r.mask_log = T(1);
+  }
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Focal term of one class, l = -(1 - q)^gamma log q (losses.md 0.2).
+//
+// Modulation M = (1 - q)^gamma with the reference's clamp of (1 - q) to the smallest normal
+// number; gamma = 0 gives exactly 1 (pow(0, 0) = 1, whereas exp(0 * log 0) would be NaN).
+template <typename T>
+LMF_HD T focal_modulation(T u, T gamma) {
+  if (gamma == T(0)) return T(1);
+  const T uc = u > Limits<T>::tiny() ? u : Limits<T>::tiny();
+  return math_pow(uc, gamma);
+}
+
+// d l / d log p = -G with (d u / d log p = -p mask_u, d log q / d log p = mask_log)
+//     G = u^gamma (mask_log - gamma p r mask_u),   r = log q / u,
+// the stable form of (1 - p)^gamma - gamma p (1 - p)^(gamma - 1) log p: u^(gamma - 1), infinite
+// at u = 0 for gamma < 1, is never formed. For a one-hot target t and no clip,
+// d l / d z_j = G (p_j - delta_jt). At u = 0 the limit r = -1 is used (log q ~ -u).
+template <typename T>
+LMF_HD T focal_factor(const ClippedProb<T>& cp, T p, T gamma) {
+  const T r = cp.u > T(0) ? cp.log_q / cp.u : T(-1);
+  return focal_modulation(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// LDAM (losses.md 1.2): the target logit is shifted by its margin before scaling by s,
+//     zeta_c = s (z_c - m_t [c == t]),   l = LSE(zeta) - zeta_t,   d l / d z_j = s (softmax(zeta)_j - delta_jt).
+template <typename T>
+LMF_HD T ldam_logit(T z, T s, T margin, bool is_target) {
+  return s * (is_target ? z - margin : z);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tversky / Dice per (image, class) from the forward sums (losses.md 2.6, reference.region_loss):
+//     den = TP + delta FN + (1 - delta) FP + s_dr
+//     x   = 1 - TI = (delta FN + (1 - delta) FP + s_dr - s_nr) / den      (never 1 - TI: 6.2)
+//     value = max(x, tiny)^e,   K = d value / d x = e x^(e - 1)  (0 under the clamp, or for e = 0)
+//     d value / d TP = -K x / den,   d value / d FN = K delta TI / den,   d value / d FP = K (1 - delta) TI / den
+// with TI = (TP + s_nr) / den = 1 - x. The backward pass spreads them over the voxels:
+//     d/d log p_c = p_c [mask_q (dTP y + dFP (1 - y)) - mask_u dFN y].
+template <typename T>
+struct TverskyTerm {
+  T value, d_tp, d_fn, d_fp;
+};
+
+template <typename T>
+LMF_HD TverskyTerm<T> tversky_term(T tp, T fn, T fp, T delta, T smooth_nr, T smooth_dr, T exponent) {
+  const T den = tp + delta * fn + (T(1) - delta) * fp + smooth_dr;
+  const T x = (delta * fn + (T(1) - delta) * fp + (smooth_dr - smooth_nr)) / den;
+  const T ti = (tp + smooth_nr) / den;
+  const T tiny = Limits<T>::tiny();
+  TverskyTerm<T> r;
+  r.value = math_pow(x > tiny ? x : tiny, exponent);
+  T k = T(0);
+  if (exponent == T(1)) {
+    k = x >= tiny ? T(1) : T(0);
+  } else if (exponent != T(0) && x >= tiny) {
+    k = exponent * math_pow(x, exponent - T(1));
+  }
+  r.d_tp = -k * x / den;
+  r.d_fn = k * delta * ti / den;
+  r.d_fp = k * (T(1) - delta) * ti / den;
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Region-loss statistics of one image, a row of 3C + 2 sums written by the forward pass:
+//     [TP_0..TP_{C-1}, FN_0.., FP_0.., focal sum, number of valid voxels].
+template <typename T>
+struct RegionStats {
+  static constexpr int kTP = 0, kFN = 1, kFP = 2;
+  LMF_HD static int64_t width(int64_t classes) { return 3 * classes + 2; }
+  LMF_HD static int64_t focal(int64_t classes) { return 3 * classes; }
+  LMF_HD static int64_t count(int64_t classes) { return 3 * classes + 1; }
+};
+
+// Focal part of image b's loss: focal_coef * F_b,  F_b = focal sum / max(V_b, 1).
+template <typename T>
+LMF_HD T region_focal_scale(const T* stats_b, int64_t classes) {
+  const T n = stats_b[RegionStats<T>::count(classes)];
+  return T(1) / (n > T(1) ? n : T(1));
+}
+
+}  // namespace lmfloss

@@ -1,0 +1,143 @@
+// Operator schemas of the extension (namespace lmfloss_ext) and the host-side helpers shared by
+// the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, which register their implementations with
+// TORCH_LIBRARY_IMPL so the dispatcher picks one by the logits' device.
+//
+// Ops (autograd is added on the Python side, lmfloss_kernels/ext):
+//   row_loss_forward     -> (loss, norms)   norms = [sum of valid LDAM weights, number of valid rows]
+//   row_loss_backward    -> grad_logits     recomputes the softmax from the logits
+//   region_loss_forward  -> (loss, stats)   stats = per-image TP, FN, FP per class, focal sum, valid count
+//   region_loss_backward -> grad_logits     finalizes A, E per (image, class) from stats, then one pass
+#include <ATen/ops/empty_like.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+// Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
+                               -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace lmfloss {
+
+int64_t flat_stride(const at::Tensor& t, int64_t first) {
+  int64_t stride = -1;  // stride of the innermost non-trivial axis seen so far
+  int64_t span = 1;     // elements spanned by the axes after the current one
+  for (int64_t d = t.dim() - 1; d >= first; --d) {
+    const int64_t size = t.size(d);
+    if (size == 1) continue;
+    if (stride < 0) {
+      stride = t.stride(d);
+    } else if (t.stride(d) != stride * span) {
+      return -1;
+    }
+    span *= size;
+  }
+  return stride < 0 ? 1 : stride;
+}
+
+Geometry class_geometry(at::Tensor& t) {
+  Geometry g;
+  g.classes = t.size(1);
+  if (t.dim() == 2) {  // (N, C) rows: one "image" of N voxels
+    g.batch = 1;
+    g.voxels = t.size(0);
+    g.sb = 0;
+    g.sv = t.stride(0);
+    g.sc = t.stride(1);
+    return g;
+  }
+  int64_t sv = flat_stride(t, 2);
+  if (sv < 0) {
+    t = t.contiguous();
+    sv = 1;
+  }
+  g.batch = t.size(0);
+  g.voxels = 1;
+  for (int64_t d = 2; d < t.dim(); ++d) g.voxels *= t.size(d);
+  g.sb = t.stride(0);
+  g.sc = t.stride(1);
+  g.sv = sv;
+  return g;
+}
+
+Geometry label_geometry(at::Tensor& labels, int64_t logits_dim) {
+  Geometry g;
+  if (logits_dim == 2) {
+    g.voxels = labels.size(0);
+    g.sv = labels.stride(0);
+    return g;
+  }
+  int64_t sv = flat_stride(labels, 1);
+  if (sv < 0) {
+    labels = labels.contiguous();
+    sv = 1;
+  }
+  g.batch = labels.size(0);
+  g.voxels = labels.numel() / std::max<int64_t>(g.batch, 1);
+  g.sb = labels.stride(0);
+  g.sv = sv;
+  return g;
+}
+
+at::Tensor native_labels(const at::Tensor& labels) {
+  switch (labels.scalar_type()) {
+    case at::kByte:
+    case at::kInt:
+    case at::kLong:
+      return labels;
+    case at::kBool:
+      return labels.view(at::kByte);
+    default:
+      TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+                  "lmfloss_ext: labels must have an integer dtype, got ", labels.scalar_type());
+      return labels.to(at::kLong);
+  }
+}
+
+at::ScalarType math_type(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name) {
+  TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(1), "lmfloss_ext: ", name, " must have shape (",
+              logits.size(1), ",), got ", v.sizes());
+  return v.to(logits.device(), math_type(logits)).contiguous();
+}
+
+at::Tensor gradient_like(const at::Tensor& logits) {
+  if (logits.dim() > 2 && flat_stride(logits, 2) < 0) return at::empty_like(logits, at::MemoryFormat::Contiguous);
+  at::Tensor grad = at::empty_like(logits);
+  if (logits.dim() > 2 && flat_stride(grad, 2) < 0) grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  return grad;
+}
+
+void check_logits(const at::Tensor& logits, const char* op) {
+  TORCH_CHECK(logits.dim() >= 2 && logits.size(1) >= 2, "lmfloss_ext::", op,
+              ": logits must be (N, C) or (B, C, *S) with C >= 2, got ", logits.sizes());
+  const auto t = logits.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "lmfloss_ext::", op,
+              ": logits must be float16, bfloat16, float32 or float64, got ", t);
+}
+
+}  // namespace lmfloss
+
+TORCH_LIBRARY(lmfloss_ext, m) {
+  m.def(
+      "row_loss_forward(Tensor logits, Tensor labels, Tensor margins, Tensor ldam_weight, Tensor focal_weight, "
+      "float alpha, float beta, float gamma, float s, int ignore_index, int reduction) -> (Tensor, Tensor)");
+  m.def(
+      "row_loss_backward(Tensor grad, Tensor logits, Tensor labels, Tensor margins, Tensor ldam_weight, "
+      "Tensor focal_weight, Tensor norms, float alpha, float beta, float gamma, float s, int ignore_index, "
+      "int reduction) -> Tensor");
+  m.def(
+      "region_loss_forward(Tensor logits, Tensor target, Tensor focal_weight, Tensor focal_gamma, "
+      "Tensor tversky_exponent, float delta, float focal_coef, float tversky_coef, float smooth_nr, "
+      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction) -> (Tensor, Tensor)");
+  m.def(
+      "region_loss_backward(Tensor grad, Tensor logits, Tensor target, Tensor focal_weight, Tensor focal_gamma, "
+      "Tensor tversky_exponent, Tensor stats, float delta, float focal_coef, float tversky_coef, float smooth_nr, "
+      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction) -> Tensor");
+}

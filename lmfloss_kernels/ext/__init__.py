@@ -1,0 +1,87 @@
+"""C++/CUDA extension backends: ``"cpu"`` (CPU tensors) and ``"cuda"`` (CUDA tensors).
+
+Both run the kernels of ``csrc/`` (one header of shared loss math, CPU kernels parallel over
+fixed voxel chunks, CUDA kernels with block reductions and a deterministic second stage)
+through the custom ops of :mod:`lmfloss_kernels.ext.ops`, and compute exactly the functions of
+:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`:
+loss in float32 (float64 for float64 logits), gradient in the logits' dtype, bitwise
+deterministic. Importing this module loads the compiled library; if it is missing or was built
+against another torch, one warning says how to rebuild and both backends report themselves
+unavailable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _loader, ops
+
+BUILD_INFO, LOAD_ERROR = _loader.load()
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+__all__ = ["BUILD_INFO", "CPU_BACKEND", "CUDA_BACKEND", "ExtensionBackend"]
+
+
+def _has_kernel(device_type: str) -> bool:
+    key = "CUDA" if device_type == "cuda" else "CPU"
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lmfloss_ext::region_loss_forward", key)
+
+
+class ExtensionBackend:
+    """The extension's kernels for tensors of one device type (``"cpu"`` or ``"cuda"``)."""
+
+    def __init__(self, device_type: str):
+        self.name = device_type
+        self.device_type = device_type
+
+    def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
+        if LOAD_ERROR is not None:
+            return LOAD_ERROR
+        if device.type != self.device_type:
+            return f"it serves {self.device_type} tensors only"
+        if dtype not in FLOAT_DTYPES:
+            return f"it does not support {dtype}"
+        if not _has_kernel(self.device_type):
+            return "the extension was built without CUDA kernels (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST and rebuild)"
+        if self.device_type == "cuda" and not torch.cuda.is_available():
+            return "no CUDA device is available"
+        return None
+
+    def row_loss(
+        self, logits, labels, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction
+    ) -> torch.Tensor:
+        loss, _ = ops.row_loss_op(
+            logits, labels, margins, ldam_weight, focal_weight, float(alpha), float(beta), float(gamma), float(s),
+            int(ignore_index), reduction,
+        )  # fmt: skip
+        return loss
+
+    def region_loss(
+        self,
+        logits,
+        target,
+        focal_weight,
+        focal_gamma,
+        tversky_exponent,
+        *,
+        delta,
+        focal_coef,
+        tversky_coef,
+        smooth_nr,
+        smooth_dr,
+        eps,
+        clip,
+        batch,
+        ignore_index,
+        reduction,
+    ) -> torch.Tensor:
+        loss, _ = ops.region_loss_op(
+            logits, target, focal_weight, focal_gamma, tversky_exponent, float(delta), float(focal_coef),
+            float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps), bool(clip), bool(batch),
+            None if ignore_index is None else int(ignore_index), reduction,
+        )  # fmt: skip
+        return loss
+
+
+CPU_BACKEND = ExtensionBackend("cpu")
+CUDA_BACKEND = ExtensionBackend("cuda")
