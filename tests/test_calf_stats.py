@@ -242,3 +242,24 @@ def test_accumulator_from_loaders_and_datasets():
     assert by_key.sizes.tolist() == sizes == by_callable.sizes.tolist()
     with pytest.raises(ValueError, match="needs label_key"):
         ForegroundSizeAccumulator.from_loader([{"mask": maps[0]}], 3, progress=False)
+
+
+def test_accumulator_gathers_shards_of_a_process_group(monkeypatch):
+    # Two ranks, simulated: the other rank's shard arrives through all_gather_object.
+    acc = ForegroundSizeAccumulator(2)
+    acc.update(_maps_with_sizes([4, 0, 9, 1], shape=(3, 5)).clamp_max(1))
+    other = [7, 2, 0, 12, 5, 3]
+
+    def all_gather_object(shards, mine):
+        shards[0], shards[1] = mine, other
+
+    distributed = torch.distributed
+    monkeypatch.setattr(distributed, "is_available", lambda: True)
+    monkeypatch.setattr(distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "all_gather_object", all_gather_object)
+    assert acc.gathered_sizes().tolist() == [4, 0, 9, 1, *other]
+    nonempty = [4, 9, 1, 7, 2, 12, 5, 3]
+    stats = acc.statistics()
+    assert stats.count == len(nonempty)
+    assert stats.kurtosis == pytest.approx(scipy.stats.kurtosis(nonempty, bias=True), rel=1e-10)

@@ -7,9 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lmfloss_kernels import options
 from lmfloss_kernels.calf import TRANSFORMS, bce_dice_loss, clip_limit, transform_loss, transform_loss_reference
+from lmfloss_kernels.calf._triton import _atan_unit, _log1p_unit
 
 EPS = 1e-7
 # Fused tests run the compiled kernels on a GPU, else the interpreter on CPU tensors (conftest).
@@ -221,6 +224,52 @@ def test_fused_odd_layouts_and_options(transform):
     _assert_close(_fused_and_reference(z2, target2, transform, dice_coef=1.0), 1e-5, 1e-5)
     # Dice only: the transform term is skipped.
     _assert_close(_fused_and_reference(z2, target2, transform, transform_coef=0.0, dice_coef=1.0), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_fused_voxel_gradient_on_a_dense_grid(transform):
+    # One image, every voxel's gradient is dℓ/dz / V: the kernel's closed forms (and its atan, log1p
+    # and clip) against numpy float64 over the whole logit range, the clip ends included.
+    limit = np.float32(clip_limit(EPS))
+    grid = np.concatenate([np.linspace(-40, 40, 4001), [limit, -limit, np.nextafter(limit, np.float32(99))]])
+    z = torch.from_numpy(np.repeat(grid, 3).astype(np.float32)).view(1, 1, -1)
+    y = torch.tensor([0.0, 1.0, 0.3]).repeat(grid.size).view(1, 1, -1)
+    x = z.to(DEVICE).clone().requires_grad_(True)
+    transform_loss(x, y.to(DEVICE), transform, reduction="sum", backend="triton").backward()
+    expected = _np_voxel_grad(z.double().numpy().ravel(), y.double().numpy().ravel(), transform)
+    np.testing.assert_allclose(x.grad.cpu().double().numpy().ravel() * z.numel(), expected, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("transform", TRANSFORMS)
+def test_fused_voxel_loss_on_a_grid(transform):
+    # (B, 1) logits: every image is one voxel, so reduction="none" returns the per-voxel loss.
+    limit = np.float32(clip_limit(EPS))
+    grid = np.concatenate([np.linspace(-30, 30, 25), [limit, -limit, 1e-3, -1e-3, 0.0, 17.0]]).astype(np.float32)
+    y = np.resize(np.array([0.0, 1.0, 0.7], dtype=np.float32), grid.size)
+    z = torch.from_numpy(grid).view(-1, 1).to(DEVICE)
+    got = transform_loss(z, torch.from_numpy(y).view(-1, 1).to(DEVICE), transform, reduction="none", backend="triton")
+    expected = _np_voxel_loss(grid.astype(np.float64), y.astype(np.float64), transform)
+    np.testing.assert_allclose(got.cpu().double().numpy(), expected, rtol=1e-6, atol=1e-6)
+
+
+@triton.jit
+def _helpers_kernel(x_ptr, atan_ptr, log1p_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(atan_ptr + offs, _atan_unit(x), mask=offs < n)
+    tl.store(log1p_ptr + offs, _log1p_unit(x), mask=offs < n)
+
+
+def test_kernel_math_helpers_against_numpy():
+    # The hand-written atan and log1p of the kernel (libdevice is not available to the interpreter), to a
+    # few fp32 ulp (fp32 log itself may be a few ulp off, in numpy SIMD and on the GPU).
+    x = np.concatenate([np.linspace(0, 1, 60001), np.geomspace(1e-30, 1e-2, 2000)]).astype(np.float32)
+    inputs = torch.from_numpy(x).to(DEVICE)
+    atan, log1p = torch.empty_like(inputs), torch.empty_like(inputs)
+    _helpers_kernel[(1,)](inputs, atan, log1p, x.size, BLOCK=triton.next_power_of_2(x.size))
+    exact = x.astype(np.float64)
+    np.testing.assert_allclose(atan.cpu().double().numpy(), np.arctan(exact), rtol=5e-7, atol=4e-8)
+    np.testing.assert_allclose(log1p.cpu().double().numpy(), np.log1p(exact), rtol=1e-6, atol=0)
 
 
 def test_fused_check_mode_and_bce_dice_alias():

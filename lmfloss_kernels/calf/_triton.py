@@ -32,7 +32,7 @@ from .transforms import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
 
 __all__ = ["calf_foreground_sizes", "calf_transform_backward", "calf_transform_loss"]
 
-_BLOCK = 4096
+_MAX_BLOCK = 4096  # voxels per program; small images get a smaller power of two (no idle lanes)
 _NUM_STATS = 5  # Σ ℓ_T, V, TP, FP, FN
 _TRANSFORM_CODE = {name: code for code, name in enumerate(TRANSFORMS)}  # ln, log10, fisher, logit, arcsine
 
@@ -191,7 +191,8 @@ def _ignore_in_range(target: torch.Tensor, ignore_index: int | None) -> bool:
 def _launch(logits, target, transform, eps, ignore_index, has_dice, *, coefficients=None):
     z, y = _flatten(logits, target)
     batch_size, num_voxels = z.shape
-    tiles = triton.cdiv(num_voxels, _BLOCK)
+    block = max(128, min(_MAX_BLOCK, triton.next_power_of_2(num_voxels)))
+    tiles = triton.cdiv(num_voxels, block)
     backward = coefficients is not None
     has_ignore = _ignore_in_range(target, ignore_index)
     partial = z.new_empty((batch_size * tiles, _NUM_STATS), dtype=torch.float32) if not backward else None
@@ -214,7 +215,7 @@ def _launch(logits, target, transform, eps, ignore_index, has_dice, *, coefficie
         SOFT_TARGET=target.is_floating_point(),
         HAS_IGNORE=has_ignore,
         BACKWARD=backward,
-        BLOCK=_BLOCK,
+        BLOCK=block,
         num_warps=8,
     )
     if backward:
@@ -357,7 +358,7 @@ def calf_foreground_sizes(labels: torch.Tensor, num_classes: int, ignore_index: 
     num_voxels = flat.shape[1]
     class_block = min(triton.next_power_of_2(num_classes), 32)
     padded = triton.cdiv(num_classes, class_block) * class_block
-    block = max(256, min(4096, 16384 // class_block))
+    block = max(128, min(4096, 16384 // class_block, triton.next_power_of_2(num_voxels)))
     tiles = max(triton.cdiv(num_voxels, block), 1)
     partial = torch.empty((batch_size * tiles, padded), dtype=torch.int32, device=labels.device)
     has_ignore = _ignore_in_range(labels, ignore_index)

@@ -297,14 +297,29 @@ class ForegroundSizeAccumulator:
         self._chunks = [merged]
         return merged
 
-    def statistics(self, *, min_count: int = MIN_IMAGES) -> ImbalanceStatistics:
-        """:func:`imbalance_statistics` of the sizes gathered (without empty images if ``drop_empty``)."""
+    def gathered_sizes(self) -> torch.Tensor:
+        """:attr:`sizes` of every process of an initialised ``torch.distributed`` group, concatenated.
+
+        With a ``DistributedSampler`` each rank sees only its shard; gathering makes every rank
+        compute the same statistics and so choose the same loss. Without a process group (or
+        with one process) this is :attr:`sizes`. Collective: every rank must call it.
+        """
         sizes = self.sizes
-        if self.drop_empty:
-            sizes = sizes[sizes > 0]
+        distributed = torch.distributed
+        if not (distributed.is_available() and distributed.is_initialized()) or distributed.get_world_size() == 1:
+            return sizes
+        shards: list = [None] * distributed.get_world_size()
+        distributed.all_gather_object(shards, sizes.tolist())
+        return torch.tensor([size for shard in shards for size in shard], dtype=torch.int64)
+
+    def statistics(self, *, min_count: int = MIN_IMAGES) -> ImbalanceStatistics:
+        """:func:`imbalance_statistics` of the sizes gathered over all processes
+        (:meth:`gathered_sizes`), without empty images if ``drop_empty``."""
+        every = self.gathered_sizes()
+        sizes = every[every > 0] if self.drop_empty else every
         if sizes.numel() == 0:
             raise ValueError(
-                f"no image with foreground (classes {list(self.foreground)}) among the {self.sizes.numel()} seen"
+                f"no image with foreground (classes {list(self.foreground)}) among the {every.numel()} seen"
             )
         return imbalance_statistics(sizes, min_count=min_count)
 
