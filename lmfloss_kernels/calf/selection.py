@@ -282,7 +282,9 @@ class CALFLoss(nn.Module):
         for the foreground sizes (:meth:`ForegroundSizeAccumulator.from_loader`, same keywords), then
         their statistics, the rule and the criterion. ``ignore_index`` (a loss keyword) also keeps
         those voxels out of the sizes. The statistics and the reason are in ``criterion.selection``
-        (and logged at INFO level).
+        (and logged at INFO level). Under ``torch.distributed`` every rank must call it (each on
+        its shard): the sizes are gathered, so all ranks choose the same loss. Only the label maps
+        are used; a loader that skips loading the images makes the pass much cheaper.
         """
         accumulator = ForegroundSizeAccumulator.from_loader(
             data,
