@@ -19,7 +19,6 @@ foreground (default: every class but 0), dropping images without foreground befo
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 
 from .._config import get_options
 from .._validation import check_ignore_index, check_label_range
+from .transforms import triton_unavailable_reason
 
 __all__ = [
     "MIN_IMAGES",
@@ -74,18 +74,6 @@ def _count_with_torch(labels: torch.Tensor, num_classes: int, ignore_index: int 
     return counts[: batch_size * num_classes].view(batch_size, num_classes)
 
 
-def _triton_reason(device: torch.device) -> str | None:
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "CPU tensors need TRITON_INTERPRET=1 set before triton is imported"
-    if device.type not in ("cpu", "cuda"):
-        return f"Triton serves CUDA tensors, got {device.type}"
-    try:
-        from . import _triton  # noqa: F401
-    except ImportError as error:
-        return f"triton could not be imported ({error})"
-    return None
-
-
 def foreground_sizes(
     labels: torch.Tensor,
     num_classes: int,
@@ -118,7 +106,7 @@ def foreground_sizes(
         raise ValueError(f"backend must be one of {COUNT_BACKENDS}, got {backend!r}")
     if labels.device.type == "cpu" or get_options().check_labels:
         check_label_range(labels, num_classes, ignore_index)
-    reason = _triton_reason(labels.device)
+    reason = triton_unavailable_reason(labels.device, torch.float32)  # the count kernel reads labels only
     if backend == "triton" and reason is not None:
         raise ValueError(f"backend 'triton' cannot count {labels.device.type} labels: {reason}")
     if backend == "triton" or (backend == "auto" and labels.device.type == "cuda" and reason is None):
