@@ -23,7 +23,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .._config import get_options
@@ -141,22 +140,24 @@ class ImbalanceStatistics:
         )
 
 
-def _as_float64(sizes: object) -> np.ndarray:
-    if isinstance(sizes, torch.Tensor):
-        values = sizes.detach().to("cpu", torch.float64).numpy()
-    elif isinstance(sizes, np.ndarray | Sequence) and not isinstance(sizes, str | bytes):
-        try:
-            values = np.asarray(sizes, dtype=np.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"sizes must be a sequence of numbers, got {sizes!r}") from None
-    else:
+def _as_float64(sizes: object) -> torch.Tensor:
+    """Sizes as a 1-D float64 CPU tensor (from a tensor, a numpy array or a sequence of numbers)."""
+    if isinstance(sizes, str | bytes) or not (
+        isinstance(sizes, torch.Tensor | Sequence) or hasattr(sizes, "__array__")
+    ):
         raise TypeError(f"sizes must be a 1-D tensor, array or sequence of numbers, got {type(sizes).__name__}")
-    if values.ndim != 1:
-        raise ValueError(f"sizes must be 1-D (one foreground size per image), got shape {values.shape}")
-    if values.size == 0:
+    try:
+        values = torch.as_tensor(sizes).detach().to("cpu", torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"sizes must be a sequence of numbers, got {sizes!r}") from None
+    if values.dim() != 1:
+        raise ValueError(f"sizes must be 1-D (one foreground size per image), got shape {tuple(values.shape)}")
+    if values.numel() == 0:
         raise ValueError("sizes must hold at least one foreground size, got none")
-    if not np.isfinite(values).all() or (values < 0).any():
-        raise ValueError(f"sizes must be finite and non-negative, got min {values.min():g}, max {values.max():g}")
+    if not bool(torch.isfinite(values).all()) or bool((values < 0).any()):
+        raise ValueError(
+            f"sizes must be finite and non-negative, got min {float(values.min()):g}, max {float(values.max()):g}"
+        )
     return values
 
 
@@ -173,7 +174,7 @@ def imbalance_statistics(sizes, *, min_count: int = MIN_IMAGES) -> ImbalanceStat
     if isinstance(min_count, bool) or not isinstance(min_count, int) or min_count < 1:
         raise ValueError(f"min_count must be a positive int, got {min_count!r}")
     values = _as_float64(sizes)
-    count = values.size
+    count = values.numel()
     if count < min_count:
         warnings.warn(
             f"imbalance statistics from {count} images (fewer than {min_count}): skewness and kurtosis "
@@ -183,12 +184,12 @@ def imbalance_statistics(sizes, *, min_count: int = MIN_IMAGES) -> ImbalanceStat
         )
     mean = float(values.mean())
     centred = values - mean
-    m2 = float(np.mean(centred**2))
-    if count < 2 or m2 <= (np.finfo(np.float64).eps * mean) ** 2:
+    m2 = float((centred**2).mean())
+    if count < 2 or m2 <= (torch.finfo(torch.float64).eps * mean) ** 2:
         skewness = kurtosis = math.nan
     else:
-        skewness = float(np.mean(centred**3)) / m2**1.5
-        kurtosis = float(np.mean(centred**4)) / m2**2 - 3.0
+        skewness = float((centred**3).mean()) / m2**1.5
+        kurtosis = float((centred**4).mean()) / m2**2 - 3.0
     return ImbalanceStatistics(count, mean, math.sqrt(m2), skewness, kurtosis)
 
 
@@ -209,8 +210,8 @@ def _extract_labels(item: object, label_key: object) -> torch.Tensor:
         labels = item[-1]
     else:
         labels = item
-    if isinstance(labels, np.ndarray):
-        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor) and hasattr(labels, "__array__"):
+        labels = torch.as_tensor(labels)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"the label map of an item must be a tensor or array, got {type(labels).__name__}")
     return labels
@@ -257,8 +258,8 @@ class ForegroundSizeAccumulator:
         Float label maps (as many loaders produce) must hold integral values; they are converted.
         Returns the foreground sizes of these images (int64, on the labels' device).
         """
-        if isinstance(labels, np.ndarray):
-            labels = torch.from_numpy(labels)
+        if not isinstance(labels, torch.Tensor) and hasattr(labels, "__array__"):
+            labels = torch.as_tensor(labels)  # numpy arrays
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a tensor or array, got {type(labels).__name__}")
         if not batched:
