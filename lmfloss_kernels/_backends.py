@@ -15,6 +15,8 @@ backends it warns once, saying why.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 import warnings
 from typing import Protocol
 
@@ -82,6 +84,19 @@ def available_backends(device: torch.device | str, dtype: torch.dtype = torch.fl
     return [name for name in BACKEND_NAMES[1:] if _reason(name, device, dtype) is None]
 
 
+def _user_stacklevel() -> int:
+    """``stacklevel`` that attributes a warning to the first caller outside this package and torch.
+
+    The call depth differs between the functional API and the modules (whose calls pass through
+    ``nn.Module.__call__``), so a fixed level would point into library code for one of them.
+    """
+    libraries = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(libraries):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def resolve_backend(name: object, logits: torch.Tensor) -> Backend:
     """The backend object for ``name`` (or the best one for ``"auto"``) and these logits."""
     if not isinstance(name, str) or name not in BACKEND_NAMES:
@@ -102,7 +117,7 @@ def resolve_backend(name: object, logits: torch.Tensor) -> Backend:
                 f"lmfloss_kernels: no fused backend for {device.type} {dtype} tensors ({why}); "
                 f"using the eager reference, which is correct but slower and uses more memory",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=_user_stacklevel(),
             )
         return _loaded["reference"]  # type: ignore[return-value]
     reason = _reason(name, device, dtype)

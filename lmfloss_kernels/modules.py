@@ -184,7 +184,8 @@ class _AlphaLoss(_KeywordLoss):
         if alpha is not None:
             if not isinstance(alpha, (torch.Tensor, list, tuple)):
                 raise TypeError(f"alpha must be None, a tensor or a sequence of numbers, got {type(alpha).__name__}")
-            alpha = class_vector("alpha", alpha, len(alpha), torch.device("cpu"))
+            count = alpha.numel() if isinstance(alpha, torch.Tensor) else len(alpha)
+            alpha = class_vector("alpha", alpha, count, torch.device("cpu"))
         super().__init__(tensors={"alpha": alpha}, **kwargs)
 
 

@@ -194,6 +194,17 @@ def test_auto_falls_back_to_the_reference_with_one_warning(registry):
     assert _backends.resolve_backend("auto", torch.zeros(1, 2)).name == "reference"
 
 
+def test_fallback_warning_points_at_the_callers_line(registry):
+    for call in (
+        lambda: _region_call("auto"),
+        lambda: lmfloss_kernels.LMFLoss([2, 1])(torch.randn(3, 2), torch.ones(3).long()),
+    ):
+        _backends._warned.clear()
+        with pytest.warns(RuntimeWarning) as record:
+            call()
+        assert record[0].filename == __file__
+
+
 def test_auto_picks_an_available_fused_backend(registry):
     fake = FakeBackend("cpu")
     registry["cpu"] = fake
@@ -359,3 +370,11 @@ def test_every_loss_accepts_the_ignore_index_keyword_and_reduction():
         for reduction in ("mean", "sum", "none"):
             value = fn(x, y, ignore_index=9, reduction=reduction, backend="reference")
             assert torch.isfinite(value).all(), (name, reduction)
+
+
+@pytest.mark.parametrize("name", list(ALL_LOSSES))
+def test_non_finite_logits_propagate(name):
+    """Documented policy: NaN logits are not hidden, the loss is NaN."""
+    x = torch.randn(2, 3, 4, 3)
+    x[1, 2, 3, 0] = float("nan")
+    assert torch.isnan(ALL_LOSSES[name](x, torch.randint(0, 3, (2, 4, 3)), backend="reference"))
