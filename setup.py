@@ -60,7 +60,7 @@ def _extension_and_command():
 
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # No -std: torch.utils.cpp_extension adds the standard its headers need (C++20 for torch >= 2.12).
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno"]
     extra = {"cxx": cxx}
     macros = []
     if with_cuda:

@@ -39,6 +39,10 @@ at::ScalarType math_type(const at::Tensor& logits);
 // (the logits' own layout when it allows it: contiguous, channels-last, ...).
 at::Tensor gradient_like(const at::Tensor& logits);
 
+// Test hook: with LMFLOSS_EXT_POISON=1 in the environment every output buffer starts as NaN, so
+// an element a kernel forgets to write shows up in the tests. Returns `t`.
+at::Tensor debug_poison(at::Tensor t);
+
 void check_logits(const at::Tensor& logits, const char* op);
 
 }  // namespace lmfloss

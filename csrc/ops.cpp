@@ -13,6 +13,9 @@
 
 #include "common.h"
 
+#include <cstdlib>
+#include <limits>
+
 // Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
@@ -107,11 +110,21 @@ at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const cha
   return v.to(logits.device(), math_type(logits)).contiguous();
 }
 
+at::Tensor debug_poison(at::Tensor t) {
+  const char* flag = std::getenv("LMFLOSS_EXT_POISON");
+  if (flag != nullptr && flag[0] == '1') t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 at::Tensor gradient_like(const at::Tensor& logits) {
-  if (logits.dim() > 2 && flat_stride(logits, 2) < 0) return at::empty_like(logits, at::MemoryFormat::Contiguous);
-  at::Tensor grad = at::empty_like(logits);
-  if (logits.dim() > 2 && flat_stride(grad, 2) < 0) grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  return grad;
+  at::Tensor grad;
+  if (logits.dim() > 2 && flat_stride(logits, 2) < 0) {
+    grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  } else {
+    grad = at::empty_like(logits);
+    if (logits.dim() > 2 && flat_stride(grad, 2) < 0) grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  }
+  return debug_poison(grad);
 }
 
 void check_logits(const at::Tensor& logits, const char* op) {

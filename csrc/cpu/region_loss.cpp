@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t width = RegionStats<double>::width(C);
-  at::Tensor stats = at::empty({B, width}, logits.options().dtype(at::kDouble));
+  at::Tensor stats = debug_poison(at::empty({B, width}, logits.options().dtype(at::kDouble)));
   double* st = stats.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cpu", [&] {
     const auto P = region_params<math_of<scalar_t>>(fw, fg, focal_coef, tversky_coef, eps, clip);
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c.
   const double* e = ex.data_ptr<double>();
   const std::vector<double> tv = tversky_rows(st, B, C, batch);
-  at::Tensor per_image = at::empty({B}, logits.options().dtype(at::kDouble));
+  at::Tensor per_image = debug_poison(at::empty({B}, logits.options().dtype(at::kDouble)));
   double* L = per_image.data_ptr<double>();
   double total = 0.0;
   for (int64_t b = 0; b < B; ++b) {

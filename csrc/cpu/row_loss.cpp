@@ -76,8 +76,8 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
   using math_t = math_of<scalar_t>;
   at::Tensor logits = logits_in, labels = labels_in;
   const Geometry g = class_geometry(logits);
-  const LabelMap<label_t> target{labels.data_ptr<label_t>(), label_geometry(labels, logits.dim()), g.classes, true,
-                                 P.ignore};
+  const Geometry lg = label_geometry(labels, logits.dim());  // may make `labels` contiguous: before data_ptr
+  const LabelMap<label_t> target{labels.data_ptr<label_t>(), lg, g.classes, true, P.ignore};
   const int64_t per_image = chunks_per_image(g.voxels);
   partials.assign(g.batch * per_image * 4, 0.0);
   math_t* out = per_row_out ? per_row.data_ptr<math_t>() : nullptr;
@@ -123,8 +123,8 @@ void row_backward_impl(const at::Tensor& grad_out, const at::Tensor& logits_in, 
   at::Tensor logits = logits_in, labels = labels_in;
   const Geometry g = class_geometry(logits);
   const Geometry gg = class_geometry(grad_in);
-  const LabelMap<label_t> target{labels.data_ptr<label_t>(), label_geometry(labels, logits.dim()), g.classes, true,
-                                 P.ignore};
+  const Geometry lg = label_geometry(labels, logits.dim());  // may make `labels` contiguous: before data_ptr
+  const LabelMap<label_t> target{labels.data_ptr<label_t>(), lg, g.classes, true, P.ignore};
   scalar_t* dx = grad_in.data_ptr<scalar_t>();
   const math_t* go = grad_out.data_ptr<math_t>();
   // d loss / d (row term): grad_output ("none": per row), divided for "mean" by the normalisers
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits, co
   const at::Tensor m = class_vector(margins, logits, "margins");
   const at::Tensor lw = class_vector(ldam_weight, logits, "ldam_weight");
   const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  at::Tensor per_row = at::empty(labels_in.sizes(), logits.options().dtype(mt));
+  at::Tensor per_row = debug_poison(at::empty(labels_in.sizes(), logits.options().dtype(mt)));
   std::vector<double> partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "row_loss_forward_cpu", [&] {
     const auto P = row_params<math_of<scalar_t>>(m, lw, fw, alpha, beta, gamma, s, ignore_index);
@@ -196,7 +196,7 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits, co
   // Chunk partials added in chunk order (deterministic whatever the thread count), in double.
   double tot[4] = {0, 0, 0, 0};
   for (size_t i = 0; i < partials.size(); ++i) tot[i % 4] += partials[i];
-  at::Tensor norms = at::empty({2}, logits.options().dtype(at::kDouble));
+  at::Tensor norms = debug_poison(at::empty({2}, logits.options().dtype(at::kDouble)));
   norms.data_ptr<double>()[0] = tot[1];
   norms.data_ptr<double>()[1] = tot[3];
   if (reduction == kNone) return {per_row, norms};
