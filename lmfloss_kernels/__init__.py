@@ -4,7 +4,7 @@ Functional API in :mod:`lmfloss_kernels.functional`, ``nn.Module`` criteria at t
 eager definitions in :mod:`lmfloss_kernels.reference`. See the README for the backends.
 """
 
-from . import functional, reference
+from . import calf, functional, reference
 from ._backends import available_backends
 from ._config import get_options, options, set_options
 from .functional import BackendMismatchError, drw_weights, ldam_margins
@@ -36,6 +36,7 @@ __all__ = [
     "TverskyLoss",
     "UnifiedFocalLoss",
     "available_backends",
+    "calf",
     "drw_weights",
     "functional",
     "get_options",
