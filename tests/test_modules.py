@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 
@@ -235,3 +238,12 @@ def test_module_uses_its_backend(monkeypatch):
     lk.LMFLoss(COUNTS, backend="cpu")(x, y)
     lk.LMFLoss(COUNTS, backend="reference")(x, y)
     assert calls == ["region", "row"]
+
+
+@pytest.mark.parametrize("case_id", ["lmf_defaults", "focal", "mixed", "unified_custom"])
+def test_modules_copy_and_pickle(case_id):
+    """DDP wrappers and checkpoints deep-copy / pickle criteria; the copies must compute the same loss."""
+    module = _build(case_id)
+    x, y = _inputs()
+    for clone in (copy.deepcopy(module), pickle.loads(pickle.dumps(module))):
+        assert torch.equal(clone(x, y), module(x, y))
