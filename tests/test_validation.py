@@ -303,3 +303,16 @@ def test_unknown_backend(name):
 def test_option_names_and_types():
     _raises(ValueError, "unknown option 'check_label'", lambda: lk.set_options(check_label=True))
     _raises(TypeError, "option 'check_backend' must be a bool, got str", lambda: lk.set_options(check_backend="on"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the label check differs only on accelerator tensors")
+def test_check_labels_option_on_cuda():
+    """On CUDA tensors label values are checked only with the option (the check needs a device-to-host sync)."""
+    x = XD.cuda()
+    assert F.unified_focal_loss(x, YD.cuda(), backend="reference").isfinite()
+    bad = (YD + 1).cuda()  # label 3 with C = 3; not run without the option: kernels would index out of range
+    with lk.options(check_labels=True):
+        _raises(
+            ValueError, r"target labels must be in \[0, 2\]", lambda: F.unified_focal_loss(x, bad, backend="reference")
+        )
