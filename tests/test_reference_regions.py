@@ -14,6 +14,8 @@ import numpy as np
 import numpy_losses as nl
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmfloss_kernels import functional as F
 
@@ -443,3 +445,81 @@ def test_layout_of_logits_does_not_matter():
     x = base[:1].expand(2, -1, -1, -1, -1)
     value = F.unified_focal_loss(x, target[:1].expand(2, -1, -1, -1), reduction="none", backend="reference")
     assert value[0] == value[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Randomised shapes and hyper-parameters (hypothesis, derandomised so CI is reproducible)
+
+
+@st.composite
+def _region_problem(draw):
+    batch = draw(st.integers(1, 3))
+    num_classes = draw(st.integers(2, 6))
+    spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(batch, num_classes, *spatial)) * draw(st.floats(0.1, 3.0))
+    labels = rng.integers(0, num_classes, size=(batch, *spatial))
+    if draw(st.booleans()):
+        labels[rng.random(labels.shape) < 0.3] = -7
+        labels.reshape(batch, -1)[:, 0] = 0  # every image keeps a voxel (the authors' mean of nothing is NaN)
+        ignore_index = -7
+    else:
+        ignore_index = None
+    return logits, labels, ignore_index
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    problem=_region_problem(),
+    weight=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    delta=st.floats(0.05, 0.95),
+    gamma=st.floats(0.0, 1.0),
+    asymmetric=st.booleans(),
+    clip=st.booleans(),
+)
+def test_random_unified_focal_problems_match_numpy(problem, weight, delta, gamma, asymmetric, clip):
+    logits, labels, ignore_index = problem
+    np_loss = nl.asym_unified_focal_loss if asymmetric else nl.sym_unified_focal_loss
+    options = {"weight": weight, "delta": delta, "gamma": gamma}
+    value = F.unified_focal_loss(
+        torch.tensor(logits),
+        torch.tensor(labels),
+        asymmetric=asymmetric,
+        clip=clip,
+        ignore_index=ignore_index,
+        reduction="none",
+        backend="reference",
+        **options,
+    )
+    expected = nl.keras_on_logits(
+        np_loss, logits, labels, ignore_index=ignore_index, reduction="none", clip=clip, **options
+    )
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11, atol=1e-14)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    problem=_region_problem(),
+    weight=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    beta=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    delta=st.floats(0.05, 0.95),
+    gamma_f=st.floats(0.0, 3.0),
+    gamma_fd=st.floats(0.1, 2.0),
+)
+def test_random_mixed_focal_problems_match_numpy(problem, weight, beta, delta, gamma_f, gamma_fd):
+    logits, labels, ignore_index = problem
+    alpha = list(np.linspace(0.5, 1.5, logits.shape[1]))
+    options = {"weight": weight, "alpha": alpha, "beta": beta, "delta": delta, "gamma_f": gamma_f, "gamma_fd": gamma_fd}
+    value = F.mixed_focal_loss(
+        torch.tensor(logits),
+        torch.tensor(labels),
+        ignore_index=ignore_index,
+        reduction="none",
+        backend="reference",
+        **options,
+    )
+    expected = nl.keras_on_logits(
+        nl.mixed_focal_loss, logits, labels, ignore_index=ignore_index, reduction="none", **options
+    )
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11, atol=1e-14)

@@ -14,6 +14,8 @@ import numpy as np
 import numpy_losses as nl
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lmfloss_kernels import functional as F
 
@@ -307,3 +309,39 @@ def test_focal_gradient_is_finite_when_the_row_is_certain(gamma):
     assert torch.isfinite(x.grad).all()
     assert torch.all(x.grad[0] == 0.0)
     assert torch.any(x.grad[1] != 0.0)
+
+
+@st.composite
+def _row_problem(draw):
+    num_classes = draw(st.integers(2, 7))
+    dense = draw(st.booleans())
+    shape = (
+        (draw(st.integers(1, 3)), *draw(st.lists(st.integers(1, 4), min_size=1, max_size=2)))
+        if dense
+        else (draw(st.integers(1, 20)),)
+    )
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    logits = rng.normal(size=(shape[0], num_classes, *shape[1:])) * draw(st.floats(0.1, 5.0))
+    labels = rng.integers(0, num_classes, size=shape)
+    labels[rng.random(shape) < draw(st.floats(0.0, 0.5))] = -100
+    labels.reshape(-1)[0] = 0  # at least one row counts ("mean" of nothing is NaN, as in torch)
+    counts = list(rng.integers(1, 10_000, size=num_classes))
+    return logits, labels, counts
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    problem=_row_problem(),
+    alpha=st.floats(0.0, 2.0),
+    beta=st.floats(0.1, 2.0),
+    gamma=st.floats(0.0, 4.0),
+    s=st.floats(0.5, 40.0),
+    max_m=st.floats(0.05, 1.0),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+)
+def test_random_lmf_problems_match_numpy(problem, alpha, beta, gamma, s, max_m, reduction):
+    logits, labels, counts = problem
+    options = {"alpha": alpha, "beta": beta, "gamma": gamma, "s": s, "max_m": max_m, "reduction": reduction}
+    value = F.lmf_loss(torch.tensor(logits), torch.tensor(labels), counts, backend="reference", **options)
+    expected = nl.lmf_loss(logits, labels, counts, **options)
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11, atol=1e-13)
