@@ -15,7 +15,9 @@ factor ``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 
 
 from __future__ import annotations
 
+import math
 import os
+import struct
 
 import torch
 import triton
@@ -74,6 +76,18 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def empty_like(x: torch.Tensor) -> torch.Tensor:
     """A buffer shaped and strided like ``x`` (channels-last stays channels-last); see :func:`empty`."""
     return torch.empty_like(x)
+
+
+def fp32(value: float) -> float:
+    """``value`` rounded to float32, as the kernels compute with it.
+
+    Triton passes a Python float that float32 cannot hold (e.g. 1e-300) as float64, which
+    changes the kernel's arithmetic; rounding on the host keeps every scalar argument float32.
+    """
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
 
 def class_view(x: torch.Tensor) -> torch.Tensor:
@@ -140,6 +154,23 @@ def log1p(x):
 def power(x, g):
     """``x ** g`` for ``x >= 0`` with ``0 ** 0 = 1`` (``exp2(g * log2 x)`` is NaN there)."""
     return tl.where(g == 0.0, 1.0, tl.exp2(g * tl.log2(x)))
+
+
+@triton.jit
+def focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma):
+    """``G(p) = (1-p)^gamma - gamma p (1-p)^(gamma-1) log p``, with ``modulation = (1-p)^gamma``.
+
+    Written as ``G = (1-p)^gamma (1 - gamma p r)``, ``r = log(p) / (1 - p)`` (losses.md 0.2): finite
+    for ``gamma < 1`` and at ``p = 1``. Below ``1 - p = 1e-3`` the ratio comes from its series
+    ``r = -1 - u/2 - u^2/3`` (truncation below 3e-10), which also covers ``1 - p = 0``.
+    """
+    series = one_minus_p < 1e-3
+    ratio = tl.where(
+        series,
+        -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)),
+        log_p / tl.where(series, 1.0, one_minus_p),
+    )
+    return modulation * (1.0 - gamma * p * ratio)
 
 
 @triton.jit

@@ -45,6 +45,8 @@ from ._common import (
     class_view,
     empty,
     finish_gradient,
+    focal_gradient_factor,
+    fp32,
     gradient_buffer,
     label_view,
     launch_config,
@@ -53,7 +55,6 @@ from ._common import (
     tile_position,
 )
 
-_SERIES_BELOW = 1e-3
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -129,13 +130,8 @@ def _region_kernel(
         h = tl.zeros([BLOCK_C, BLOCK_V], dtype=tl.float32)
         if HAS_FOCAL:
             # Inside the clip mask q = p, so G is evaluated on the unclipped, accurate p.
-            series = one_minus_p < _SERIES_BELOW
-            ratio = tl.where(
-                series,
-                -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)),
-                log_p / tl.where(series, 1.0, one_minus_p),
-            )
-            factor = power(one_minus_p, gamma) * (1.0 - gamma * p * ratio)
+            modulation = power(one_minus_p, gamma)
+            factor = focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma)
             h -= tl.load(focal_coef_ptr + b) * alpha * y * factor
         if HAS_TVERSKY:
             coef_a = tl.load(a_ptr + b * C + cls, mask=cmask, other=0.0)[:, None]
@@ -196,7 +192,7 @@ def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_inde
     _region_kernel[grid](
         z, t, focal_weight, focal_gamma, *args,
         num_classes, num_voxels, *z.stride(), *t_strides, *grad_strides,
-        float(eps), 0 if ignore_index is None else ignore_index,
+        fp32(eps), 0 if ignore_index is None else ignore_index,
         SOFT=soft, HAS_IGNORE=ignore_index is not None, CLIP=clip,
         HAS_FOCAL=has_focal, HAS_TVERSKY=has_tversky, BACKWARD=backward,
         BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],

@@ -27,6 +27,8 @@ from ._common import (
     class_view,
     empty,
     finish_gradient,
+    focal_gradient_factor,
+    fp32,
     gradient_buffer,
     label_view,
     launch_config,
@@ -34,9 +36,6 @@ from ._common import (
     softmax_columns,
     tile_position,
 )
-
-# Below this ``u = 1 - p_t`` the ratio log(p_t) / u is taken from its series -1 - u/2 - u^2/3.
-_SERIES_BELOW = 1e-3
 
 
 @triton.jit
@@ -149,9 +148,7 @@ def _row_kernel(
         modulation = power(u, gamma)
         focal = -a_t * modulation * log_pt
         if HAS_GRAD:
-            series = u < _SERIES_BELOW
-            ratio = tl.where(series, -1.0 - u * (0.5 + u * (1.0 / 3.0)), log_pt / tl.where(series, 1.0, u))
-            factor = modulation * (1.0 - gamma * _select(onehot, p) * ratio)
+            factor = focal_gradient_factor(_select(onehot, p), log_pt, u, modulation, gamma)
             p_minus_y = tl.where(onehot, -u[None, :], p)
             grad += (beta * scale_focal * a_t * factor)[None, :] * p_minus_y
 
@@ -219,7 +216,7 @@ def row_forward(
         dummy if partial is None else partial,
         grad_view if compute_grad else dummy,
         num_classes, num_voxels, *z.stride(), *lab.stride(), *grad_strides,
-        float(alpha), float(beta), float(gamma), float(s), ignore_index,
+        fp32(alpha), fp32(beta), fp32(gamma), fp32(s), ignore_index,
         HAS_LDAM=alpha != 0.0, HAS_FOCAL=beta != 0.0, MEAN=mean, PER_ROW=per_row, HAS_GRAD=compute_grad,
         BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],
     )  # fmt: skip
