@@ -174,6 +174,18 @@ def _margins(counts: torch.Tensor, max_m: float, logits: torch.Tensor) -> torch.
     return reference.ldam_margins(counts.double(), max_m).to(_vector_dtype(logits))
 
 
+def _cached_margins(class_counts, max_m: float, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`_margins` from host-side counts, cached on the logits' device.
+
+    The functional API gets the counts as host data on every call; building the margins there
+    and reusing one device copy avoids a host-to-device copy per call (which, from pageable
+    memory, waits for the device queue).
+    """
+    counts = check_class_counts(class_counts, logits.shape[1], torch.device("cpu"))
+    margins = reference.ldam_margins(counts.double(), max_m)
+    return _per_class(margins.tolist(), logits)
+
+
 def _check_lmf_coefficients(alpha: object, beta: object) -> tuple[float, float]:
     alpha = check_number("alpha", alpha, low=0.0)
     beta = check_number("beta", beta, low=0.0)
@@ -276,13 +288,11 @@ def lmf_loss(
     MONAI has no LMF or LDAM loss.
     """
     logits = check_logits(logits, dense=False)
-    num_classes = logits.shape[1]
     alpha, beta = _check_lmf_coefficients(alpha, beta)
     gamma = check_number("gamma", gamma, low=0.0)
     s = check_number("s", s, low=0.0, low_open=True)
     max_m = check_number("max_m", max_m, low=0.0)
-    counts = check_class_counts(class_counts, num_classes, logits.device)
-    margins = _margins(counts, max_m, logits)
+    margins = _cached_margins(class_counts, max_m, logits)
     class_weight = _class_weight(weight, margins, logits, max_m=max_m)
     return _row_family(
         logits,
@@ -328,8 +338,7 @@ def ldam_loss(
     logits = check_logits(logits, dense=False)
     s = check_number("s", s, low=0.0, low_open=True)
     max_m = check_number("max_m", max_m, low=0.0)
-    counts = check_class_counts(class_counts, logits.shape[1], logits.device)
-    margins = _margins(counts, max_m, logits)
+    margins = _cached_margins(class_counts, max_m, logits)
     class_weight = _class_weight(weight, margins, logits, max_m=max_m)
     return _row_family(
         logits,

@@ -378,3 +378,12 @@ def test_non_finite_logits_propagate(name):
     x = torch.randn(2, 3, 4, 3)
     x[1, 2, 3, 0] = float("nan")
     assert torch.isnan(ALL_LOSSES[name](x, torch.randint(0, 3, (2, 4, 3)), backend="reference"))
+
+
+def test_functional_lmf_reuses_its_device_margins():
+    """Host-side class counts: the margins are built once per (counts, max_m, device, dtype), not per call."""
+    logits = torch.randn(4, 3)
+    first = F._cached_margins([30, 20, 10], 0.5, logits)
+    assert F._cached_margins((30, 20, 10), 0.5, logits) is first
+    assert F._cached_margins([30, 20, 10], 0.4, logits) is not first
+    torch.testing.assert_close(first, F.ldam_margins([30, 20, 10]))
