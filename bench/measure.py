@@ -13,11 +13,13 @@ Peak extra memory
     CUDA: ``torch.cuda.max_memory_allocated()`` during one call minus the memory allocated
     before it (the caching allocator's exact view of live tensors). CPU: the process's peak
     resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) during one call minus
-    the resident set before it. glibc is told to serve blocks above 64 KiB with ``mmap`` and to
-    give them back on free, so a tensor counts while it lives and not after. Limits of the CPU
-    method: it needs Linux; it counts pages that were touched (an allocated but never written
-    buffer costs nothing), so it measures memory actually used, not requested; small
-    allocations (< 64 KiB) and thread stacks add noise of a few hundred KiB.
+    the resident set before it. For that call only, glibc is told to serve blocks above 64 KiB
+    with ``mmap`` and to give them back on free, so a tensor counts while it lives and not
+    after. Limits of the CPU method: it needs Linux and glibc; it counts pages that were touched
+    (an allocated but never written buffer costs nothing), so it measures memory actually used,
+    not requested; allocations under 64 KiB come from memory already resident and are not
+    counted, so inputs of a few hundred KiB read as ~0; thread stacks add noise of a few
+    hundred KiB.
 
 Copy bandwidth
     ``dst.copy_(src)`` of a tensor much larger than the caches; bytes = read + write.
@@ -132,20 +134,34 @@ def time_cuda(
 # Memory
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_libc = None
 _rss_ready: bool | None = None
 
 
-def prepare_rss() -> bool:
-    """Make freed large blocks leave the resident set; True if the RSS method works here.
+def _malloc_for_measuring(measuring: bool) -> None:
+    """Switch glibc between exact accounting and the steady state of a long-running process.
 
-    Call it before the first benchmarked allocation: blocks freed earlier may stay resident.
+    Measuring: blocks above 64 KiB are mmapped and unmapped on free, so a freed tensor leaves
+    the resident set and a new one cannot hide in memory freed earlier. Timing: the thresholds
+    glibc's own dynamic adjustment reaches in a training loop (32 MiB mmap, 64 MiB trim), so
+    timings do not pay a page fault for every temporary.
     """
-    global _rss_ready
+    if measuring:
+        _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        _libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+        _libc.malloc_trim(0)
+    else:
+        _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        _libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def prepare_rss() -> bool:
+    """True if the CPU peak-memory method works here (Linux, glibc, /proc/self/clear_refs)."""
+    global _libc, _rss_ready
     if _rss_ready is None:
         try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-            libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+            _libc = ctypes.CDLL("libc.so.6")
+            _malloc_for_measuring(False)
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
             _status_bytes("VmHWM")
@@ -174,11 +190,15 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
         return float(torch.cuda.max_memory_allocated() - base)
     if not prepare_rss():
         return float("nan")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_bytes("VmRSS")
-    fn()
-    return float(max(0, _status_bytes("VmHWM") - base))
+    _malloc_for_measuring(True)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _status_bytes("VmRSS")
+        fn()
+        return float(max(0, _status_bytes("VmHWM") - base))
+    finally:
+        _malloc_for_measuring(False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -174,6 +174,19 @@ def table_lines(rows: list[dict], markdown: bool) -> list[str]:
     return lines
 
 
+def headline_rows(rows: list[dict]) -> list[dict]:
+    """fwd+bwd at the largest size of every (loss, dtype, target, C): the README's table."""
+
+    def key(row):
+        return row["loss"], row["dtype"], row["target"], row["classes"]
+
+    full = [row for row in rows if row["mode"] == "full"]
+    largest: dict[tuple, int] = {}
+    for row in full:
+        largest[key(row)] = max(largest.get(key(row), 0), row["voxels"])
+    return [row for row in full if row["voxels"] == largest[key(row)]]
+
+
 def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> list[str]:
     lines = [
         f"device: {meta['device']} ({meta['device_type']}, {meta['cpu_threads']} CPU threads, load average "
@@ -222,7 +235,19 @@ def write(
     with open(paths[1], "w") as f:
         f.write(_json(meta, notes, skipped, rows))
     with open(paths[2], "w") as f:
-        f.write("\n".join([*table_lines(rows, markdown=True), "", *_context_lines(notes, skipped, meta), ""]))
+        sections = [
+            "## Headline: fwd+bwd at the largest size of each case",
+            "",
+            *table_lines(headline_rows(rows), markdown=True),
+            "",
+            *_context_lines(notes, skipped, meta),
+            "",
+            "## All rows",
+            "",
+            *table_lines(rows, markdown=True),
+            "",
+        ]
+        f.write("\n".join(sections))
     if plots:
         paths += plot(rows, stem)
     return paths
