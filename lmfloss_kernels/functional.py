@@ -134,6 +134,18 @@ def _per_class(values, logits: torch.Tensor) -> torch.Tensor:
     return _constant(tuple(float(v) for v in values), logits.device, _vector_dtype(logits))
 
 
+def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
+    """A validated per-class vector in the logits' vector dtype on their device.
+
+    A tensor is moved (free when it already lives there, as a module's buffers do); a sequence
+    is checked on the host and served from the device cache, so a call with the same Python
+    list makes no host-to-device copy.
+    """
+    if isinstance(value, torch.Tensor):
+        return class_vector(name, value, logits.shape[1], logits.device).to(_vector_dtype(logits))
+    return _per_class(class_vector(name, value, logits.shape[1], torch.device("cpu")).tolist(), logits)
+
+
 def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     implementation = resolve_backend(backend, logits)
     function = getattr(implementation, family)
@@ -208,7 +220,7 @@ def _class_weight(
         return margins
     if weight is None:
         return _per_class([1.0] * logits.shape[1], logits)
-    return class_vector(name, weight, logits.shape[1], logits.device).to(_vector_dtype(logits))
+    return _class_values(name, weight, logits)
 
 
 def _row_family(
@@ -384,13 +396,13 @@ def focal_loss(
     logits = check_logits(logits, dense=False)
     gamma = check_number("gamma", gamma, low=0.0)
     ones = _per_class([1.0] * logits.shape[1], logits)
-    focal_weight = ones if alpha is None else class_vector("alpha", alpha, logits.shape[1], logits.device)
+    focal_weight = ones if alpha is None else _class_values("alpha", alpha, logits)
     return _row_family(
         logits,
         target,
         ones,
         ones,
-        focal_weight.to(_vector_dtype(logits)),
+        focal_weight,
         alpha=0.0,
         beta=1.0,
         gamma=gamma,
@@ -696,7 +708,7 @@ def _mixed_focal_weight(alpha, beta, logits: torch.Tensor) -> torch.Tensor | lis
         beta_c = [beta] + [1.0 - beta] * (num_classes - 1)
     if alpha is None:
         return beta_c
-    alpha = class_vector("alpha", alpha, num_classes, logits.device).to(_vector_dtype(logits))
+    alpha = _class_values("alpha", alpha, logits)
     return alpha * _per_class(beta_c, logits)
 
 
