@@ -66,7 +66,7 @@ def _load(name: str) -> Backend | str:
         module_name, attribute = _LOCATIONS[name].split(":")
         try:
             _loaded[name] = getattr(importlib.import_module(module_name), attribute)
-        except (ImportError, AttributeError, OSError, RuntimeError) as error:
+        except Exception as error:  # a broken backend of any kind must not stop the others
             _loaded[name] = f"it could not be imported ({type(error).__name__}: {error})"
     return _loaded[name]
 

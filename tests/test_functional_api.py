@@ -387,3 +387,14 @@ def test_functional_lmf_reuses_its_device_margins():
     assert F._cached_margins((30, 20, 10), 0.5, logits) is first
     assert F._cached_margins([30, 20, 10], 0.4, logits) is not first
     torch.testing.assert_close(first, F.ldam_margins([30, 20, 10]))
+
+
+def test_a_backend_that_fails_to_import_does_not_stop_the_others(registry, monkeypatch, tmp_path):
+    (tmp_path / "lmfloss_broken_backend.py").write_text("def oops(:\n")  # a SyntaxError at import
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(_backends._LOCATIONS, "cpu", "lmfloss_broken_backend:BACKEND")
+    del registry["cpu"]
+    with pytest.warns(RuntimeWarning, match="cpu: it could not be imported \\(SyntaxError"):
+        assert _region_call("auto").requires_grad
+    with pytest.raises(ValueError, match="backend 'cpu' cannot serve.*SyntaxError"):
+        _region_call("cpu")
