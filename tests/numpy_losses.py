@@ -422,3 +422,34 @@ def ldam_focal_closed_form_grad(logits, labels, m_list, weight, s, gamma, alpha,
         g = (1 - pt) ** gamma - gamma * pt * (1 - pt) ** (gamma - 1) * np.log(pt)
         grad[i] = alpha * weight[t] / big_w * s * (q - e_t) + beta * weight[t] / n_valid * g * (p - e_t)
     return grad
+
+
+# --------------------------------------------------------------------------------------------
+# MONAI conventions (losses.md 5.1-5.3), channels-first, to check the docstrings' comparisons
+
+
+def monai_dice_loss(logits, labels, smooth_nr=1e-5, smooth_dr=1e-5):
+    """``DiceLoss(softmax=True, to_onehot_y=True)``: ``1 - (2 TP + s_nr) / (sum P + sum Y + s_dr)``, mean over B x C."""
+    probs = softmax(logits, axis=1)
+    y = np.moveaxis(one_hot(labels, logits.shape[1]), -1, 1)
+    axes = tuple(range(2, logits.ndim))
+    intersection = np.sum(probs * y, axis=axes)
+    return np.mean(1 - (2 * intersection + smooth_nr) / (np.sum(probs, axis=axes) + np.sum(y, axis=axes) + smooth_dr))
+
+
+def monai_tversky_loss(logits, labels, alpha=0.5, beta=0.5, smooth_nr=1e-5, smooth_dr=1e-5):
+    """``TverskyLoss(softmax=True, to_onehot_y=True)``: ``alpha`` weighs FP, ``beta`` FN."""
+    probs = softmax(logits, axis=1)
+    y = np.moveaxis(one_hot(labels, logits.shape[1]), -1, 1)
+    axes = tuple(range(2, logits.ndim))
+    tp = np.sum(probs * y, axis=axes)
+    fp = alpha * np.sum(probs * (1 - y), axis=axes)
+    fn = beta * np.sum((1 - probs) * y, axis=axes)
+    return np.mean(1 - (tp + smooth_nr) / (tp + fp + fn + smooth_dr))
+
+
+def monai_softmax_focal_loss(logits, labels, gamma=2.0):
+    """``FocalLoss(use_softmax=True, to_onehot_y=True)``, ``"mean"``: the mean over all B x C x spatial elements."""
+    log_p = log_softmax(logits, axis=1)
+    y = np.moveaxis(one_hot(labels, logits.shape[1]), -1, 1)
+    return np.mean(-np.power(1 - np.exp(log_p), gamma) * log_p * y)

@@ -523,3 +523,27 @@ def test_random_mixed_focal_problems_match_numpy(problem, weight, beta, delta, g
         nl.mixed_focal_loss, logits, labels, ignore_index=ignore_index, reduction="none", **options
     )
     np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11, atol=1e-14)
+
+
+# ----------------------------------------------------------------------------------------------
+# The docstrings' comparisons with MONAI (losses.md 5.1-5.3)
+
+
+def test_dice_loss_is_monai_dice_with_doubled_smoothing():
+    logits, labels = _inputs(43, 4, (3, 4, 5))
+    value = F.dice_loss(torch.tensor(logits), torch.tensor(labels), smooth=5e-6, backend="reference")
+    expected = nl.monai_dice_loss(logits, labels, smooth_nr=1e-5, smooth_dr=1e-5)
+    np.testing.assert_allclose(value.item(), expected, rtol=1e-12)
+
+
+def test_tversky_loss_is_monai_tversky_with_alpha_one_minus_delta():
+    logits, labels = _inputs(47, 3, (5, 6))
+    value = F.tversky_loss(torch.tensor(logits), torch.tensor(labels), delta=0.8, smooth=1e-5, backend="reference")
+    expected = nl.monai_tversky_loss(logits, labels, alpha=0.2, beta=0.8)
+    np.testing.assert_allclose(value.item(), expected, rtol=1e-12)
+
+
+def test_focal_loss_mean_is_c_times_monai_softmax_focal():
+    logits, labels = _inputs(53, 5, (4, 3))
+    value = F.focal_loss(torch.tensor(logits), torch.tensor(labels), gamma=2.0, backend="reference")
+    np.testing.assert_allclose(value.item(), 5 * nl.monai_softmax_focal_loss(logits, labels, gamma=2.0), rtol=1e-12)
