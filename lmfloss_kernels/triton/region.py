@@ -117,7 +117,8 @@ def _region_kernel(
         inside = (p >= eps) & (p <= 1.0 - eps)
         q = tl.minimum(tl.maximum(p, eps), 1.0 - eps)
         one_minus_q = tl.minimum(tl.maximum(one_minus_p, eps), 1.0 - eps)
-        log_q = tl.where(inside, log_p, tl.log(q))
+        # log is monotone, so log(clip(p)) = clip(log p): no second log per element.
+        log_q = tl.minimum(tl.maximum(log_p, tl.log(eps)), tl.log(1.0 - eps))
     else:
         q = p
         one_minus_q = one_minus_p
