@@ -95,8 +95,10 @@ def _can_inspect(tensor: torch.Tensor) -> bool:
     """Whether value checks run on ``tensor``: always on CPU, on accelerators only with ``check_labels``.
 
     Meta tensors (shape-only, used by the modules' construction-time dry run) hold no values.
+    While ``torch.compile`` traces, values are not known either (reading one would break the
+    graph, and ``fullgraph=True`` would fail), so compiled code gets the accelerator default.
     """
-    if tensor.device.type == "meta":
+    if tensor.device.type == "meta" or torch.compiler.is_compiling():
         return False
     return tensor.device.type == "cpu" or get_options().check_labels
 

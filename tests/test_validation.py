@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import lmfloss_kernels as lk
+from lmfloss_kernels import _validation
 from lmfloss_kernels import functional as F
 
 torch.manual_seed(0)
@@ -316,3 +317,12 @@ def test_check_labels_option_on_cuda():
         _raises(
             ValueError, r"target labels must be in \[0, 2\]", lambda: F.unified_focal_loss(x, bad, backend="reference")
         )
+
+
+def test_value_checks_are_skipped_while_compiling(monkeypatch):
+    """torch.compile(fullgraph=True) cannot read tensor values; the CPU label check steps aside while tracing."""
+    bad = YD + 1
+    _raises(ValueError, "target labels must be in", lambda: F.unified_focal_loss(XD, bad))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert _validation.check_labels(XD, bad, ignore_index=None) is bad  # not read while tracing
+    _raises(ValueError, "target must have shape", lambda: F.unified_focal_loss(XD, bad[:, :2]))  # shapes still checked
