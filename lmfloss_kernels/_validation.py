@@ -170,6 +170,34 @@ def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return target
 
 
+def _check_class_values(name: str, values: list[float], positive: bool) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite, got {values}")
+    if positive and any(v <= 0 for v in values):
+        raise ValueError(f"{name} must be positive, got {values}")
+    if not positive and any(v < 0 for v in values):
+        raise ValueError(f"{name} must be non-negative, got {values}")
+
+
+def class_sequence(name: str, value: Sequence, num_classes: int, *, positive: bool = False) -> tuple[float, ...]:
+    """A per-class Python sequence checked in pure Python: ``num_classes`` finite numbers.
+
+    No tensor is made, so nothing is copied to a device and ``torch.compile`` sees constants.
+    """
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a sequence of numbers, got {value!r}") from None
+    if len(values) != num_classes:
+        raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape ({len(values)},)")
+    _check_class_values(name, values, positive)
+    return tuple(values)
+
+
+def is_sequence(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
 def class_vector(
     name: str,
     value: object,
@@ -183,28 +211,20 @@ def class_vector(
     float64 for Python sequences, integer tensors and float64 tensors (all exact), float32 for
     other floating-point tensors; callers round it once to the dtype their logits need.
     """
-    if isinstance(value, torch.Tensor):
-        if value.is_complex() or value.dtype == torch.bool:
-            raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
-        vector = value.detach()
-    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        try:
-            vector = torch.tensor([float(v) for v in value], dtype=torch.float64)
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be a sequence of numbers, got {value!r}") from None
-    else:
+    if is_sequence(value):
+        values = class_sequence(name, value, num_classes, positive=positive)
+        return torch.tensor(values, dtype=torch.float64, device=device)
+    if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or a sequence of {num_classes} numbers, got {type(value).__name__}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
+    vector = value.detach()
     if vector.dim() != 1 or vector.numel() != num_classes:
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
     exact = vector.dtype == torch.float64 or not vector.is_floating_point()
     vector = vector.to(device=device, dtype=torch.float64 if exact else torch.float32)
     if _can_inspect(vector):
-        if not bool(torch.isfinite(vector).all()):
-            raise ValueError(f"{name} must be finite, got {vector.tolist()}")
-        if positive and bool((vector <= 0).any()):
-            raise ValueError(f"{name} must be positive, got {vector.tolist()}")
-        if not positive and bool((vector < 0).any()):
-            raise ValueError(f"{name} must be non-negative, got {vector.tolist()}")
+        _check_class_values(name, vector.tolist(), positive)
     return vector
 
 

@@ -44,7 +44,9 @@ from ._validation import (
     check_number,
     check_reduction,
     check_target,
+    class_sequence,
     class_vector,
+    is_sequence,
 )
 
 __all__ = [
@@ -141,9 +143,9 @@ def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
     is checked on the host and served from the device cache, so a call with the same Python
     list makes no host-to-device copy.
     """
-    if isinstance(value, torch.Tensor):
-        return class_vector(name, value, logits.shape[1], logits.device).to(_vector_dtype(logits))
-    return _per_class(class_vector(name, value, logits.shape[1], torch.device("cpu")).tolist(), logits)
+    if is_sequence(value):
+        return _per_class(class_sequence(name, value, logits.shape[1]), logits)
+    return class_vector(name, value, logits.shape[1], logits.device).to(_vector_dtype(logits))
 
 
 def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -187,15 +189,22 @@ def _margins(counts: torch.Tensor, max_m: float, logits: torch.Tensor) -> torch.
 
 
 def _cached_margins(class_counts, max_m: float, logits: torch.Tensor) -> torch.Tensor:
-    """:func:`_margins` from host-side counts, cached on the logits' device.
+    """:func:`_margins`, cached on the logits' device when the counts are a Python sequence.
 
-    The functional API gets the counts as host data on every call; building the margins there
-    and reusing one device copy avoids a host-to-device copy per call (which, from pageable
-    memory, waits for the device queue).
+    The functional API gets the counts as host data on every call; building the margins once
+    per (counts, max_m, device, dtype) avoids a host-to-device copy per call (which, from
+    pageable memory, waits for the device queue) and gives ``torch.compile`` constants.
     """
-    counts = check_class_counts(class_counts, logits.shape[1], torch.device("cpu"))
-    margins = reference.ldam_margins(counts.double(), max_m)
-    return _per_class(margins.tolist(), logits)
+    if is_sequence(class_counts):
+        counts = class_sequence("class_counts", class_counts, logits.shape[1], positive=True)
+        return _margin_constant(counts, max_m, logits.device, _vector_dtype(logits))
+    return _margins(check_class_counts(class_counts, logits.shape[1], logits.device), max_m, logits)
+
+
+@functools.lru_cache(maxsize=256)
+def _margin_constant(counts: tuple[float, ...], max_m: float, device: torch.device, dtype: torch.dtype):
+    with torch.inference_mode(False):
+        return reference.ldam_margins(torch.tensor(counts, dtype=torch.float64), max_m).to(device=device, dtype=dtype)
 
 
 def _check_lmf_coefficients(alpha: object, beta: object) -> tuple[float, float]:
