@@ -301,6 +301,10 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
                 label=provider,
             )
             ax_mem.plot(xs, [p[4] for p in pts], marker="o", label=provider)
+        # The design's memory target is stated in gradients: draw 1x the gradient for reference.
+        sizes = sorted({(r["voxels"], r["grad_mb"]) for r in group})
+        ax_mem.plot([v for v, _ in sizes], [g for _, g in sizes], "k--", linewidth=1, label="1x gradient")
+        ax_mem.legend()
         xlabel = "rows N" if loss == "lmf_rows" else "voxels per image (B = 2)"
         for ax, ylabel in ((ax_time, "fwd+bwd time, median (ms)"), (ax_mem, "peak extra memory (MiB)")):
             ax.set_xscale("log")
