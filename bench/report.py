@@ -133,9 +133,9 @@ _HEADER = (
     ("target", "target", "{}"),
     ("mode", "mode", "{}"),
     ("provider", "provider", "{}"),
-    ("median_ms", "median ms", "{:.3g}"),
-    ("p20_ms", "p20", "{:.3g}"),
-    ("p80_ms", "p80", "{:.3g}"),
+    ("median_ms", "median ms", "ms"),
+    ("p20_ms", "p20", "ms"),
+    ("p80_ms", "p80", "ms"),
     ("peak_extra_mb", "extra MiB", "{:.1f}"),
     ("peak_over_grad", "x grad", "{:.2f}"),
     ("bandwidth_frac", "BW frac", "{:.3f}"),
@@ -152,6 +152,8 @@ def _cell(row: dict, key: str, fmt: str) -> str:
         return MODE_TITLES[value]
     if isinstance(value, float) and not math.isfinite(value):
         return "-"
+    if fmt == "ms":  # three significant digits without switching to exponent notation
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
     return fmt.format(value)
 
 
