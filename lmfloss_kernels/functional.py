@@ -159,12 +159,16 @@ def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> to
 def _compare_with_reference(family, function, name, logits, args, kwargs) -> None:
     """Check mode: run the backend and the reference on a detached copy; raise if they differ."""
     results = []
-    for fn in (function, getattr(reference, family)):
-        x = logits.detach().clone().requires_grad_(True)
-        with torch.enable_grad():
+    # The gradient is part of the check even when the caller runs under no_grad or
+    # inference_mode (validation loops); inference tensors cannot enter autograd, so they are
+    # copied into normal ones first.
+    with torch.inference_mode(False), torch.enable_grad():
+        args = tuple(a.clone() if isinstance(a, torch.Tensor) and a.is_inference() else a for a in args)
+        for fn in (function, getattr(reference, family)):
+            x = logits.detach().clone().requires_grad_(True)
             value = fn(x, *args, **kwargs)
             (grad,) = torch.autograd.grad(value, x, torch.ones_like(value))
-        results.append((value.detach().double(), grad.detach().double()))
+            results.append((value.detach().double(), grad.detach().double()))
     (value, grad), (ref_value, ref_grad) = results
     rtol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     value_ok = torch.allclose(value, ref_value, rtol=rtol, atol=rtol * 1e-2, equal_nan=True)

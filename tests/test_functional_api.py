@@ -270,6 +270,19 @@ def test_check_mode_passes_a_correct_backend(registry):
     assert fake.calls == 12  # each call ran the backend twice: once checked, once for real
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_check_mode_works_without_autograd(registry, mode):
+    """Validation loops run under no_grad / inference_mode; the check still compares gradients."""
+    registry["cpu"] = FakeBackend("cpu")
+    with lmfloss_kernels.options(check_backend=True), mode():
+        logits, target = torch.randn(2, 3, 4, 5), torch.randint(0, 3, (2, 4, 5))  # inference tensors in that mode
+        F.unified_focal_loss(logits, target, backend="cpu")
+        F.lmf_loss(logits, target, [4, 3, 2], backend="cpu")
+        registry["cpu"] = FakeBackend("cpu", gradient_error=1e-2)
+        with pytest.raises(lmfloss_kernels.BackendMismatchError, match="gradient error"):
+            F.unified_focal_loss(logits, target, backend="cpu", reduction="none")
+
+
 def test_options_switches():
     before = lmfloss_kernels.get_options()
     with lmfloss_kernels.options(check_labels=True) as current:
