@@ -105,10 +105,10 @@ struct ClipBounds {
   }
 };
 
+// u = 1 - p, which the caller evaluates as -expm1(log p) (the CPU kernels with a vectorisable expm1).
 template <typename T>
-LMF_HD ClippedProb<T> clip_prob(T log_p, T p, const ClipBounds<T>& b) {
+LMF_HD ClippedProb<T> clip_prob(T log_p, T p, T u, const ClipBounds<T>& b) {
   ClippedProb<T> r;
-  const T u = -math_expm1(log_p);
   if (b.clip) {
     r.q = clamp_with_mask(p, b.lo, b.hi, r.mask_q);
     r.u = clamp_with_mask(u, b.lo, b.hi, r.mask_u);

@@ -26,6 +26,14 @@ struct RegionParams {
   bool with_focal, with_tversky;
 };
 
+// focal_factor of loss_math.h with the vectorisable modulation.
+template <typename math_t>
+inline math_t fast_focal_factor(const ClippedProb<math_t>& cp, math_t p, math_t gamma) {
+  const math_t q = cp.log_q / (cp.u > Limits<math_t>::tiny() ? cp.u : Limits<math_t>::tiny());
+  const math_t r = cp.u > math_t(0) ? q : math_t(-1);
+  return modulation(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
+}
+
 template <typename scalar_t, typename Target>
 struct RegionTile {
   using math_t = math_of<scalar_t>;
@@ -49,6 +57,24 @@ struct RegionTile {
     load_tile(x, g, b, v0, n, z);
     target.load(b, v0, n, label, valid, y);
     softmax_tile(z, p, g.classes);
+  }
+
+  ClippedProb<math_t> clipped(int64_t c, int64_t t, const ClipBounds<math_t>& bounds) const {
+    const math_t log_p = z[c * kTile + t], prob = p[c * kTile + t];
+    return clip_prob(log_p, prob, one_minus_p(log_p, prob), bounds);
+  }
+
+  // Focal terms of a one-hot target, which only the true class has: gathers that class's log p,
+  // p, weight and gamma per lane (zero weight on ignored lanes), so the math below vectorises.
+  void gather_true_class(const math_t* weight, const math_t* gamma, math_t* log_p, math_t* prob, math_t* w,
+                         math_t* g) const {
+    for (int64_t t = 0; t < kTile; ++t) {
+      const int64_t c = label[t] < 0 ? 0 : label[t];
+      log_p[t] = z[c * kTile + t];
+      prob[t] = p[c * kTile + t];
+      w[t] = weight[c] * valid[t];
+      g[t] = gamma[c];
+    }
   }
 
   // Target of class c at lane t (one-hot for label maps), 0 on ignored and padding lanes.
@@ -81,8 +107,10 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
         if (P.with_tversky) {
           for (int64_t c = 0; c < C; ++c) {
             math_t tp = 0, fn = 0, fp = 0;
+            // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
+#pragma omp simd reduction(+ : tp, fn, fp)
             for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
+              const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
               const math_t yt = tile.target_of(c, t);
               tp += yt * cp.q;
               fn += yt * cp.u;
@@ -99,21 +127,23 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             for (int64_t c = 0; c < C; ++c) {
               const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
               for (int64_t t = 0; t < kTile; ++t) {
-                const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
-                focal += a * tile.target_of(c, t) * focal_modulation(cp.u, gamma) * (-cp.log_q);
+                const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
+                focal += a * tile.target_of(c, t) * modulation(cp.u, gamma) * (-cp.log_q);
               }
             }
           } else {
-            for (int64_t t = 0; t < kTile; ++t) {  // one-hot: only the true class has a focal term
-              const int64_t c = tile.label[t];
-              if (c < 0) continue;
-              const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], tile.p[c * kTile + t], P.bounds);
-              focal += P.focal_weight[c] * focal_modulation(cp.u, P.focal_gamma[c]) * (-cp.log_q);
+            math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
+            tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+#pragma omp simd reduction(+ : focal)
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+              focal += w[t] * modulation(cp.u, g[t]) * (-cp.log_q);
             }
           }
           acc[RegionStats<double>::focal(C)] += focal;
         }
         math_t count = 0;
+#pragma omp simd reduction(+ : count)
         for (int64_t t = 0; t < kTile; ++t) count += tile.valid[t];
         acc[RegionStats<double>::count(C)] += count;
       });
@@ -154,23 +184,23 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
           const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
           math_t* hc = tile.h + c * kTile;
           for (int64_t t = 0; t < kTile; ++t) {
-            const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], P.bounds);
+            const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
             const math_t yt = tile.target_of(c, t);
-            math_t d = 0;
-            if (P.with_tversky) {
-              d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
-            }
-            if (Target::kSoft && P.with_focal) d -= a * yt * focal_factor(cp, pc[t], gamma);
+            // Branch-free so that it vectorises: a skipped term has zero coefficients here.
+            math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
+            if constexpr (Target::kSoft) d -= a * yt * fast_focal_factor(cp, pc[t], gamma);
             hc[t] = d;
           }
         }
         if (!Target::kSoft && P.with_focal) {
-          for (int64_t t = 0; t < kTile; ++t) {  // one-hot: only the true class has a focal term
-            const int64_t c = tile.label[t];
-            if (c < 0) continue;
-            const math_t pt = tile.p[c * kTile + t];
-            const ClippedProb<math_t> cp = clip_prob(tile.z[c * kTile + t], pt, P.bounds);
-            tile.h[c * kTile + t] -= focal_scale * P.focal_weight[c] * focal_factor(cp, pt, P.focal_gamma[c]);
+          math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
+          tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+          for (int64_t t = 0; t < kTile; ++t) {
+            const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+            d[t] = focal_scale * w[t] * fast_focal_factor(cp, prob[t], g[t]);
+          }
+          for (int64_t t = 0; t < kTile; ++t) {
+            if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
           }
         }
         for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;

@@ -22,9 +22,13 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 __all__ = ["BUILD_INFO", "CPU_BACKEND", "CUDA_BACKEND", "ExtensionBackend"]
 
 
-def _has_kernel(device_type: str) -> bool:
-    key = "CUDA" if device_type == "cuda" else "CPU"
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lmfloss_ext::region_loss_forward", key)
+# Which devices the loaded library has kernels for, read once (a dispatcher query in
+# unavailable_reason would break torch.compile tracing of the functional API).
+KERNEL_DEVICES = frozenset(
+    device
+    for device, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+    if LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key("lmfloss_ext::region_loss_forward", key)
+)
 
 
 class ExtensionBackend:
@@ -41,7 +45,7 @@ class ExtensionBackend:
             return f"it serves {self.device_type} tensors only"
         if dtype not in FLOAT_DTYPES:
             return f"it does not support {dtype}"
-        if not _has_kernel(self.device_type):
+        if self.device_type not in KERNEL_DEVICES:
             return "the extension was built without CUDA kernels (set FORCE_CUDA=1 or TORCH_CUDA_ARCH_LIST and rebuild)"
         if self.device_type == "cuda" and not torch.cuda.is_available():
             return "no CUDA device is available"
