@@ -26,7 +26,7 @@ _SCRIPT = textwrap.dedent(
 
     from lmfloss_kernels.triton import region, row
 
-    FLOATS = {"alpha", "beta", "gamma", "s", "eps"}
+    FLOATS = {"alpha", "beta", "gamma", "s", "eps", "delta", "smooth_nr", "smooth_dr", "focal_coef", "tversky_coef"}
 
     def compile_variant(kernel, pointers, constexprs, arch, index_type="i32"):
         signature = {}
@@ -39,7 +39,7 @@ _SCRIPT = textwrap.dedent(
                 signature[name] = "fp32" if name in FLOATS else index_type
         source = ASTSource(kernel, signature, constexprs)
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 8})
-        assert "ld.global" in compiled.asm["ptx"]
+        assert "ld.global" in compiled.asm["ptx"] and "st.global" in compiled.asm["ptx"]
 
     count = 0
     # Every variant for sm_90 (H100 / H200); the A100 generation gets the heaviest one, below.
@@ -63,13 +63,24 @@ _SCRIPT = textwrap.dedent(
         for logits, target, flags in region_variants:
             pointers = {"logit_ptr": logits, "target_ptr": target, "grad_ptr": logits}
             for backward in (False, True):
-                constexprs = dict(flags, BACKWARD=backward, BLOCK_C=8, BLOCK_V=512)
+                constexprs = dict(flags, BACKWARD=backward, BLOCK_C=8, BLOCK_V=256)
                 compile_variant(region._region_kernel, pointers, constexprs, arch)
                 count += 1
     pointers = {"logit_ptr": "*bf16", "target_ptr": "*u8", "grad_ptr": "*bf16"}
     flags = dict(SOFT=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True, BACKWARD=True)
-    compile_variant(region._region_kernel, pointers, dict(flags, BLOCK_C=4, BLOCK_V=1024), 80)
+    compile_variant(region._region_kernel, pointers, dict(flags, BLOCK_C=4, BLOCK_V=512), 80)
     count += 1
+    finalize_variants = [
+        dict(BATCH=False, HAS_FOCAL=True, HAS_TVERSKY=True, REDUCTION=2),
+        dict(BATCH=True, HAS_FOCAL=True, HAS_TVERSKY=True, REDUCTION=0),
+        dict(BATCH=True, HAS_FOCAL=False, HAS_TVERSKY=True, REDUCTION=1),
+        dict(BATCH=False, HAS_FOCAL=True, HAS_TVERSKY=False, REDUCTION=0),
+    ]
+    for flags in finalize_variants:
+        for backward in (False, True):
+            constexprs = dict(flags, BACKWARD=backward, BLOCK_B=4, BLOCK_C=8)
+            compile_variant(region._finalize_kernel, {}, constexprs, 90)
+            count += 1
     print("compiled", count)
     """
 )
@@ -84,4 +95,4 @@ def test_kernels_compile_for_gpus():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 11" in result.stdout
+    assert "compiled 19" in result.stdout

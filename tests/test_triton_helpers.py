@@ -119,6 +119,7 @@ def test_launch_config_covers_every_class_and_voxel(num_classes, num_voxels):
     config = _common.launch_config(num_classes, num_voxels)
     assert config["BLOCK_C"] >= num_classes and config["BLOCK_C"] & (config["BLOCK_C"] - 1) == 0
     assert config["BLOCK_V"] & (config["BLOCK_V"] - 1) == 0 and config["BLOCK_V"] >= 16
+    assert 1 <= config["num_warps"] <= 8
 
 
 @INTERPRETER_WARNINGS

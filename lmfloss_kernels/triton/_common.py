@@ -63,7 +63,11 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
 
 
 def launch_config(num_classes: int, num_voxels: int) -> dict[str, int]:
-    """Block sizes: classes padded to a power of two, voxels filling the tile budget."""
+    """Block sizes: classes padded to a power of two, voxels filling the tile budget.
+
+    One tile per program: looping over several tiles (to shorten the partial sums) raised ptxas'
+    register count from 58-107 to 115-128 per thread, halving the resident warps.
+    """
     block_c = triton.next_power_of_2(num_classes)
     block_v = min(max(_TILE_ELEMENTS // block_c, _MIN_BLOCK_V), max(triton.next_power_of_2(num_voxels), _MIN_BLOCK_V))
     num_warps = min(8, max(1, block_c * block_v // (32 * _ELEMENTS_PER_THREAD)))
@@ -135,14 +139,13 @@ def finish_gradient(grad: torch.Tensor, written: torch.Tensor) -> torch.Tensor:
 def tile_position(V, BLOCK_V: tl.constexpr):
     """``(pid, b, v)`` of this program in the 1-D grid ``B * cdiv(V, BLOCK_V)``, all int64.
 
-    One grid axis (image-major) has no 65535 limit on B; ``pid`` indexes the program's row of a
+    One image-major grid axis has no 65535 limit on B; ``pid`` indexes the program's row of a
     ``[B, cdiv(V, BLOCK_V), ...]`` partial-sums buffer.
     """
     pid = tl.program_id(0).to(tl.int64)
     blocks = tl.cdiv(V, BLOCK_V)
     b = pid // blocks
-    v = (pid - b * blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
-    return pid, b, v
+    return pid, b, (pid - b * blocks) * BLOCK_V + tl.arange(0, BLOCK_V)
 
 
 @triton.jit

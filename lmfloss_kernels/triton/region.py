@@ -6,12 +6,14 @@ Three steps (losses.md 0.4, 2.6), carrying only ``O(B C)`` numbers between them:
    target. Each program writes, for its voxels of image ``b``, the focal sum
    ``sum_i sum_c a_c y_ic (1 - q_ic)^{gamma_c} (-log q_ic)``, the valid-voxel count and the
    per-class ``TP = sum y q``, ``FN = sum y (1 - q)``, ``FP = sum (1 - y) q`` into its own row of a
-   ``[B, programs, 2 + 3C]`` buffer; a fixed-order ``sum`` over programs gives the per-image
-   statistics (deterministic, no atomics). FN and FP are accumulated directly, never as
+   ``[B, programs, 2 + 3C]`` buffer (no atomics). FN and FP are accumulated directly, never as
    ``Y - TP`` or ``P - TP``.
-2. **Finalize** (:func:`_tversky_terms`, plain torch on ``(B, C)`` tensors, no host sync): the
-   loss of :func:`lmfloss_kernels.reference.region_loss` and, in backward, the coefficients
-   below.
+2. **Finalize**: a fixed-order ``sum`` over programs gives the per-image statistics
+   ``[B, 2 + 3C]`` (deterministic), then :func:`_finalize_kernel` (one program, no host sync)
+   the loss of :func:`lmfloss_kernels.reference.region_loss`; in backward, from the statistics
+   and ``grad_output``, the per-image focal coefficient and the per-(b, c) ``A``, ``E`` below.
+   One kernel instead of some twenty tiny torch ops, whose launches would cost as much as a
+   pass over a 2x4x192^3 volume.
 3. **Gradient pass** (``BACKWARD=True``): one read of logits and target, one write of the
    gradient.
 
@@ -55,7 +57,37 @@ from ._common import (
     tile_position,
 )
 
-_TINY = torch.finfo(torch.float32).tiny
+# Smallest normal float32: the reference clamps 1 - TI to it before the power.
+_TINY = tl.constexpr(1.1754943508222875e-38)
+_NONE = tl.constexpr(0)
+_MEAN = tl.constexpr(2)
+_REDUCTIONS = {"none": 0, "sum": 1, "mean": 2}
+
+
+@triton.jit
+def _region_tile(
+    logit_ptr, target_ptr, b, v, cls, C, V, szb, szc, szv, stb, stc, stv, ignore_index,
+    SOFT: tl.constexpr, HAS_IGNORE: tl.constexpr,
+):  # fmt: skip
+    """Softmax and target of one ``[BLOCK_C, BLOCK_V]`` tile: ``(p, log p, 1 - p, is_top, y, valid)``."""
+    cls64 = cls.to(tl.int64)
+    vmask = v < V
+    cmask = cls < C
+    tile_mask = cmask[:, None] & vmask[None, :]
+    z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
+    z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
+    if SOFT:
+        t_offsets = b * stb + cls64[:, None] * stc + v[None, :] * stv
+        y = tl.load(target_ptr + t_offsets, mask=tile_mask, other=0.0).to(tl.float32)
+        valid = vmask
+    else:
+        label = tl.load(target_ptr + b * stb + v * stv, mask=vmask, other=0).to(tl.int64)
+        valid = vmask
+        if HAS_IGNORE:
+            valid = valid & (label != ignore_index)
+        y = ((cls[:, None] == label[None, :]) & valid[None, :]).to(tl.float32)
+    p, log_p, one_minus_p, is_top = softmax_columns(z, cls, cmask)
+    return p, log_p, one_minus_p, is_top, y, valid
 
 
 @triton.jit
@@ -93,26 +125,11 @@ def _region_kernel(
 ):
     pid, b, v = tile_position(V, BLOCK_V)
     cls = tl.arange(0, BLOCK_C)
-    cls64 = cls.to(tl.int64)
-    vmask = v < V
     cmask = cls < C
-    tile_mask = cmask[:, None] & vmask[None, :]
-
-    z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
-    z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
-    if SOFT:
-        t_offsets = b * stb + cls64[:, None] * stc + v[None, :] * stv
-        y = tl.load(target_ptr + t_offsets, mask=tile_mask, other=0.0).to(tl.float32)
-        valid = vmask
-    else:
-        label = tl.load(target_ptr + b * stb + v * stv, mask=vmask, other=0).to(tl.int64)
-        valid = vmask
-        if HAS_IGNORE:
-            valid = valid & (label != ignore_index)
-        y = ((cls[:, None] == label[None, :]) & valid[None, :]).to(tl.float32)
+    p, log_p, one_minus_p, is_top, y, valid = _region_tile(
+        logit_ptr, target_ptr, b, v, cls, C, V, szb, szc, szv, stb, stc, stv, ignore_index, SOFT, HAS_IGNORE
+    )
     valid_f = valid.to(tl.float32)
-
-    p, log_p, one_minus_p, is_top = softmax_columns(z, cls, cmask)
     if CLIP:
         inside = (p >= eps) & (p <= 1.0 - eps)
         q = tl.minimum(tl.maximum(p, eps), 1.0 - eps)
@@ -123,16 +140,15 @@ def _region_kernel(
         q = p
         one_minus_q = one_minus_p
         log_q = log_p
-
     if HAS_FOCAL:
         alpha = tl.load(focal_weight_ptr + cls, mask=cmask, other=0.0)[:, None]
         gamma = tl.load(focal_gamma_ptr + cls, mask=cmask, other=0.0)[:, None]
+
     if BACKWARD:
         h = tl.zeros([BLOCK_C, BLOCK_V], dtype=tl.float32)
         if HAS_FOCAL:
             # Inside the clip mask q = p, so G is evaluated on the unclipped, accurate p.
-            modulation = power(one_minus_p, gamma)
-            factor = focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma)
+            factor = focal_gradient_factor(p, log_p, one_minus_p, power(one_minus_p, gamma), gamma)
             h -= tl.load(focal_coef_ptr + b) * alpha * y * factor
         if HAS_TVERSKY:
             coef_a = tl.load(a_ptr + b * C + cls, mask=cmask, other=0.0)[:, None]
@@ -145,7 +161,8 @@ def _region_kernel(
         # (1 - p_j) h_j - p_j sum_{c != j} h_c from the accurate 1 - p.
         rest = tl.sum(tl.where(is_top, 0.0, h), axis=0)[None, :]
         grad = tl.where(is_top, one_minus_p * h - p * rest, h - p * tl.sum(h, axis=0)[None, :])
-        g_offsets = b * sgb + cls64[:, None] * sgc + v[None, :] * sgv
+        g_offsets = b * sgb + cls.to(tl.int64)[:, None] * sgc + v[None, :] * sgv
+        tile_mask = cmask[:, None] & (v < V)[None, :]
         tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
     else:
         out = partial_ptr + pid * (2 + 3 * C)
@@ -155,7 +172,7 @@ def _region_kernel(
             focal = tl.sum(tl.sum(term, axis=1), axis=0)
         tl.store(out, focal)
         tl.store(out + 1, tl.sum(valid_f, axis=0))
-        live = tile_mask & valid[None, :]
+        live = cmask[:, None] & valid[None, :]
         if HAS_TVERSKY:
             tp = tl.sum(tl.where(live, y * q, 0.0), axis=1)
             fn = tl.sum(tl.where(live, y * one_minus_q, 0.0), axis=1)
@@ -169,8 +186,139 @@ def _region_kernel(
         tl.store(out + 2 + 2 * C + cls, fp, mask=cmask)
 
 
+@triton.jit
+def _tversky_index(stats_ptr, rows, cls, mask, C, K, delta, smooth_nr, smooth_dr):
+    """``(den, 1 - TI, TI)`` from the statistics rows ``rows`` (a [BLOCK_B, BLOCK_C] tile)."""
+    at = stats_ptr + rows[:, None] * K + 2 + cls[None, :]
+    tp = tl.load(at, mask=mask, other=0.0)
+    fn = tl.load(at + C, mask=mask, other=0.0)
+    fp = tl.load(at + 2 * C, mask=mask, other=0.0)
+    return _index_from_sums(tp, fn, fp, delta, smooth_nr, smooth_dr)
+
+
+@triton.jit
+def _index_from_sums(tp, fn, fp, delta, smooth_nr, smooth_dr):
+    weighted = delta * fn + (1.0 - delta) * fp
+    den = tp + weighted + smooth_dr
+    return den, (weighted + (smooth_dr - smooth_nr)) / den, (tp + smooth_nr) / den
+
+
+@triton.jit
+def _finalize_kernel(
+    stats_ptr,
+    exponent_ptr,
+    grad_loss_ptr,
+    loss_ptr,
+    focal_coef_ptr,
+    a_ptr,
+    e_ptr,
+    B,
+    C,
+    delta,
+    smooth_nr,
+    smooth_dr,
+    focal_coef,
+    tversky_coef,
+    BATCH: tl.constexpr,
+    HAS_FOCAL: tl.constexpr,
+    HAS_TVERSKY: tl.constexpr,
+    REDUCTION: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """One program. Forward: statistics -> loss. Backward: statistics, grad_output -> coefficients.
+
+    With ``R_b = (1/C) sum_c (1 - TI_bc)^{e_c}`` (clamped at the smallest normal, as the
+    reference), ``L_b = w_F F_b + w_FT R_b``; backward writes ``w_F W_b / n_b`` and, with
+    ``g = w_FT W e_c (1 - TI)^{e_c - 1} / C`` (``W = sum_b W_b`` when ``BATCH``),
+    ``A = -g / den`` and ``E = g (1 - delta) TI / den``.
+    """
+    K = 2 + 3 * C
+    cls = tl.arange(0, BLOCK_C)
+    cmask = cls < C
+    exponent = tl.load(exponent_ptr + cls, mask=cmask, other=0.0)
+    # Weight of one image's loss in the output, per unit of grad_output.
+    if REDUCTION == _MEAN:
+        scale = 1.0 / B
+    else:
+        scale = 1.0
+    # With BATCH, the Tversky sums run over every image first: one index per class.
+    if HAS_TVERSKY and BATCH:
+        tp = tl.zeros([BLOCK_C], dtype=tl.float32)
+        fn = tl.zeros([BLOCK_C], dtype=tl.float32)
+        fp = tl.zeros([BLOCK_C], dtype=tl.float32)
+        image_weight_sum = 0.0
+        for start in range(0, B, BLOCK_B):
+            rows = start + tl.arange(0, BLOCK_B)
+            mask = (rows < B)[:, None] & cmask[None, :]
+            at = stats_ptr + rows[:, None] * K + 2 + cls[None, :]
+            tp += tl.sum(tl.load(at, mask=mask, other=0.0), axis=0)
+            fn += tl.sum(tl.load(at + C, mask=mask, other=0.0), axis=0)
+            fp += tl.sum(tl.load(at + 2 * C, mask=mask, other=0.0), axis=0)
+            if BACKWARD:
+                if REDUCTION == _NONE:
+                    image_weight_sum += tl.sum(tl.load(grad_loss_ptr + rows, mask=rows < B, other=0.0), axis=0)
+        den_c, index_c, ti_c = _index_from_sums(tp, fn, fp, delta, smooth_nr, smooth_dr)
+        clamped_c = tl.maximum(index_c, _TINY)
+        shared_region = tl.sum(tl.where(cmask, power(clamped_c, exponent), 0.0), axis=0) / C
+        if BACKWARD:
+            if REDUCTION != _NONE:
+                image_weight_sum = tl.load(grad_loss_ptr) * scale * B
+            slope_c = exponent * power(clamped_c, exponent - 1.0) * (index_c >= _TINY).to(tl.float32)
+            g_c = tversky_coef * image_weight_sum * slope_c / C
+            a_c = -g_c / den_c
+            e_c = g_c * (1.0 - delta) * ti_c / den_c
+
+    total = 0.0
+    for start in range(0, B, BLOCK_B):
+        rows = start + tl.arange(0, BLOCK_B)
+        bmask = rows < B
+        mask = bmask[:, None] & cmask[None, :]
+        focal_sum = tl.load(stats_ptr + rows * K, mask=bmask, other=0.0)
+        valid = tl.maximum(tl.load(stats_ptr + rows * K + 1, mask=bmask, other=1.0), 1.0)
+        if BACKWARD:
+            if REDUCTION == _NONE:
+                image_weight = tl.load(grad_loss_ptr + rows, mask=bmask, other=0.0)
+            else:
+                image_weight = tl.zeros([BLOCK_B], dtype=tl.float32) + tl.load(grad_loss_ptr) * scale
+            tl.store(focal_coef_ptr + rows, focal_coef * image_weight / valid, mask=bmask)
+            if HAS_TVERSKY:
+                at = rows[:, None] * C + cls[None, :]
+                if BATCH:
+                    coef_a = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + a_c[None, :]
+                    coef_e = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + e_c[None, :]
+                else:
+                    den, index, ti = _tversky_index(stats_ptr, rows, cls, mask, C, K, delta, smooth_nr, smooth_dr)
+                    clamped = tl.maximum(index, _TINY)
+                    slope = exponent[None, :] * power(clamped, exponent[None, :] - 1.0)
+                    g = tversky_coef * image_weight[:, None] * slope * (index >= _TINY).to(tl.float32) / C
+                    coef_a = -g / den
+                    coef_e = g * (1.0 - delta) * ti / den
+                tl.store(a_ptr + at, coef_a, mask=mask)
+                tl.store(e_ptr + at, coef_e, mask=mask)
+        else:
+            loss = tl.zeros([BLOCK_B], dtype=tl.float32)
+            if HAS_FOCAL:
+                loss += focal_coef * focal_sum / valid
+            if HAS_TVERSKY:
+                if BATCH:
+                    loss += tversky_coef * shared_region
+                else:
+                    _, index, _ = _tversky_index(stats_ptr, rows, cls, mask, C, K, delta, smooth_nr, smooth_dr)
+                    terms = tl.where(mask, power(tl.maximum(index, _TINY), exponent[None, :]), 0.0)
+                    loss += tversky_coef * tl.sum(terms, axis=1) / C
+            if REDUCTION == _NONE:
+                tl.store(loss_ptr + rows, loss, mask=bmask)
+            else:
+                total += tl.sum(tl.where(bmask, loss, 0.0), axis=0)
+    if not BACKWARD:
+        if REDUCTION != _NONE:
+            tl.store(loss_ptr, total * scale)
+
+
 def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_index, has_focal, has_tversky, **buffers):
-    """Run :func:`_region_kernel` in the mode given by ``buffers`` (statistics or gradient)."""
+    """Run :func:`_region_kernel` in the mode given by ``buffers``: the partials, or the gradient."""
     z = class_view(logits)
     soft = target.is_floating_point()
     t = class_view(target) if soft else label_view(target)
@@ -178,39 +326,40 @@ def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_inde
     batch, num_classes, num_voxels = z.shape
     config = launch_config(num_classes, num_voxels)
     blocks = triton.cdiv(num_voxels, config["BLOCK_V"])
-    grid = (batch * blocks,)
-    backward = "grad" in buffers
+    backward = "coef_a" in buffers
     dummy = focal_weight  # stands in for the pointers a constexpr branch never touches
     if backward:
         grad, grad_view = gradient_buffer(logits)
-        partial = dummy
+        result = grad
         args = (dummy, buffers["focal_coef"], buffers["coef_a"], buffers["coef_e"], grad_view)
         grad_strides = grad_view.stride()
     else:
-        partial = empty((batch, blocks, 2 + 3 * num_classes), dtype=torch.float32, device=logits.device)
-        args = (partial, dummy, dummy, dummy, dummy)
+        result = empty((batch, blocks, 2 + 3 * num_classes), dtype=torch.float32, device=logits.device)
+        args = (result, dummy, dummy, dummy, dummy)
         grad_strides = (0, 0, 0)
-    _region_kernel[grid](
+    _region_kernel[(batch * blocks,)](
         z, t, focal_weight, focal_gamma, *args,
         num_classes, num_voxels, *z.stride(), *t_strides, *grad_strides,
         fp32(eps), 0 if ignore_index is None else ignore_index,
         SOFT=soft, HAS_IGNORE=ignore_index is not None, CLIP=clip,
-        HAS_FOCAL=has_focal, HAS_TVERSKY=has_tversky, BACKWARD=backward,
-        BLOCK_C=config["BLOCK_C"], BLOCK_V=config["BLOCK_V"], num_warps=config["num_warps"],
+        HAS_FOCAL=has_focal, HAS_TVERSKY=has_tversky, BACKWARD=backward, **config,
     )  # fmt: skip
     if backward:
         return finish_gradient(grad, grad_view)
-    return partial.sum(1)
+    return result
 
 
-def _tversky_terms(stats, num_classes, *, delta, smooth_nr, smooth_dr, batch):
-    """``(TP, den, 1 - TI)`` per image and class (per class, summed over images, with ``batch``)."""
-    tp, fn, fp = stats[:, 2:].unflatten(1, (3, num_classes)).unbind(1)
-    if batch:
-        tp, fn, fp = (x.sum(0, keepdim=True) for x in (tp, fn, fp))
-    weighted = delta * fn + (1.0 - delta) * fp
-    den = tp + weighted + smooth_dr
-    return tp, den, (weighted + (smooth_dr - smooth_nr)) / den
+def _finalize(stats, exponent, grad_loss, outputs, *, batch, delta, focal_coef, tversky_coef, smooth_nr, smooth_dr,
+              reduction):  # fmt: skip
+    """Launch :func:`_finalize_kernel`: the loss when ``grad_loss`` is None, else the backward coefficients."""
+    num_images, num_classes = stats.shape[0], exponent.shape[0]
+    _finalize_kernel[(1,)](
+        stats, exponent, exponent if grad_loss is None else grad_loss, *outputs,
+        num_images, num_classes, fp32(delta), fp32(smooth_nr), fp32(smooth_dr), fp32(focal_coef), fp32(tversky_coef),
+        BATCH=batch, HAS_FOCAL=focal_coef != 0.0, HAS_TVERSKY=tversky_coef != 0.0,
+        REDUCTION=_REDUCTIONS[reduction], BACKWARD=grad_loss is not None,
+        BLOCK_B=min(triton.next_power_of_2(num_images), 16), BLOCK_C=triton.next_power_of_2(num_classes), num_warps=4,
+    )  # fmt: skip
 
 
 def region_forward(
@@ -231,22 +380,17 @@ def region_forward(
     reduction: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (float32) and the per-image statistics ``[focal sum, valid count, TP, FN, FP]``."""
-    stats = _launch(
+    partial = _launch(
         logits, target, focal_weight, focal_gamma, clip=clip, eps=eps, ignore_index=ignore_index,
         has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0,
     )  # fmt: skip
-    num_classes = logits.shape[1]
-    loss = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    if focal_coef != 0.0:
-        loss = loss + focal_coef * stats[:, 0] / stats[:, 1].clamp_min(1.0)
-    if tversky_coef != 0.0:
-        _, _, one_minus_ti = _tversky_terms(
-            stats, num_classes, delta=delta, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch
-        )
-        loss = loss + tversky_coef * one_minus_ti.clamp_min(_TINY).pow(tversky_exponent).mean(1)
-    if reduction == "none":
-        return loss, stats
-    return (loss.sum() if reduction == "sum" else loss.mean()), stats
+    stats = partial.sum(1)  # a fixed-order reduction over programs: deterministic
+    loss = empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32, device=logits.device)
+    _finalize(
+        stats, tversky_exponent, None, (loss, stats, stats, stats), batch=batch, delta=delta, focal_coef=focal_coef,
+        tversky_coef=tversky_coef, smooth_nr=smooth_nr, smooth_dr=smooth_dr, reduction=reduction,
+    )  # fmt: skip
+    return loss, stats
 
 
 def region_backward(
@@ -270,23 +414,20 @@ def region_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits, in their dtype, for upstream ``grad_loss`` (shape of the loss)."""
     num_images, num_classes = logits.shape[:2]
-    image_weight = grad_loss.to(torch.float32).expand(num_images)
-    if reduction == "mean":
-        image_weight = image_weight / num_images
-    focal = (focal_coef * image_weight / stats[:, 1].clamp_min(1.0)).contiguous()
-    coef_a = coef_e = focal  # unused when the Tversky term is off
+    device = logits.device
+    focal = empty((num_images,), dtype=torch.float32, device=device)
     if tversky_coef != 0.0:
-        tp, den, one_minus_ti = _tversky_terms(
-            stats, num_classes, delta=delta, smooth_nr=smooth_nr, smooth_dr=smooth_dr, batch=batch
-        )
-        region_weight = tversky_coef * (image_weight.sum(0, keepdim=True) if batch else image_weight)
-        slope = tversky_exponent * one_minus_ti.clamp_min(_TINY).pow(tversky_exponent - 1.0)
-        # torch.clamp_min passes the gradient only where 1 - TI >= tiny, as in the reference.
-        g = region_weight[:, None] * slope * (one_minus_ti >= _TINY) / num_classes
-        coef_a = (-g / den).expand(num_images, num_classes).contiguous()
-        coef_e = (g * (1.0 - delta) * ((tp + smooth_nr) / den) / den).expand(num_images, num_classes).contiguous()
+        coef_a = empty((num_images, num_classes), dtype=torch.float32, device=device)
+        coef_e = empty((num_images, num_classes), dtype=torch.float32, device=device)
+    else:
+        coef_a = coef_e = focal  # never read: the Tversky branch is compiled out
+    _finalize(
+        stats, tversky_exponent, grad_loss.to(torch.float32).contiguous(), (focal, focal, coef_a, coef_e),
+        batch=batch, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,
+        smooth_dr=smooth_dr, reduction=reduction,
+    )  # fmt: skip
     return _launch(
         logits, target, focal_weight, focal_gamma, clip=clip, eps=eps, ignore_index=ignore_index,
         has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0,
-        grad=True, focal_coef=focal, coef_a=coef_a, coef_e=coef_e,
+        focal_coef=focal, coef_a=coef_a, coef_e=coef_e,
     )  # fmt: skip

@@ -182,10 +182,10 @@ def row_forward(
     z = class_view(logits)
     lab = label_view(labels)
     batch, num_classes, num_voxels = z.shape
+    device = logits.device
     config = launch_config(num_classes, num_voxels)
     blocks = triton.cdiv(num_voxels, config["BLOCK_V"])
     grid = (batch * blocks,)
-    device = logits.device
     margins, ldam_weight, focal_weight = (
         t.to(device=device, dtype=torch.float32) for t in (margins, ldam_weight, focal_weight)
     )
