@@ -127,6 +127,15 @@ def test_bool_labels_and_a_two_class_batch():
     _compare(torch.randn(shape, device=DEVICE), target, _vectors(2), _options(batch=True))
 
 
+@pytest.mark.parametrize(("batch", "reduction"), [(False, "none"), (True, "mean"), (True, "none"), (False, "sum")])
+def test_many_images(batch, reduction):
+    # More images than the finalize kernel's block of 16: its loops over image chunks.
+    shape = (37, 3, 4, 5)
+    logits = torch.randn(shape, device=DEVICE) * 2
+    target = _target("labels", shape, ignore_index=255, label_dtype=torch.uint8)
+    _compare(logits, target, _vectors(3), _options(batch=batch, reduction=reduction, ignore_index=255))
+
+
 def test_odd_volume():
     shape = (2, 3, 17, 19, 23)
     logits = torch.randn(shape, device=DEVICE) * 2
