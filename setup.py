@@ -9,6 +9,10 @@ so that it compiles against the torch already installed.
 * CUDA kernels: when ``FORCE_CUDA=1``, or ``TORCH_CUDA_ARCH_LIST`` is set, or a GPU and a CUDA
   toolkit (``CUDA_HOME``) are visible; ``FORCE_ONLY_CPU=1`` skips them. Without a visible GPU the
   architectures default to ``8.0;8.6;8.9;9.0+PTX``.
+* CPU code generation: ``-march=x86-64-v3`` (AVX2, FMA: twice the vector width for the tile loops)
+  when the build machine's CPU has AVX2 and FMA, else the compiler's default; set
+  ``LMFLOSS_CPU_ARCH`` (e.g. ``x86-64`` for a library that must also run on older CPUs, or
+  ``native``) to choose.
 * ``MAX_JOBS`` defaults to what the cores and the memory allow (about 2 GiB per nvcc job).
 * Build metadata (torch and CUDA versions, architectures, compiler, with_cuda) is written to
   ``lmfloss_kernels/_build_info.json`` next to the library; the package compares it with the
@@ -42,6 +46,18 @@ def _default_max_jobs() -> str:
     return str(max(1, min(cores, int(memory_gib // 2))))
 
 
+def _cpu_arch() -> str | None:
+    """The -march of the CPU kernels: LMFLOSS_CPU_ARCH, or x86-64-v3 where this CPU has AVX2 and FMA."""
+    if os.environ.get("LMFLOSS_CPU_ARCH"):
+        return os.environ["LMFLOSS_CPU_ARCH"]
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return None
+    return "x86-64-v3" if {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"} <= set(flags) else None
+
+
 def _extension_and_command():
     import torch
     from torch.utils import cpp_extension
@@ -63,6 +79,9 @@ def _extension_and_command():
     # -fno-math-errno / -fno-trapping-math (no errno, no FP traps: nothing here reads them) let GCC
     # if-convert and vectorise the tile loops; no -ffast-math: NaN and the summation order stay exact.
     cxx = ["-O3", "-g0", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+    cpu_arch = _cpu_arch()
+    if cpu_arch:
+        cxx.append(f"-march={cpu_arch}")
     extra = {"cxx": cxx}
     macros = []
     if with_cuda:
@@ -87,6 +106,7 @@ def _extension_and_command():
         "cuda_home": cuda_home if with_cuda else None,
         "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
         "compiler": _compiler_version(),
+        "cpu_arch": cpu_arch,
         "python": sys.version.split()[0],
     }
 
