@@ -85,10 +85,11 @@ def empty_like(x: torch.Tensor) -> torch.Tensor:
 
 
 def fp32(value: float) -> float:
-    """``value`` rounded to float32, as the kernels compute with it.
+    """``value`` rounded to float32, as compiled kernels receive it.
 
-    Triton passes a Python float that float32 cannot hold (e.g. 1e-300) as float64, which
-    changes the kernel's arithmetic; rounding on the host keeps every scalar argument float32.
+    The interpreter keeps a Python float as it is, so a value float32 cannot hold (gamma = 1e-300)
+    passed the ``gamma == 0`` test as non-zero yet flushed to 0 in float32 arithmetic (NaN from
+    ``0 * log2(0)``); rounding on the host gives interpreter and GPU the same float32 scalars.
     """
     try:
         return struct.unpack("f", struct.pack("f", value))[0]
