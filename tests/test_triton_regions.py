@@ -121,6 +121,13 @@ def test_label_dtypes(label_dtype, ignore_index):
     _compare(logits, target, _vectors(4), _options(ignore_index=ignore_index, reduction="none"))
 
 
+@pytest.mark.parametrize("target_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_soft_target_dtypes(target_dtype):
+    shape = (2, 4, 5, 6)
+    target = _target("soft", shape).to(target_dtype)
+    _compare(torch.randn(shape, device=DEVICE), target, _vectors(4), _options(reduction="none", clip=False))
+
+
 def test_bool_labels_and_a_two_class_batch():
     shape = (3, 2, 8, 8)
     target = torch.rand(shape[:1] + shape[2:], device=DEVICE) < 0.3

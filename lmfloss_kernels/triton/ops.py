@@ -62,7 +62,10 @@ def _row_backward(ctx, grad_loss, _grad_of_grad):
     else:
         (grad,) = ctx.saved_tensors
     scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
-    return (grad * scale).to(grad.dtype), None, None, None, None, None, None, None, None, None, None, None
+    # One pass in float32, rounded once into the logits' dtype (a float32 per-row grad_output
+    # would otherwise promote a half-precision product to a float32 temporary).
+    scaled = torch.mul(grad, scale, out=torch.empty_like(grad))
+    return (scaled,) + (None,) * 11
 
 
 row_loss_op.register_autograd(_row_backward, setup_context=_row_setup)
