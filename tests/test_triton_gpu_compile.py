@@ -46,6 +46,10 @@ _SCRIPT = textwrap.dedent(
     for arch in (90,):
         compile_variant(row._label_sums_kernel, {"label_ptr": "*u8"}, {"BLOCK_C": 8, "BLOCK_V": 256}, arch)
         count += 1
+        for mean in (False, True):
+            constexprs = dict(HAS_LDAM=True, HAS_FOCAL=not mean, MEAN=mean, BLOCK_P=256)
+            compile_variant(row._row_total_kernel, {}, constexprs, arch)
+            count += 1
         row_variants = [
             ("*bf16", "*i64", dict(HAS_LDAM=True, HAS_FOCAL=True, MEAN=True, PER_ROW=False, HAS_GRAD=True)),
             ("*fp16", "*u8", dict(HAS_LDAM=True, HAS_FOCAL=False, MEAN=False, PER_ROW=True, HAS_GRAD=False)),
@@ -95,4 +99,4 @@ def test_kernels_compile_for_gpus():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 19" in result.stdout
+    assert "compiled 21" in result.stdout

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    INTERPRETED,
     class_view,
     empty,
     finish_gradient,
@@ -163,6 +164,39 @@ def _row_kernel(
         tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
 
 
+@triton.jit
+def _row_total_kernel(
+    partial_ptr,
+    norm_ptr,
+    loss_ptr,
+    P,
+    alpha,
+    beta,
+    HAS_LDAM: tl.constexpr,
+    HAS_FOCAL: tl.constexpr,
+    MEAN: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program: ``alpha * sum(ldam) [/ W] + beta * sum(focal) [/ N]`` from the ``[P, 2]`` partials.
+
+    A fixed-order sum (deterministic); a term whose coefficient is 0 is left out, not multiplied
+    by 0, since its normaliser may be 0.
+    """
+    pair = tl.arange(0, 2)
+    acc = tl.zeros([BLOCK_P, 2], dtype=tl.float32)
+    for start in range(0, P, BLOCK_P):
+        rows = start + tl.arange(0, BLOCK_P)
+        acc += tl.load(
+            partial_ptr + rows[:, None].to(tl.int64) * 2 + pair[None, :], mask=(rows < P)[:, None], other=0.0
+        )
+    sums = tl.sum(acc, axis=0)
+    if MEAN:
+        sums = sums / tl.load(norm_ptr + pair)
+    coefficients = tl.where(pair == 0, alpha, beta)
+    keep = ((pair == 0) & HAS_LDAM) | ((pair == 1) & HAS_FOCAL)
+    tl.store(loss_ptr, tl.sum(tl.where(keep, coefficients * sums, 0.0), axis=0))
+
+
 def row_forward(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -224,11 +258,10 @@ def row_forward(
         grad = finish_gradient(grad, grad_view)
     if per_row:
         return rows.view(labels.shape), grad
-    ldam_sum, focal_sum = partial.sum((0, 1)).unbind()
-    loss = torch.zeros((), dtype=torch.float32, device=device)
-    # A term with coefficient 0 is skipped, not multiplied by 0 (its normaliser may be 0).
-    if alpha != 0.0:
-        loss = loss + alpha * (ldam_sum / norm[0] if mean else ldam_sum)
-    if beta != 0.0:
-        loss = loss + beta * (focal_sum / norm[1] if mean else focal_sum)
+    loss = empty((), dtype=torch.float32, device=device)
+    _row_total_kernel[(1,)](
+        partial, dummy if norm is None else norm, loss, batch * blocks, fp32(alpha), fp32(beta),
+        HAS_LDAM=alpha != 0.0, HAS_FOCAL=beta != 0.0, MEAN=mean,
+        BLOCK_P=min(triton.next_power_of_2(batch * blocks), 1024 if INTERPRETED else 256), num_warps=4,
+    )  # fmt: skip
     return loss, grad
