@@ -51,6 +51,25 @@ def test_opcheck_region(reduction, soft):
     torch.library.opcheck(ops.region_backward_op, (grad_loss, logits.detach(), target, stats.detach(), *rest))
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_row_gradient_recomputed_when_forward_skipped_it(reduction):
+    # The backend asks for no gradient only when none is wanted; called directly without it, the
+    # op still differentiates correctly by recomputing the gradient in backward.
+    logits, labels, margins, ldam_weight, focal_weight, *options = _row_args(reduction=reduction, compute_grad=False)
+    kwargs = dict(zip(("alpha", "beta", "gamma", "s", "ignore_index", "reduction"), options[:6], strict=True))
+    grad_output = random_grad_output(labels.shape if reduction == "none" else ())
+    expected = loss_and_grad(
+        reference.row_loss, logits, labels, margins, ldam_weight, focal_weight, grad_output=grad_output, **kwargs
+    )
+    actual = loss_and_grad(
+        lambda x: ops.row_loss_op(x, labels, margins, ldam_weight, focal_weight, *options)[0],
+        logits,
+        grad_output=grad_output,
+    )
+    assert_fp32_close(actual[0], expected[0], "loss")
+    assert_fp32_close(actual[1], expected[1], "gradient")
+
+
 def _poison(monkeypatch):
     """Every buffer the kernels fill starts as NaN: any element a program forgets to write shows."""
 
