@@ -71,6 +71,17 @@ def _load(name: str) -> Backend | str:
     return _loaded[name]
 
 
+def preload(name: str) -> None:
+    """Import the backend ``name`` (every fused candidate for ``"auto"``) now.
+
+    Criteria call this when they are built, so that a criterion first called inside
+    ``torch.compile(fullgraph=True)`` finds its backend already imported (dynamo does not
+    trace ``importlib``). Import failures are remembered, not raised.
+    """
+    for candidate in _LOCATIONS if name == "auto" else (name,) if name in _LOCATIONS else ():
+        _load(candidate)
+
+
 def _reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     backend = _load(name)
     if isinstance(backend, str):

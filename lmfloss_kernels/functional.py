@@ -133,7 +133,10 @@ def _vector_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 def _per_class(values, logits: torch.Tensor) -> torch.Tensor:
-    return _constant(tuple(float(v) for v in values), logits.device, _vector_dtype(logits))
+    # Under torch.compile the constant becomes part of the graph; the cache would only be
+    # traced through (with a warning), so it is bypassed there.
+    build = _constant.__wrapped__ if torch.compiler.is_compiling() else _constant
+    return build(tuple(float(v) for v in values), logits.device, _vector_dtype(logits))
 
 
 def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:

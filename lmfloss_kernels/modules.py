@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from . import functional as F
-from ._backends import BACKEND_NAMES
+from ._backends import BACKEND_NAMES, preload
 from ._validation import check_class_counts, check_number, class_vector
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
 def _check_backend(backend: object) -> str:
     if not isinstance(backend, str) or backend not in BACKEND_NAMES:
         raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
+    preload(backend)
     return backend
 
 
