@@ -82,7 +82,7 @@ LMF_HD T softmax_lse(const SoftmaxStats<T>& st) {
 // Clip (losses.md 0.3, 6.5), as lmfloss_kernels.reference.region_loss evaluates it: q, 1 - q and
 // log q each come from log p (1 - p = -expm1(log p) keeps its digits near p = 1) and are each
 // clamped to the image of [eps, 1 - eps]; each clamp passes the gradient only inside its range,
-// inclusive (torch.clamp, tf.clip_by_value). Without the clip the masks are 1 and q = p.
+// inclusive (torch.clamp, tf.clip_by_value).
 template <typename T>
 struct ClippedProb {
   T q, u, log_q;              // q, 1 - q, log q
@@ -96,12 +96,14 @@ LMF_HD T clamp_with_mask(T x, T lo, T hi, T& mask) {
 }
 
 // Clip bounds rounded once from double, as torch rounds a Python float bound to the tensor dtype.
+// Without the clip the bounds are the natural ranges of p, 1 - p and log p ([0, 1], [0, 1],
+// [-inf, 0]), where clamping changes nothing and every mask is 1: one branch-free code path.
 template <typename T>
 struct ClipBounds {
-  bool clip;
   T lo, hi, log_lo, log_hi;  // eps, 1 - eps, log(eps), log1p(-eps)
   static ClipBounds make(bool clip, double eps) {
-    return {clip, T(eps), T(1.0 - eps), T(::log(eps)), T(::log1p(-eps))};
+    if (!clip) return {T(0), T(1), -T(INFINITY), T(0)};
+    return {T(eps), T(1.0 - eps), T(::log(eps)), T(::log1p(-eps))};
   }
 };
 
@@ -109,16 +111,9 @@ struct ClipBounds {
 template <typename T>
 LMF_HD ClippedProb<T> clip_prob(T log_p, T p, T u, const ClipBounds<T>& b) {
   ClippedProb<T> r;
-  if (b.clip) {
-    r.q = clamp_with_mask(p, b.lo, b.hi, r.mask_q);
-    r.u = clamp_with_mask(u, b.lo, b.hi, r.mask_u);
-    r.log_q = clamp_with_mask(log_p, b.log_lo, b.log_hi, r.mask_log);
-  } else {
-    r.q = p;
-    r.u = u;
-    r.log_q = log_p;
-    r.mask_q = r.mask_u = r.mask_log = T(1);
-  }
+  r.q = clamp_with_mask(p, b.lo, b.hi, r.mask_q);
+  r.u = clamp_with_mask(u, b.lo, b.hi, r.mask_u);
+  r.log_q = clamp_with_mask(log_p, b.log_lo, b.log_hi, r.mask_log);
   return r;
 }
 

@@ -185,14 +185,11 @@ struct LabelMap {
   template <typename math_t>
   void load(int64_t b, int64_t v0, int64_t n, int64_t* label, math_t* valid, math_t* /*y*/) const {
     const label_t* row = ptr + b * g.sb + v0 * g.sv;
+    const int64_t ignored = has_ignore ? ignore : -1;
     for (int64_t t = 0; t < kTile; ++t) {
-      int64_t l = -1;
-      if (t < n) {
-        l = static_cast<int64_t>(row[t * g.sv]);
-        if ((has_ignore && l == ignore) || l < 0 || l >= classes) l = -1;
-      }
-      label[t] = l;
-      valid[t] = l >= 0 ? math_t(1) : math_t(0);
+      const int64_t l = t < n ? static_cast<int64_t>(row[t * g.sv]) : int64_t(-1);
+      label[t] = (l == ignored || l < 0 || l >= classes) ? int64_t(-1) : l;
+      valid[t] = label[t] >= 0 ? math_t(1) : math_t(0);
     }
   }
 };
