@@ -225,10 +225,12 @@ struct RegionParams {
   bool with_focal, with_tversky;
 };
 
+// Clipped q, 1 - q, log q of one class from its logit and the voxel's LSE; p = softmax(z) in `p`.
 template <typename math_t>
-__device__ ClippedProb<math_t> clipped_at(math_t z, math_t lse, const ClipBounds<math_t>& bounds) {
+__device__ ClippedProb<math_t> clipped_at(math_t z, math_t lse, const ClipBounds<math_t>& bounds, math_t& p) {
   const math_t log_p = z - lse;
-  return clip_prob(log_p, math_exp(log_p), -math_expm1(log_p), bounds);
+  p = math_exp(log_p);
+  return clip_prob(log_p, p, -math_expm1(log_p), bounds);
 }
 
 template <typename scalar_t, typename Target>
@@ -254,7 +256,8 @@ __global__ void region_forward_kernel(const scalar_t* x, Geometry g, Target targ
       for (int j = 0; j < kGroup; ++j) {
         const int64_t c = c0 + j;
         if (c >= C) break;
-        const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds);
+        math_t p;
+        const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
         const math_t y = valid * target.template y<math_t>(b, c, v, l);
         tp[j] += y * cp.q;
         fn[j] += y * cp.u;
@@ -393,17 +396,18 @@ __global__ void region_backward_kernel(const scalar_t* x, Geometry g, Target tar
     const math_t valid = l >= 0 ? math_t(1) : math_t(0);
     const scalar_t* row = x + b * g.sb + v * g.sv;
     const math_t lse = softmax_lse(softmax_of<math_t>(row, C, g.sc));
+    // Two passes over the classes: the sum of h first, then h_j - p_j sum (h recomputed: no
+    // per-voxel arrays of runtime length).
     math_t hsum = 0;
     for (int64_t c = 0; c < C; ++c) {
-      const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds);
-      const math_t p = math_exp(static_cast<math_t>(row[c * g.sc]) - lse);
+      math_t p;
+      const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
       hsum += region_h<math_t, Target>(cp, p, valid * target.template y<math_t>(b, c, v, l), valid, k, c, C, P);
     }
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
     for (int64_t c = 0; c < C; ++c) {
-      const math_t z = static_cast<math_t>(row[c * g.sc]);
-      const ClippedProb<math_t> cp = clipped_at(z, lse, P.bounds);
-      const math_t p = math_exp(z - lse);
+      math_t p;
+      const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
       const math_t h = region_h<math_t, Target>(cp, p, valid * target.template y<math_t>(b, c, v, l), valid, k, c, C, P);
       out[c * gg.sc] = static_cast<scalar_t>(h - p * hsum);
     }
