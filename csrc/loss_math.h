@@ -186,7 +186,6 @@ LMF_HD TverskyTerm<T> tversky_term(T tp, T fn, T fp, T delta, T smooth_nr, T smo
 //     [TP_0..TP_{C-1}, FN_0.., FP_0.., focal sum, number of valid voxels].
 template <typename T>
 struct RegionStats {
-  static constexpr int kTP = 0, kFN = 1, kFP = 2;
   LMF_HD static int64_t width(int64_t classes) { return 3 * classes + 2; }
   LMF_HD static int64_t focal(int64_t classes) { return 3 * classes; }
   LMF_HD static int64_t count(int64_t classes) { return 3 * classes + 1; }
