@@ -14,12 +14,12 @@ Peak extra memory
     before it (the caching allocator's exact view of live tensors). CPU: the process's peak
     resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) during one call minus
     the resident set before it. For that call only, glibc is told to serve blocks above 64 KiB
-    with ``mmap`` and to give them back on free, so a tensor counts while it lives and not
-    after. Limits of the CPU method: it needs Linux and glibc; it counts pages that were touched
-    (an allocated but never written buffer costs nothing), so it measures memory actually used,
-    not requested; allocations under 64 KiB come from memory already resident and are not
-    counted, so inputs of a few hundred KiB read as ~0; thread stacks add noise of a few
-    hundred KiB.
+    with ``mmap`` and to give them back on free, and the call runs in a fresh thread (a glibc
+    arena without free blocks to recycle), so a tensor counts while it lives and not after.
+    Limits of the CPU method: it needs Linux and glibc; it counts pages that were touched (an
+    allocated but never written buffer costs nothing), so it measures memory actually used, not
+    requested; allocations under 64 KiB come from memory already resident and are not counted;
+    the thread's stack and OpenMP workers' arenas add noise of a few hundred KiB.
 
 Copy bandwidth
     ``dst.copy_(src)`` of a tensor much larger than the caches; bytes = read + write.
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -195,10 +196,30 @@ def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         base = _status_bytes("VmRSS")
-        fn()
+        _run_in_fresh_thread(fn)
         return float(max(0, _status_bytes("VmHWM") - base))
     finally:
         _malloc_for_measuring(False)
+
+
+def _run_in_fresh_thread(fn: Callable[[], object]) -> None:
+    # glibc serves a request from free blocks of the caller's arena before it considers mmap, so
+    # in the main thread, whose arena the timed repetitions filled, a freed temporary stays
+    # resident and is counted again next to the next one. A new thread gets an arena with no
+    # large free blocks, where every block above the threshold is a fresh mmap.
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(error)
+
+    thread = threading.Thread(target=target, name="bench-memory")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
 
 
 # --------------------------------------------------------------------------------------------
