@@ -13,7 +13,10 @@ so that it compiles against the torch already installed.
   when the build machine's CPU has AVX2 and FMA, else the compiler's default; set
   ``LMFLOSS_CPU_ARCH`` (e.g. ``x86-64`` for a library that must also run on older CPUs, or
   ``native``) to choose.
-* ``MAX_JOBS`` defaults to what the cores and the memory allow (about 2 GiB per nvcc job).
+* ``MAX_JOBS`` defaults to what the cores and the available memory allow (about 2 GiB per nvcc job).
+* ``LMFLOSS_LOCAL_VERSION`` (e.g. ``cu130torch2.14``, set by ``scripts/build_wheel.sh``) appends a
+  PEP 440 local version label: ``0.1.0+cu130torch2.14``; ``LMFLOSS_SOURCE_REVISION`` (the git
+  revision the script found) is recorded in the build metadata.
 * Build metadata (torch and CUDA versions, architectures, compiler, with_cuda) is written to
   ``lmfloss_kernels/_build_info.json`` next to the library; the package compares it with the
   running torch at import.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,17 +35,45 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCH_LIST = "8.0;8.6;8.9;9.0+PTX"
+VERSION = "0.1.0"
 
 
 def _flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _version() -> str:
+    """VERSION, plus the local label of LMFLOSS_LOCAL_VERSION (the CUDA and torch a wheel was built for)."""
+    local = os.environ.get("LMFLOSS_LOCAL_VERSION", "").strip()
+    if not local:
+        return VERSION
+    if not re.fullmatch(r"[a-z0-9]+(\.[a-z0-9]+)*", local):
+        raise ValueError(
+            f"LMFLOSS_LOCAL_VERSION must be a PEP 440 local label (lower-case letters and digits separated by dots), "
+            f"got {local!r}"
+        )
+    return f"{VERSION}+{local}"
+
+
+def _available_memory_gib() -> float | None:
+    """MemAvailable of /proc/meminfo (what other processes leave free), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def _default_max_jobs() -> str:
     cores = os.cpu_count() or 1
-    try:
-        memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
+    memory_gib = _available_memory_gib()
+    if memory_gib is None:
         memory_gib = 2.0 * cores
     return str(max(1, min(cores, int(memory_gib // 2))))
 
@@ -102,6 +134,7 @@ def _extension_and_command():
         extra_link_args=["-fopenmp"],
     )
     info = {
+        "version": _version(),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "with_cuda": with_cuda,
@@ -110,6 +143,7 @@ def _extension_and_command():
         "compiler": _compiler_version(),
         "cpu_arch": cpu_arch,
         "python": sys.version.split()[0],
+        "source": os.environ.get("LMFLOSS_SOURCE_REVISION"),
     }
 
     class BuildExtension(cpp_extension.BuildExtension):
@@ -139,7 +173,7 @@ extension, build_ext = _extension_and_command()
 
 setup(
     name="lmfloss-kernels",
-    version="0.1.0",
+    version=_version(),
     description="Fused Triton and C++/CUDA kernels for the LMF, Unified Focal and Mixed Focal losses",
     packages=find_packages(include=["lmfloss_kernels", "lmfloss_kernels.*"]),
     python_requires=">=3.10",
