@@ -137,16 +137,29 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> None:
-    """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``."""
-    values = labels.long()
-    if ignore_index is not None:
-        values = values[values != ignore_index]
-    if values.numel() == 0:
+    """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``.
+
+    One ``aminmax`` pass on the labels' own dtype; ignored labels are replaced by 0 (always in
+    range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
+    """
+    if labels.numel() == 0:
         return
-    low, high = int(values.min()), int(values.max())
+    values = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
+    if ignore_index is not None and _representable(ignore_index, values.dtype):
+        values = torch.where(values == ignore_index, torch.zeros((), dtype=values.dtype), values)
+    low, high = (int(v) for v in torch.aminmax(values))
     if low < 0 or high >= num_classes:
+        # Error path only: the range of the labels that are not ignored, for the message.
+        kept = labels.long()
+        kept = kept if ignore_index is None else kept[kept != ignore_index]
+        low, high = int(kept.min()), int(kept.max())
         allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"target labels must be in {allowed}, got values in [{low}, {high}]")
+
+
+def _representable(value: int, dtype: torch.dtype) -> bool:
+    info = torch.iinfo(dtype)
+    return info.min <= value <= info.max
 
 
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
