@@ -7,6 +7,7 @@ eager definitions in :mod:`lmfloss_kernels.reference`. See the README for the ba
 from . import calf, functional, reference
 from ._backends import available_backends
 from ._config import get_options, options, set_options
+from ._distributed import ddp_scale
 from .functional import BackendMismatchError, drw_weights, ldam_margins
 from .modules import (
     AsymmetricFocalLoss,
@@ -37,6 +38,7 @@ __all__ = [
     "UnifiedFocalLoss",
     "available_backends",
     "calf",
+    "ddp_scale",
     "drw_weights",
     "functional",
     "get_options",

@@ -35,6 +35,7 @@ import torch
 from . import reference
 from ._backends import resolve_backend
 from ._config import get_options
+from ._distributed import make_sync
 from ._validation import (
     check_bool,
     check_class_counts,
@@ -450,6 +451,8 @@ def _region_family(
     reduction,
     ignore_index,
     backend,
+    dist_sync=False,
+    process_group=None,
 ) -> torch.Tensor:
     """Checks shared by every region loss, then the region family on the chosen backend."""
     reduction = check_reduction(reduction)
@@ -458,6 +461,7 @@ def _region_family(
     eps = check_number("eps", eps, low=0.0, high=0.5, low_open=True, high_open=True)
     ignore_index = check_ignore_index(ignore_index, optional=True)
     target = check_target(logits, target, ignore_index=ignore_index)
+    sync = make_sync(check_bool("dist_sync", dist_sync), process_group)
     return _run(
         "region_loss",
         backend,
@@ -476,6 +480,7 @@ def _region_family(
         batch=batch,
         ignore_index=ignore_index,
         reduction=reduction,
+        **({} if sync is None else {"sync": sync}),
     )
 
 
@@ -501,6 +506,8 @@ def unified_focal_loss(
     reduction: str = "mean",
     ignore_index: int | None = None,
     backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Unified Focal loss (Yeung et al., CMIG 2022), asymmetric (default) or symmetric.
 
@@ -530,6 +537,11 @@ def unified_focal_loss(
     confidently wrong voxel (true-class probability below ``eps``) does not learn.
     ``clip=False`` evaluates ``log q`` in log space with no clip and no dead zone.
     ``batch=True`` sums TP, FN, FP over the batch before the index (MONAI's meaning).
+    ``dist_sync=True`` (with ``process_group``, default the global group) computes the loss of the
+    batch concatenated over the ranks: one all-reduce of the per-class sums, the per-image loss
+    sum and the image count; each rank's logit gradient is its slice of the global gradient, so
+    under DDP (which averages) multiply the loss by ``lmfloss_kernels.ddp_scale()`` (the world
+    size) to get single-process parameter gradients. ``"none"`` returns this rank's images.
     ``ignore_index`` (label maps only) drops voxels from every sum; the voxel mean is then per
     image over its valid voxels.
 
@@ -566,6 +578,8 @@ def unified_focal_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
     )
 
 
@@ -582,6 +596,8 @@ def focal_tversky_loss(
     reduction: str = "mean",
     ignore_index: int | None = None,
     backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Focal Tversky loss, the region component of the Unified Focal loss (Yeung et al.).
 
@@ -622,6 +638,8 @@ def focal_tversky_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
     )
 
 
@@ -801,6 +819,8 @@ def tversky_loss(
     reduction: str = "mean",
     ignore_index: int | None = None,
     backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Tversky loss on softmax probabilities: ``mean_{b,c} (1 - TI_{bc})``.
 
@@ -832,6 +852,8 @@ def tversky_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
     )
 
 
@@ -846,6 +868,8 @@ def dice_loss(
     reduction: str = "mean",
     ignore_index: int | None = None,
     backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
 ) -> torch.Tensor:
     r"""Soft Dice loss on softmax probabilities: ``mean_{b,c} [1 - (2 TP + 2s) / (2 TP + FN + FP + 2s)]``.
 
@@ -864,4 +888,6 @@ def dice_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
     )

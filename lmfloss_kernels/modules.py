@@ -14,7 +14,7 @@ from torch import nn
 
 from . import functional as F
 from ._backends import BACKEND_NAMES, preload
-from ._validation import check_class_counts, check_number, class_vector
+from ._validation import check_bool, check_class_counts, check_number, class_vector
 
 __all__ = [
     "AsymmetricFocalLoss",
@@ -58,7 +58,13 @@ class _KeywordLoss(nn.Module):
                 num_classes = tensor.numel()
         dry_logits = torch.zeros(1, num_classes, 1, device="meta")
         dry_target = torch.zeros(1, 1, dtype=torch.long, device="meta")
-        type(self)._function(dry_logits, dry_target, **self._call_kwargs(), backend="reference")
+        dry_kwargs = self._call_kwargs()
+        if "dist_sync" in dry_kwargs:
+            # The process group may be initialised after the criterion is built: the dry run
+            # checks the keyword's type only.
+            check_bool("dist_sync", dry_kwargs["dist_sync"])
+            dry_kwargs.update(dist_sync=False, process_group=None)
+        type(self)._function(dry_logits, dry_target, **dry_kwargs, backend="reference")
 
     def _call_kwargs(self) -> dict:
         return {**self.kwargs, **{name: getattr(self, name) for name in self._tensor_names}}
@@ -67,7 +73,7 @@ class _KeywordLoss(nn.Module):
         return type(self)._function(logits, target, **self._call_kwargs(), backend=self.backend)
 
     def extra_repr(self) -> str:
-        shown = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor)}
+        shown = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor) and k != "process_group"}
         return ", ".join(f"{k}={v!r}" for k, v in {**shown, "backend": self.backend}.items())
 
 
@@ -89,6 +95,8 @@ class UnifiedFocalLoss(_KeywordLoss):
         reduction: str = "mean",
         ignore_index: int | None = None,
         backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -110,6 +118,8 @@ class FocalTverskyLoss(_KeywordLoss):
         reduction: str = "mean",
         ignore_index: int | None = None,
         backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -155,6 +165,8 @@ class TverskyLoss(_KeywordLoss):
         reduction: str = "mean",
         ignore_index: int | None = None,
         backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
@@ -174,6 +186,8 @@ class DiceLoss(_KeywordLoss):
         reduction: str = "mean",
         ignore_index: int | None = None,
         backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 

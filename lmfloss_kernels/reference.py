@@ -21,8 +21,12 @@ Cut Cross-Entropy tolerance rule.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from . import _distributed
 
 __all__ = ["drw_weights", "ldam_margins", "region_loss", "row_loss"]
 
@@ -149,6 +153,7 @@ def region_loss(
     ignore_index: int | None,
     reduction: str,
     upcast: bool = True,
+    sync: _distributed.DistSync | None = None,
 ) -> torch.Tensor:
     r"""Region family: per-voxel focal cross-entropy plus per-class focal Tversky terms.
 
@@ -175,6 +180,12 @@ def region_loss(
 
     Reductions: ``"none"`` returns ``L_b`` of shape ``(B,)``; ``"mean"`` its mean (the authors'
     value, with all voxels valid); ``"sum"`` its sum.
+
+    ``sync`` (``dist_sync=True`` of the functional API): the loss of the batch concatenated over
+    the ranks of a process group, from one all-reduce of ``[sum_b P_b, B, TP, FN, FP]``, where
+    ``P_b`` is the part of ``L_b`` private to image ``b``; the other ranks' numbers are
+    constants, so each rank's gradient is its slice of the global one
+    (:mod:`lmfloss_kernels._distributed`).
     """
     z = _math_dtype(logits, upcast)
     batch_size, num_classes = z.shape[:2]
@@ -193,34 +204,60 @@ def region_loss(
         y = F.one_hot(safe_label.squeeze(1), num_classes).movedim(-1, 1).to(z.dtype) * valid
 
     if clip:
+        # Same clip masks as clamping p (in exact arithmetic), but 1 - q and log q are formed from
+        # log p: in float32, 1 - clamp(p, eps, 1 - eps) rounds to 1.19e-7 instead of eps.
         q = p.clamp(eps, 1.0 - eps)
-        one_minus_q = 1.0 - q
-        log_q = q.log()
+        one_minus_q = (-torch.expm1(log_p)).clamp(eps, 1.0 - eps)
+        log_q = log_p.clamp(math.log(eps), math.log1p(-eps))
     else:
         q = p
         one_minus_q = -torch.expm1(log_p)
         log_q = log_p
 
-    loss = z.new_zeros(batch_size)
+    private = z.new_zeros(batch_size)
+    shared = None
     if focal_coef != 0.0:
         weight = focal_weight.to(z.dtype).view(1, -1, 1)
         gamma = focal_gamma.to(z.dtype).view(1, -1, 1)
         voxel = (weight * y * _focal_modulation(one_minus_q, gamma) * (-log_q)).sum(1) * valid[:, 0]
-        loss = loss + focal_coef * voxel.sum(1) / valid.sum((1, 2)).clamp_min(1.0)
+        private = private + focal_coef * voxel.sum(1) / valid.sum((1, 2)).clamp_min(1.0)
     if tversky_coef != 0.0:
         tp = (y * q * valid).sum(-1)
         fn = (y * one_minus_q * valid).sum(-1)
         fp = ((1.0 - y) * q * valid).sum(-1)
         if batch:
             tp, fn, fp = (t.sum(0, keepdim=True) for t in (tp, fn, fp))
-        den = tp + delta * fn + (1.0 - delta) * fp + smooth_dr
-        one_minus_ti = (delta * fn + (1.0 - delta) * fp + (smooth_dr - smooth_nr)) / den
-        exponent = tversky_exponent.to(z.dtype).view(1, -1)
-        per_class = one_minus_ti.clamp_min(torch.finfo(z.dtype).tiny).pow(exponent)
-        loss = loss + tversky_coef * per_class.mean(1)
+    totals = None
+    if sync is not None:
+        # One all-reduce of [sum_b P_b, B, TP, FN, FP]; the other ranks' numbers are constants.
+        sums = [tp, fn, fp] if tversky_coef != 0.0 and batch else []
+        if not batch and tversky_coef != 0.0:
+            private = private + tversky_coef * _tversky_term(
+                tp, fn, fp, tversky_exponent, z.dtype, delta, smooth_nr, smooth_dr
+            )
+        local = torch.cat(
+            [private.sum().reshape(1), private.new_full((1,), float(batch_size)), *(t.reshape(-1) for t in sums)]
+        )
+        totals = sync.all_reduce(local)
+        if sums:
+            tp, fn, fp = (
+                t + (g.view_as(t) - t).detach() for t, g in zip(sums, totals[2:].to(z.dtype).chunk(3), strict=True)
+            )
+    if tversky_coef != 0.0 and (sync is None or batch):
+        shared = tversky_coef * _tversky_term(tp, fn, fp, tversky_exponent, z.dtype, delta, smooth_nr, smooth_dr)
+    if totals is not None:
+        return _distributed.combine(private, None if shared is None else shared[0], totals[:2], reduction)
 
+    loss = private if shared is None else private + shared
     if reduction == "none":
         return loss
     if reduction == "sum":
         return loss.sum()
     return loss.mean()
+
+
+def _tversky_term(tp, fn, fp, tversky_exponent, dtype, delta, smooth_nr, smooth_dr) -> torch.Tensor:
+    den = tp + delta * fn + (1.0 - delta) * fp + smooth_dr
+    one_minus_ti = (delta * fn + (1.0 - delta) * fp + (smooth_dr - smooth_nr)) / den
+    exponent = tversky_exponent.to(dtype).view(1, -1)
+    return one_minus_ti.clamp_min(torch.finfo(dtype).tiny).pow(exponent).mean(1)

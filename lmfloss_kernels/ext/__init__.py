@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _distributed
 from . import _loader, ops
 
 BUILD_INFO, LOAD_ERROR = _loader.load()
@@ -78,12 +79,25 @@ class ExtensionBackend:
         batch,
         ignore_index,
         reduction,
+        sync=None,
     ) -> torch.Tensor:
-        loss, _ = ops.region_loss_op(
-            logits, target, focal_weight, focal_gamma, tversky_exponent, float(delta), float(focal_coef),
-            float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps), bool(clip), bool(batch),
-            None if ignore_index is None else int(ignore_index), reduction,
+        vectors = (focal_weight, focal_gamma, tversky_exponent)
+        scalars = (
+            float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
+            bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
         )  # fmt: skip
+        if sync is not None:
+            kernels = _distributed.RegionKernels(
+                statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none"),
+                gradient=lambda w, st: ops.region_loss_backward_op(w, logits, target, *vectors, st, *scalars, "none"),
+                layout=(3 * logits.shape[1], 3 * logits.shape[1] + 1, 0),
+            )
+            options = _distributed.synced_options(
+                tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,
+                smooth_dr=smooth_dr, batch=batch, reduction=reduction,
+            )  # fmt: skip
+            return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
+        loss, _ = ops.region_loss_op(logits, target, *vectors, *scalars, reduction)
         return loss
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _distributed
 from . import ops
 from ._common import unavailable_reason
 
@@ -84,24 +85,25 @@ class TritonBackend:
         batch,
         ignore_index,
         reduction,
+        sync=None,
     ) -> torch.Tensor:
-        loss, _ = ops.region_forward_op(
-            logits,
-            target,
-            _vector(focal_weight),
-            _vector(focal_gamma),
-            _vector(tversky_exponent),
-            float(delta),
-            float(focal_coef),
-            float(tversky_coef),
-            float(smooth_nr),
-            float(smooth_dr),
-            float(eps),
-            bool(clip),
-            bool(batch),
-            None if ignore_index is None else int(ignore_index),
-            reduction,
-        )
+        vectors = (_vector(focal_weight), _vector(focal_gamma), _vector(tversky_exponent))
+        scalars = (
+            float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
+            bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
+        )  # fmt: skip
+        if sync is not None:
+            kernels = _distributed.RegionKernels(
+                statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none"),
+                gradient=lambda w, stats: ops.region_backward_op(w, logits, target, stats, *vectors, *scalars, "none"),
+                layout=(0, 1, 2),
+            )  # fmt: skip
+            options = _distributed.synced_options(
+                tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,
+                smooth_dr=smooth_dr, batch=batch, reduction=reduction,
+            )  # fmt: skip
+            return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
+        loss, _ = ops.region_forward_op(logits, target, *vectors, *scalars, reduction)
         return loss
 
 
