@@ -12,12 +12,14 @@ What it checks, failing (exit status 1, every failure listed) when any of it doe
    names the CUDA and torch of that metadata (``+cu130torch2.14``, ``+cputorch2.14``, optionally
    followed by more dot-separated parts).
 2. Device code of the library, read from its ELF file: the CUDA fat binary section and the
-   libraries it needs; with ``cuobjdump`` (``$CUDA_HOME/bin``, ``PATH``, or the
-   ``nvidia-cuda-cuobjdump`` package installed into the check's venv) the embedded SASS
-   (``--list-elf``) and PTX (``--list-ptx``) targets. Every requested target must be present
+   libraries it needs; with ``cuobjdump``, the embedded SASS (``--list-elf``) and PTX
+   (``--list-ptx``) targets. Every requested target must be present
    (``--arch-list`` in ``TORCH_CUDA_ARCH_LIST`` syntax: ``9.0+PTX`` asks for SASS sm_90 and PTX
    compute_90); a CPU-only wheel (``--cpu-only``) must have no device code and need no CUDA
    library. Without either option, the arch list recorded in the wheel's metadata is requested.
+   cuobjdump is the one named by ``--cuobjdump``, else ``$CUDA_HOME/bin/cuobjdump``, else one on
+   ``PATH``, else one of the ``nvidia-cuda-cuobjdump`` package in this interpreter's site-packages,
+   else that package is installed into the check's venv.
 3. Installation: a fresh venv (no system site-packages) gets the wheel with ``--no-deps``, then
    imports it from outside the source tree, prints its build metadata, checks that the library
    loaded with kernels for the expected devices, and compares one Unified Focal (label map) and one
@@ -43,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 PACKAGE = "lmfloss_kernels"
@@ -97,11 +98,11 @@ print("REPORT " + json.dumps(report))
 """
 
 
-@dataclass
 class Check:
-    """Failures and notes of one wheel's check."""
+    """The failures found in one wheel."""
 
-    failures: list[str] = field(default_factory=list)
+    def __init__(self) -> None:
+        self.failures: list[str] = []
 
     def require(self, condition: bool, message: str) -> bool:
         if not condition:
@@ -195,8 +196,11 @@ def find_cuobjdump(explicit: str | None, venv: Path | None) -> str | None:
     if os.environ.get("CUDA_HOME"):
         candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
     candidates.append(shutil.which("cuobjdump"))
+    # The nvidia-cuda-cuobjdump package puts it at site-packages/nvidia/cu<major>/bin.
+    sites = [Path(entry) for entry in sys.path if entry.endswith("site-packages")]
     if venv is not None:
-        candidates += sorted(str(p) for p in venv.glob("lib/python*/site-packages/nvidia/*/bin/cuobjdump"))
+        sites += sorted(venv.glob("lib/python*/site-packages"))
+    candidates += [str(tool) for site in sites for tool in sorted(site.glob("nvidia/*/bin/cuobjdump"))]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 
