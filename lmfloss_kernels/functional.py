@@ -22,8 +22,10 @@ Common conventions
 * Labels are checked to lie in ``[0, C)`` (or equal ``ignore_index``) on CPU tensors; on GPU
   tensors only with ``lmfloss_kernels.set_options(check_labels=True)``, because the check
   synchronises with the device.
-* Non-finite logits are not hidden: NaN or inf propagates into the loss and the gradient, as in
-  PyTorch's own losses.
+* Non-finite logits are not hidden: a NaN, +inf or -inf logit makes the loss NaN (for
+  ``reduction="none"`` the loss of its row / image), on every backend; NaN and +inf also give NaN
+  gradients. Unlike :func:`torch.nn.functional.cross_entropy`, a -inf logit is not read as
+  "probability 0": masking classes by -inf is not supported.
 """
 
 from __future__ import annotations
@@ -157,7 +159,26 @@ def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> to
     function = getattr(implementation, family)
     if get_options().check_backend and implementation.name != "reference":
         _compare_with_reference(family, function, implementation.name, logits, args, kwargs)
-    return function(logits, *args, **kwargs)
+    loss = function(logits, *args, **kwargs)
+    return _propagate_nonfinite(loss, logits, family, kwargs["reduction"])
+
+
+def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, reduction: str) -> torch.Tensor:
+    """Non-finite logits policy: NaN, +inf or -inf in a row / image makes its loss NaN, on every backend.
+
+    Clipped probabilities and max-subtracted softmaxes can turn a NaN logit into a finite
+    loss, so the logits' float64 sum (finite for any finite float32/16 input, non-finite
+    otherwise) is added times 0: ``0 * inf`` and ``0 * nan`` are NaN. One read of the logits,
+    no host sync, nothing added to the gradient.
+    """
+    signal = logits.detach()
+    if reduction != "none":
+        total = signal.sum(dtype=torch.float64)
+    elif family == "row_loss":
+        total = signal.sum(1, dtype=torch.float64)
+    else:
+        total = signal.flatten(1).sum(1, dtype=torch.float64)
+    return loss + (0.0 * total).to(loss.dtype)
 
 
 def _compare_with_reference(family, function, name, logits, args, kwargs) -> None:

@@ -1,0 +1,167 @@
+"""Production guarantees on CPU for every backend that runs there: non-finite logits, CPU autocast,
+determinism across runs and thread counts, saturated fp32 clip, memory layouts, index arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lmfloss_kernels as lk
+from lmfloss_kernels import functional as F
+from lmfloss_kernels import reference
+
+BACKENDS = [name for name in ("reference", "cpu", "triton") if name in lk.available_backends("cpu")]
+COUNTS = [40, 9, 3]
+
+
+def _region(x, t, backend, **kw):
+    return F.unified_focal_loss(x, t, backend=backend, **kw)
+
+
+def _rows(x, t, backend, **kw):
+    return F.lmf_loss(x, t, COUNTS, backend=backend, **kw)
+
+
+def _tversky(x, t, backend, **kw):
+    return F.tversky_loss(x, t, backend=backend, **kw)
+
+
+LOSSES = {"unified": (_region, True), "tversky": (_tversky, True), "lmf": (_rows, False), "lmf_dense": (_rows, True)}
+
+
+def _inputs(dense, dtype=torch.float32):
+    if dense:
+        return torch.randn(2, 3, 4, 5, dtype=dtype), torch.randint(0, 3, (2, 4, 5))
+    return torch.randn(6, 3, dtype=dtype), torch.randint(0, 3, (6,))
+
+
+NONFINITE_CASES = [("unified", True), ("unified", False), ("tversky", True), ("tversky", False), ("lmf", None)]
+NONFINITE_CASES += [("lmf_dense", None)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("loss", "clip"), NONFINITE_CASES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_logits_give_nan_loss(backend, loss, clip, bad):
+    fn, dense = LOSSES[loss]
+    kw = {} if clip is None else {"clip": clip}
+    x, t = _inputs(dense)
+    x[1, 1] = bad
+    x.requires_grad_(True)
+    value = fn(x, t, backend, **kw)
+    assert value.isnan(), f"{backend} {loss}: logit {bad} gave a finite loss {float(value)}"
+    value.backward()
+    if bad != float("-inf"):
+        assert x.grad.isnan().any(), f"{backend} {loss}: logit {bad} gave a finite gradient"
+    per_item = fn(x.detach(), t, backend, reduction="none", **kw)
+    assert per_item[1].isnan().all()
+    assert per_item[0].isfinite().all(), "a non-finite logit must not poison the other rows / images"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cpu_autocast_bf16(backend, loss):
+    """Logits made by a layer under CPU autocast are bf16; the loss is fp32, the gradient bf16."""
+    fn, dense = LOSSES[loss]
+    x, t = _inputs(dense)
+    layer = torch.nn.Linear(3, 3) if not dense else torch.nn.Conv2d(3, 3, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer(x)
+        logits.retain_grad()
+        value = fn(logits, t, backend)
+    assert logits.dtype == torch.bfloat16
+    assert value.dtype == torch.float32
+    value.backward()
+    assert logits.grad.dtype == torch.bfloat16
+    assert layer.weight.grad is not None and layer.weight.grad.isfinite().all()
+    expected = fn(logits.detach().float(), t, "reference")
+    torch.testing.assert_close(value.detach(), expected, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_cpu_bitwise_deterministic_across_runs_and_threads(backend, loss):
+    fn, dense = LOSSES[loss]
+    x = torch.randn(2, 3, 33, 47) if dense else torch.randn(517, 3)
+    t = torch.randint(0, 3, x.shape[:1] + x.shape[2:])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 1, 2):
+            torch.set_num_threads(n)
+            z = x.clone().requires_grad_(True)
+            value = fn(z, t, backend, **({"batch": True} if loss == "unified" else {}))
+            value.backward()
+            results.append((value.detach(), z.grad))
+    finally:
+        torch.set_num_threads(threads)
+    for value, grad in results[1:]:
+        assert torch.equal(value, results[0][0])
+        assert torch.equal(grad, results[0][1])
+
+
+def test_fp32_reference_clip_matches_float64_on_saturated_voxels():
+    """1 - clip(p) and log clip(p) from log p: the fp32 reference keeps eps, not 1.19e-7."""
+    x = 30.0 * torch.randn(2, 4, 6, 7, dtype=torch.float64)
+    t = x.argmax(1)
+    t[:, 0] = 0
+    kw = {
+        "delta": 0.6, "focal_coef": 0.5, "tversky_coef": 0.5, "smooth_nr": 1e-7, "smooth_dr": 1e-7, "eps": 1e-7,
+        "clip": True, "batch": False, "ignore_index": None, "reduction": "none",
+    }  # fmt: skip
+    vectors = [torch.tensor(v, dtype=torch.float64) for v in ([0.4, 0.6, 0.6, 0.6], [0.5, 0, 0, 0], [1, 0.5, 0.5, 0.5])]
+    wide = reference.region_loss(x, t, *vectors, **kw)
+    narrow = reference.region_loss(x.float(), t, *(v.float() for v in vectors), **kw)
+    torch.testing.assert_close(narrow.double(), wide, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "expanded", "sliced"])
+def test_memory_layouts_equal_contiguous(backend, layout):
+    base = torch.randn(2, 3, 6, 5)
+    labels = torch.randint(0, 3, (2, 6, 5))
+    if layout == "transposed":
+        x = base.transpose(2, 3).contiguous().transpose(2, 3)
+    elif layout == "channels_last":
+        x = base.contiguous(memory_format=torch.channels_last)
+    elif layout == "expanded":
+        x = base[:1].expand(2, 3, 6, 5)  # stride 0 over the batch
+        labels = labels[:1].expand(2, 6, 5)
+    else:
+        x = torch.randn(2, 6, 6, 10)[:, ::2, :, ::2]
+    for fn in (_region, _rows):
+        z = x.detach().requires_grad_(True)
+        value = fn(z, labels, backend)
+        value.backward()
+        c = x.contiguous().requires_grad_(True)
+        expected = fn(c, labels.contiguous(), "reference")
+        expected.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(z.grad, c.grad, rtol=1e-5, atol=1e-6)
+        assert z.grad.shape == x.shape
+
+
+def test_class_view_of_a_huge_expanded_tensor_makes_no_copy():
+    """A stride-0 view with > 2**31 logical elements reaches the kernels as strides, not as a copy."""
+    pytest.importorskip("triton")
+    from lmfloss_kernels.triton import _common
+
+    big = torch.zeros(1).expand(3, 4, 2**30)
+    view = _common.class_view(big)
+    assert view.shape == (3, 4, 2**30) and view.numel() > 2**31
+    assert view.data_ptr() == big.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(view.shape, view.stride(), strict=True))
+    assert last == 0  # every offset of the expanded view points at the one stored element
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU with > 8 GiB free for > 2**31 logits elements")
+def test_gpu_more_than_int32_elements():
+    x = torch.randn(1, 2, 2**30 + 7, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, 2, (1, 2**30 + 7), device="cuda", dtype=torch.uint8)
+    assert x.numel() > 2**31
+    x.requires_grad_(True)
+    value = F.dice_loss(x, t, backend="auto")
+    value.backward()
+    expected = F.dice_loss(x.detach()[..., -(2**20) :].float(), t[..., -(2**20) :], backend="reference")
+    assert value.isfinite() and x.grad[..., -1].isfinite().all()
+    assert abs(float(value) - float(expected)) < 5e-2
