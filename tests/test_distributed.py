@@ -78,9 +78,23 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             results[case] = _run(
                 logits[part], target[part], ignore_index, backend, name, batch, reduction, dist_sync=True
             )
+        results["ddp"] = _ddp_gradients(SLICES[rank], scale=lk.ddp_scale())
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
+
+
+def _ddp_gradients(part: slice, scale: float) -> torch.Tensor:
+    """Parameter gradient of a 1x1 convolution trained on the synced loss (DDP when ``scale`` != 1)."""
+    torch.manual_seed(3)
+    net = torch.nn.Conv3d(4, 4, 1)
+    features, target, _ = _inputs(False)
+    target = target.clamp_max(3)
+    model = torch.nn.parallel.DistributedDataParallel(net) if dist.is_initialized() else net
+    criterion = lk.UnifiedFocalLoss(batch=True, dist_sync=dist.is_initialized())
+    loss = criterion(model(features[part]), target[part])
+    (loss * scale).backward()
+    return torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
 def _free_port() -> int:
@@ -141,6 +155,12 @@ def test_batch_none_gradient_holds_other_ranks_fixed(rank_results):
     for rank in range(WORLD):
         _, grad = rank_results[rank][(backend, name, True, "none", False)]
         torch.testing.assert_close(grad, grads[rank], rtol=1e-5, atol=1e-7)
+
+
+def test_ddp_with_ddp_scale_matches_single_process_parameter_gradients(rank_results):
+    expected = _ddp_gradients(slice(0, 3), scale=1.0)
+    for rank in range(WORLD):
+        torch.testing.assert_close(rank_results[rank]["ddp"], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_dist_sync_needs_a_process_group():

@@ -100,6 +100,21 @@ def test_cpu_bitwise_deterministic_across_runs_and_threads(backend, loss):
         assert torch.equal(grad, results[0][1])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runs_under_use_deterministic_algorithms(backend):
+    """No backend uses an op that torch flags as nondeterministic (all reductions are fixed-order)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        for fn, dense in LOSSES.values():
+            x, t = _inputs(dense)
+            x.requires_grad_(True)
+            fn(x, t, backend).backward()
+            assert x.grad.isfinite().all()
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
 def test_fp32_reference_clip_matches_float64_on_saturated_voxels():
     """1 - clip(p) and log clip(p) from log p: the fp32 reference keeps eps, not 1.19e-7."""
     x = 30.0 * torch.randn(2, 4, 6, 7, dtype=torch.float64)
