@@ -255,7 +255,7 @@ class _MarginLoss(nn.Module):
         else:
             num_classes = len(class_counts)
         if num_classes < 2:
-            raise ValueError(f"class_counts must have at least 2 entries (one per class), got {num_classes}")
+            raise ValueError(f"class_counts must have one entry per class, at least 2 classes, got {num_classes}")
         counts = check_class_counts(class_counts, num_classes, torch.device("cpu")).double()
         max_m = check_number("max_m", max_m, low=0.0)
         # float64 buffers: each call rounds them once to the logits' vector dtype, so float64
