@@ -634,8 +634,8 @@ def focal_tversky_loss(
 
     Defaults ``delta = 0.7, gamma = 0.75`` are the authors' stand-alone defaults
     (mlyg/unified-focal-loss @ 411c9c5). The exponent is ``1 - gamma`` as in that code; the
-    Abraham & Khan form ``(1 - TI)^{0.75}`` is ``gamma = 0.25``. Clip, batch, ignore and
-    reduction semantics as in :func:`unified_focal_loss`. MONAI has no focal Tversky loss.
+    Abraham & Khan form ``(1 - TI)^{0.75}`` is ``gamma = 0.25``. Clip, batch, dist_sync, ignore
+    and reduction semantics as in :func:`unified_focal_loss`. MONAI has no focal Tversky loss.
     """
     logits = check_logits(logits, dense=True)
     delta = check_number("delta", delta, low=0.0, high=1.0)
@@ -852,7 +852,8 @@ def tversky_loss(
 
     Differs from MONAI ``TverskyLoss``: MONAI names the FP weight ``alpha`` and the FN weight
     ``beta`` (``alpha = 1 - delta, beta = delta`` here), smooths with 1e-5 and needs
-    ``softmax=True`` to take logits.
+    ``softmax=True`` to take logits. ``batch``, ``dist_sync`` / ``process_group``, ``ignore_index``
+    and ``reduction`` as in :func:`unified_focal_loss`.
     """
     logits = check_logits(logits, dense=True)
     delta = check_number("delta", delta, low=0.0, high=1.0)
@@ -897,7 +898,7 @@ def dice_loss(
 
     The Tversky loss with ``delta = 0.5`` (the authors' ``dice_loss(delta=0.5, smooth=1e-6)``).
     Differs from MONAI ``DiceLoss(softmax=True)`` only by smoothing (MONAI: ``(2 TP + 1e-5) /
-    (P + Y + 1e-5)``).
+    (P + Y + 1e-5)``). Other keywords as in :func:`tversky_loss`.
     """
     return tversky_loss(
         logits,
