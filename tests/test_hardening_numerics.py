@@ -154,6 +154,18 @@ def test_memory_layouts_equal_contiguous(backend, layout):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(z.grad, c.grad, rtol=1e-5, atol=1e-6)
         assert z.grad.shape == x.shape
+    soft = torch.softmax(torch.randn(x.shape), 1)
+    soft_view = soft.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else soft
+    z = x.detach().requires_grad_(True)
+    value = F.dice_loss(z, soft_view.transpose(2, 3).contiguous().transpose(2, 3), backend=backend, reduction="none")
+    value.sum().backward()
+    c = x.contiguous().requires_grad_(True)
+    expected = F.dice_loss(c, soft.contiguous(), backend="reference", reduction="none")
+    expected.sum().backward()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(z.grad, c.grad, rtol=1e-5, atol=1e-6)
+    with_channel = labels.unsqueeze(1)  # MONAI's (B, 1, *S) label form
+    torch.testing.assert_close(_region(x, with_channel, backend), _region(x.contiguous(), labels, "reference"))
 
 
 def test_class_view_of_a_huge_expanded_tensor_makes_no_copy():
