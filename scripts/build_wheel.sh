@@ -47,7 +47,11 @@ done
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
 
-read -r torch_version torch_cuda < <("$python" -c "import torch; print(torch.__version__, torch.version.cuda or 'none')")
+versions=$("$python" -c "import torch; print(torch.__version__, torch.version.cuda or 'none')") || {
+  echo "build_wheel.sh: $python cannot import torch; install the torch to build against first" >&2
+  exit 1
+}
+read -r torch_version torch_cuda <<<"$versions"
 torch_mm=$(echo "$torch_version" | sed -E 's/^([0-9]+\.[0-9]+).*/\1/')
 if [ "$target" = cuda ]; then
   if [ "$torch_cuda" = none ]; then
@@ -99,10 +103,10 @@ fi
 
 log="$out/build-$LMFLOSS_LOCAL_VERSION.log"
 echo "building lmfloss-kernels+$LMFLOSS_LOCAL_VERSION: torch $torch_version, target $target" \
-  "${TORCH_CUDA_ARCH_LIST:+(archs $TORCH_CUDA_ARCH_LIST) }MAX_JOBS=${MAX_JOBS:-auto}, -march=${LMFLOSS_CPU_ARCH:-default}," \
+  "${TORCH_CUDA_ARCH_LIST:+(archs $TORCH_CUDA_ARCH_LIST)}, MAX_JOBS=${MAX_JOBS:-auto}, -march=${LMFLOSS_CPU_ARCH:-default}," \
   "source ${LMFLOSS_SOURCE_REVISION:-unknown}; log: $log"
 start=$SECONDS
-if ! (cd "$stage" && "$python" -m pip wheel --no-build-isolation --no-deps -v -w "$built" .) >"$log" 2>&1; then
+if ! (cd "$stage" && "$python" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -v -w "$built" .) >"$log" 2>&1; then
   tail -n 60 "$log" >&2
   echo "build_wheel.sh: the build failed after $((SECONDS - start)) s; full log: $log" >&2
   exit 1

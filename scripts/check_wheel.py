@@ -67,6 +67,10 @@ report = {
     "build_info": ext.BUILD_INFO,
     "load_error": ext.LOAD_ERROR,
     "kernel_devices": sorted(ext.KERNEL_DEVICES),
+    "op_kernels": {
+        op: [key for key in ("CPU", "CUDA") if torch._C._dispatch_has_kernel_for_dispatch_key(op, key)]
+        for op in sorted(s.name for s in torch._C._jit_get_all_schemas() if s.name.startswith("lmfloss_ext::"))
+    },
     "cuda_available": torch.cuda.is_available(),
     "compared": {},
 }
@@ -245,7 +249,7 @@ def make_venv(venv: Path, wheel: Path, torch_mode: str, info: dict | None) -> No
         Path(site, "_lmfloss_check_borrowed_torch.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
 
 
-def check_installed(venv: Path, check: Check, expect_cuda: bool) -> dict | None:
+def check_installed(venv: Path, check: Check, expect_cuda: bool, version: str | None) -> dict | None:
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
     env["PYTHONNOUSERSITE"] = "1"
     with tempfile.TemporaryDirectory() as cwd:  # nowhere near a source tree
@@ -260,9 +264,17 @@ def check_installed(venv: Path, check: Check, expect_cuda: bool) -> dict | None:
         Path(report["package_file"]).resolve().is_relative_to(venv.resolve()),
         f"lmfloss_kernels was imported from {report['package_file']}, not from the venv {venv}",
     )
+    check.require(
+        report["distribution_version"] == version,
+        f"the venv reports lmfloss-kernels {report['distribution_version']}, the wheel is {version}",
+    )
     check.require(report["load_error"] is None, f"the extension did not load: {report['load_error']}")
     devices = ["cpu", "cuda"] if expect_cuda else ["cpu"]
     check.require(report["kernel_devices"] == devices, f"kernels for {report['kernel_devices']}, expected {devices}")
+    keys = [device.upper() for device in devices]
+    check.require(bool(report["op_kernels"]), "no lmfloss_ext operator is registered")
+    for op, registered in report["op_kernels"].items():
+        check.require(registered == keys, f"{op} has kernels for {registered}, expected {keys}")
     for case, errors in report["compared"].items():
         check.require(
             errors["loss_rel_error"] <= 1e-10 and errors["grad_rel_error"] <= 1e-10,
@@ -311,10 +323,14 @@ def check_wheel(wheel: Path, arch_list: str | None, cpu_only: bool, torch_mode: 
             check.require(ptx <= found_ptx, f"missing PTX targets: {sorted(ptx - found_ptx)}")
             if cpu_only:
                 check.require(not found_sass and not found_ptx, "a CPU-only wheel carries device code")
-        report = check_installed(venv, check, expect_cuda)
+        report = check_installed(venv, check, expect_cuda, version)
         if report is not None:
             print(f"installed in a fresh venv, imported from {report['package_file']}")
             print(f"loaded with torch {report['torch']}, kernels for {', '.join(report['kernel_devices'])}")
+            print(
+                f"  {len(report['op_kernels'])} ops: "
+                + ", ".join(f"{op} {'+'.join(keys)}" for op, keys in report["op_kernels"].items())
+            )
             for case, errors in report["compared"].items():
                 print(
                     f"  {case}: loss {errors['loss']:.6g}, relative error vs reference: "
