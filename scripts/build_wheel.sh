@@ -79,7 +79,9 @@ export LMFLOSS_LOCAL_VERSION="${LMFLOSS_LOCAL_VERSION:-$label}"
 if [ -z "${LMFLOSS_CPU_ARCH:-}" ] && [ "$(uname -m)" = x86_64 ]; then
   export LMFLOSS_CPU_ARCH=x86-64-v3
 fi
-if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
+in_git=0
+git -C "$root" rev-parse --git-dir >/dev/null 2>&1 && in_git=1
+if [ "$in_git" = 1 ]; then
   revision=$(git -C "$root" rev-parse --short=12 HEAD)
   git -C "$root" diff --quiet HEAD -- setup.py pyproject.toml csrc lmfloss_kernels || revision="$revision+dirty"
   export LMFLOSS_SOURCE_REVISION="$revision"
@@ -89,7 +91,7 @@ stage=$(mktemp -d "${TMPDIR:-/tmp}/lmfloss-wheel.XXXXXX")
 built=$(mktemp -d "${TMPDIR:-/tmp}/lmfloss-wheel-out.XXXXXX")
 trap 'rm -rf "$stage" "$built"' EXIT
 sources=(setup.py pyproject.toml README.md csrc lmfloss_kernels)
-if git -C "$root" rev-parse --git-dir >/dev/null 2>&1; then
+if [ "$in_git" = 1 ]; then
   # Tracked and new (not ignored) files: no editable-build library, no caches, no scratch output.
   files=()
   while IFS= read -r -d '' file; do
@@ -102,9 +104,8 @@ else
 fi
 
 log="$out/build-$LMFLOSS_LOCAL_VERSION.log"
-echo "building lmfloss-kernels+$LMFLOSS_LOCAL_VERSION: torch $torch_version, target $target" \
-  "${TORCH_CUDA_ARCH_LIST:+(archs $TORCH_CUDA_ARCH_LIST)}, MAX_JOBS=${MAX_JOBS:-auto}, -march=${LMFLOSS_CPU_ARCH:-default}," \
-  "source ${LMFLOSS_SOURCE_REVISION:-unknown}; log: $log"
+echo "building lmfloss-kernels+$LMFLOSS_LOCAL_VERSION: torch $torch_version, target $target${TORCH_CUDA_ARCH_LIST:+" (archs $TORCH_CUDA_ARCH_LIST)"}," \
+  "MAX_JOBS=${MAX_JOBS:-auto}, -march=${LMFLOSS_CPU_ARCH:-default}, source ${LMFLOSS_SOURCE_REVISION:-unknown}; log: $log"
 start=$SECONDS
 if ! (cd "$stage" && "$python" -m pip wheel --no-build-isolation --no-deps --no-cache-dir -v -w "$built" .) >"$log" 2>&1; then
   tail -n 60 "$log" >&2
