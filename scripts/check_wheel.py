@@ -294,7 +294,8 @@ def check_wheel(wheel: Path, arch_list: str | None, cpu_only: bool, torch_mode: 
         cpu_only = not info.get("with_cuda")
         arch_list = info.get("cuda_arch_list")
     expect_cuda = not cpu_only
-    sass, ptx = parse_arch_list(arch_list) if expect_cuda else (set(), set())
+    check.require(not expect_cuda or bool(arch_list), "no targets to check: pass --arch-list or --cpu-only")
+    sass, ptx = parse_arch_list(arch_list) if expect_cuda and arch_list else (set(), set())
     if info is not None:
         check.require(bool(info.get("with_cuda")) == expect_cuda, f"metadata with_cuda={info.get('with_cuda')}")
     if library_member is None:
@@ -354,8 +355,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.wheel.is_file():
         parser.error(f"wheel: no such file {args.wheel}")
     if args.arch_list is not None:
-        parse_arch_list(args.arch_list)  # a malformed list is a usage error, before any work
-    check = check_wheel(args.wheel, args.arch_list, args.cpu_only, args.torch, args.cuobjdump, args.venv)
+        try:
+            parse_arch_list(args.arch_list)  # a malformed list is a usage error, before any work
+        except ValueError as error:
+            parser.error(str(error))
+    try:
+        check = check_wheel(args.wheel, args.arch_list, args.cpu_only, args.torch, args.cuobjdump, args.venv)
+    except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired, zipfile.BadZipFile) as error:
+        print(f"FAILED: {args.wheel.name}\n  - {type(error).__name__}: {error}")
+        return 1
     if check.failures:
         print(f"FAILED: {args.wheel.name}", *(f"  - {failure}" for failure in check.failures), sep="\n")
         return 1

@@ -185,3 +185,13 @@ def test_cuda_wheel_for_one_architecture_is_checked(tmp_path):
     refused = _check(wheel, "--arch-list", "8.0;9.0+PTX")
     assert refused.returncode == 1, refused.stdout + refused.stderr
     assert "missing SASS targets: ['sm_80']" in refused.stdout
+
+
+def test_unreadable_wheel_and_bad_arch_list_are_reported(tmp_path, capsys):
+    bad = tmp_path / "lmfloss_kernels-0.1.0-cp311-cp311-linux_x86_64.whl"
+    bad.write_text("not a zip archive")
+    assert check_wheel.main([str(bad), "--cpu-only"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        check_wheel.main([str(bad), "--arch-list", "Hopper"])
+    assert usage.value.code == 2 and "arch list: expected entries like" in capsys.readouterr().err
