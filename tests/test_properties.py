@@ -63,18 +63,25 @@ def _value_and_grad(fn, logits, target, vectors, options):
 
 
 def _error(got: torch.Tensor, wide: torch.Tensor) -> float:
-    """Largest deviation from the float64 value, relative to the float64 value's largest entry."""
-    return float((got.double() - wide).abs().max() / (wide.abs().max() + 1e-30))
+    """Largest deviation from the float64 value, relative to its largest entry (at least 1e-6).
+
+    The floor matters for saturated rows only: there even the float64 reference rounds
+    ``-log p_t = log(1 + 1e-21)`` to 0 while a fused log1p keeps it.
+    """
+    return float((got.double() - wide).abs().max() / wide.abs().max().clamp_min(1e-6))
 
 
 def _assert_matches(name, got, same_precision, wide, tol):
-    """The Cut Cross-Entropy rule: no further from float64 than the reference in the input's precision, + tol."""
+    """Cut Cross-Entropy rule: within twice the reference's own float64 distance (same input precision), + tol.
+
+    Twice: on confident rows both round ``p_t`` near 1, each in its own way.
+    """
     for part, a, b, c in (
         ("loss", got[0], same_precision[0], wide[0]),
         ("gradient", got[1], same_precision[1], wide[1]),
     ):
         error, baseline = _error(a, c), _error(b, c)
-        assert error <= baseline + tol, f"{name} {part}: error {error:.2e} vs reference's own {baseline:.2e}"
+        assert error <= 2 * baseline + tol, f"{name} {part}: error {error:.2e} vs reference's own {baseline:.2e}"
 
 
 @SETTINGS
@@ -130,14 +137,14 @@ def test_permuting_foreground_classes(case, rnd):
 @given(region_case())
 def test_duplicating_the_batch_keeps_the_mean(case):
     logits, target, vectors, options = case
-    options = {**options, "reduction": "mean"}
+    # Without smoothing the Tversky index is a ratio of sums, unchanged when batch=True doubles them
+    # (an index of 0 / 0 is NaN on both sides).
+    options = {**options, "reduction": "mean", "smooth_nr": 0.0, "smooth_dr": 0.0}
     once = reference.region_loss(logits.double(), target, *vectors, **options)
     twice = reference.region_loss(
         torch.cat([logits, logits]).double(), torch.cat([target, target]), *vectors, **options
     )
-    # batch=True doubles TP, FN, FP but not the smoothing terms: equal up to smooth / den.
-    rtol = 1e-5 if options["batch"] else 1e-9
-    torch.testing.assert_close(twice, once, rtol=rtol, atol=1e-12)
+    torch.testing.assert_close(twice, once, rtol=1e-9, atol=1e-12, equal_nan=True)
 
 
 @st.composite
