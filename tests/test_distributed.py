@@ -174,3 +174,29 @@ def test_dist_sync_needs_a_process_group():
         F.tversky_loss(logits, labels, process_group=object())
     with pytest.raises(TypeError, match="dist_sync must be a bool"):
         F.tversky_loss(logits, labels, dist_sync="yes")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_single_rank_group_equals_plain_call_in_every_dtype(dtype):
+    """A world of one: dist_sync must change nothing, for every dtype a backend serves."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        logits, target, ignore_index = _inputs(False)
+        logits = logits.to(dtype)
+        for backend in lk.available_backends("cpu", dtype):
+            for batch, reduction in ((True, "mean"), (True, "sum"), (False, "mean"), (True, "none")):
+                runs = [
+                    _run(logits, target, ignore_index, backend, "unified", batch, reduction, dist_sync=sync)
+                    for sync in (False, True)
+                ]
+                (plain, plain_grad), (synced, synced_grad) = runs
+                assert synced.dtype == plain.dtype and synced_grad.dtype == dtype
+                torch.testing.assert_close(synced, plain, rtol=1e-6, atol=1e-7)
+                torch.testing.assert_close(
+                    synced_grad, plain_grad, rtol=1e-2 if dtype != torch.float64 else 1e-9, atol=0
+                )
+    finally:
+        dist.destroy_process_group()
