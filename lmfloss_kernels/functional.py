@@ -635,7 +635,12 @@ def focal_tversky_loss(
     Defaults ``delta = 0.7, gamma = 0.75`` are the authors' stand-alone defaults
     (mlyg/unified-focal-loss @ 411c9c5). The exponent is ``1 - gamma`` as in that code; the
     Abraham & Khan form ``(1 - TI)^{0.75}`` is ``gamma = 0.25``. Clip, batch, dist_sync, ignore
-    and reduction semantics as in :func:`unified_focal_loss`. MONAI has no focal Tversky loss.
+    and reduction semantics as in :func:`unified_focal_loss`.
+
+    Differs from MONAI ``AsymmetricFocalTverskyLoss`` (``delta = 0.7, gamma = 0.75``, the same
+    index and exponent as ``asymmetric=True`` here): MONAI takes probabilities (not logits), is
+    binary only (channels 0 and 1; further channels are ignored), and has no ``batch``,
+    ``ignore_index`` or un-clipped mode. MONAI has no symmetric form.
     """
     logits = check_logits(logits, dense=True)
     delta = check_number("delta", delta, low=0.0, high=1.0)
@@ -707,6 +712,9 @@ def symmetric_focal_loss(
     ``q = clip(softmax(z), eps, 1 - eps)``, ``CE_c = -y_c log q_c``. Defaults ``delta = 0.7,
     gamma = 2`` are the authors' ``symmetric_focal_loss``. Options as in
     :func:`unified_focal_loss`; ``"none"`` gives the per-image voxel mean ``(B,)``.
+
+    MONAI has no symmetric focal loss; its ``FocalLoss(use_softmax=True)`` is the unclipped,
+    unweighted softmax focal loss (see :func:`focal_loss`).
     """
     return _class_focal(
         logits,
@@ -739,6 +747,10 @@ def asymmetric_focal_loss(
     ``mean_voxels[(1 - delta)(1 - q_0)^gamma CE_0 + delta sum_{c>=1} CE_c]``: only the
     background is focally suppressed. Defaults ``delta = 0.7, gamma = 2`` are the authors'
     ``asymmetric_focal_loss``. Options as in :func:`symmetric_focal_loss`.
+
+    Differs from MONAI ``AsymmetricFocalLoss`` (same defaults): MONAI takes probabilities (not
+    logits), is binary only (channels 0 and 1), and in recent versions (1.6) averages the two
+    class terms instead of summing them, which halves the authors' value.
     """
     return _class_focal(
         logits,
@@ -799,9 +811,14 @@ def mixed_focal_loss(
     ``alpha``: per-class sequence (None: all 1). ``beta``: the authors' two-class weighting
     ``[beta, 1 - beta]`` on channels ``[0, 1]``; for C > 2 every foreground channel gets
     ``1 - beta`` (note: with channel 0 the background, ``beta > 0.5`` up-weights background
-    errors, the reverse of the authors' docstring). Defaults are the authors' code at d3e6647:
+    errors, the reverse of the authors' docstring; ``beta = 0`` gives ``[0, 1, ...]``, where the
+    authors' ``if beta:`` would skip the weighting). Defaults are the authors' code at d3e6647:
     ``delta = 0.7, gamma_f = 2, gamma_fd = 0.75, smooth = 1e-6``. Clip, ignore and reduction
     semantics as in :func:`unified_focal_loss` (``batch`` is not part of this loss).
+
+    MONAI has no Mixed Focal loss. Its closest, ``DiceFocalLoss(softmax=True)``, adds an
+    unclipped softmax focal term to a soft Dice with ``1e-5`` smoothing and no focal exponent on
+    the Dice term (``lambda_dice`` / ``lambda_focal`` play the role of ``weight``).
     """
     logits = check_logits(logits, dense=True)
     tversky_coef, focal_coef = _unified_coefficients(weight)

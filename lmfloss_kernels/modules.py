@@ -9,6 +9,8 @@ buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -28,6 +30,21 @@ __all__ = [
     "TverskyLoss",
     "UnifiedFocalLoss",
 ]
+
+
+def _documented(function):
+    """Class decorator: the criterion's docstring continues with its function's (formula, defaults, MONAI)."""
+
+    def decorate(cls):
+        cls.__doc__ = (
+            f"{inspect.cleandoc(cls.__doc__)}\n\n"
+            f"``criterion(logits, target)`` equals ``{function.__name__}(logits, target, **keywords)`` with the "
+            f"keywords given to the constructor; from :func:`lmfloss_kernels.functional.{function.__name__}`:\n\n"
+            f"{inspect.cleandoc(function.__doc__)}"
+        )
+        return cls
+
+    return decorate
 
 
 def _check_backend(backend: object) -> str:
@@ -77,8 +94,9 @@ class _KeywordLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in {**shown, "backend": self.backend}.items())
 
 
+@_documented(F.unified_focal_loss)
 class UnifiedFocalLoss(_KeywordLoss):
-    """Module form of :func:`lmfloss_kernels.functional.unified_focal_loss`."""
+    """Unified Focal loss criterion for segmentation logits ``(B, C, *S)`` (asymmetric by default)."""
 
     _function = staticmethod(F.unified_focal_loss)
 
@@ -101,8 +119,9 @@ class UnifiedFocalLoss(_KeywordLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+@_documented(F.focal_tversky_loss)
 class FocalTverskyLoss(_KeywordLoss):
-    """Module form of :func:`lmfloss_kernels.functional.focal_tversky_loss`."""
+    """Focal Tversky loss criterion (the region term of the Unified Focal loss)."""
 
     _function = staticmethod(F.focal_tversky_loss)
 
@@ -124,8 +143,9 @@ class FocalTverskyLoss(_KeywordLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+@_documented(F.symmetric_focal_loss)
 class SymmetricFocalLoss(_KeywordLoss):
-    """Module form of :func:`lmfloss_kernels.functional.symmetric_focal_loss`."""
+    """Symmetric focal loss criterion (the voxel term of the symmetric Unified Focal loss)."""
 
     _function = staticmethod(F.symmetric_focal_loss)
 
@@ -143,14 +163,16 @@ class SymmetricFocalLoss(_KeywordLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+@_documented(F.asymmetric_focal_loss)
 class AsymmetricFocalLoss(SymmetricFocalLoss):
-    """Module form of :func:`lmfloss_kernels.functional.asymmetric_focal_loss`."""
+    """Asymmetric focal loss criterion (the voxel term of the asymmetric Unified Focal loss)."""
 
     _function = staticmethod(F.asymmetric_focal_loss)
 
 
+@_documented(F.tversky_loss)
 class TverskyLoss(_KeywordLoss):
-    """Module form of :func:`lmfloss_kernels.functional.tversky_loss`."""
+    """Tversky loss criterion on softmax probabilities of the logits."""
 
     _function = staticmethod(F.tversky_loss)
 
@@ -171,8 +193,9 @@ class TverskyLoss(_KeywordLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+@_documented(F.dice_loss)
 class DiceLoss(_KeywordLoss):
-    """Module form of :func:`lmfloss_kernels.functional.dice_loss`."""
+    """Soft Dice loss criterion on softmax probabilities of the logits."""
 
     _function = staticmethod(F.dice_loss)
 
@@ -204,8 +227,9 @@ class _AlphaLoss(_KeywordLoss):
         super().__init__(tensors={"alpha": alpha}, **kwargs)
 
 
+@_documented(F.focal_loss)
 class FocalLoss(_AlphaLoss):
-    """Module form of :func:`lmfloss_kernels.functional.focal_loss`."""
+    """Softmax focal loss criterion for rows ``(N, C)`` or voxel maps ``(B, C, *S)``."""
 
     _function = staticmethod(F.focal_loss)
 
@@ -221,8 +245,9 @@ class FocalLoss(_AlphaLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+@_documented(F.mixed_focal_loss)
 class MixedFocalLoss(_AlphaLoss):
-    """Module form of :func:`lmfloss_kernels.functional.mixed_focal_loss`."""
+    """Mixed Focal loss criterion (modified Dice term + modified focal term)."""
 
     _function = staticmethod(F.mixed_focal_loss)
 
@@ -302,8 +327,10 @@ class _MarginLoss(nn.Module):
         return ", ".join(f"{k}={v!r}" for k, v in {**self.options, "backend": self.backend}.items())
 
 
+@_documented(F.lmf_loss)
 class LMFLoss(_MarginLoss):
-    """Module form of :func:`lmfloss_kernels.functional.lmf_loss` (margins computed once)."""
+    """LMF loss criterion ``alpha * LDAM + beta * focal``; margins and class weights are computed once
+    from ``class_counts`` and kept as buffers."""
 
     def __init__(
         self,
@@ -333,8 +360,9 @@ class LMFLoss(_MarginLoss):
         )
 
 
+@_documented(F.ldam_loss)
 class LDAMLoss(_MarginLoss):
-    """Module form of :func:`lmfloss_kernels.functional.ldam_loss` (margins computed once)."""
+    """LDAM loss criterion; the margins are computed once from ``class_counts`` and kept as buffers."""
 
     def __init__(
         self,

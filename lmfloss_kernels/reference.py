@@ -36,8 +36,10 @@ def ldam_margins(class_counts: torch.Tensor, max_m: float = 0.5) -> torch.Tensor
 
     As in ``get_mlist`` of the LMF authors (Adnan-Sadi/LMFLOSS ``utils.py``) and ``LDAMLoss`` of
     Cao et al. (kaidic/LDAM-DRW): the rarest class gets ``max_m``, the others less.
-    Computed in float64; returns float32 (float64 if the counts are float64) on the counts' device.
+    ``class_counts``: a 1-D tensor or a sequence of positive numbers. Computed in float64; returns
+    float32 (float64 if the counts are a float64 tensor) on the counts' device.
     """
+    class_counts = torch.as_tensor(class_counts)
     m = class_counts.to(torch.float64).pow(-0.25)
     m = m * (max_m / m.max())
     return m.to(torch.float64 if class_counts.dtype == torch.float64 else torch.float32)
@@ -47,8 +49,10 @@ def drw_weights(class_counts: torch.Tensor, beta: float = 0.9999) -> torch.Tenso
     r"""Deferred re-weighting class weights ``w_j ∝ (1 - beta) / (1 - beta ** n_j)``, summing to C.
 
     The "effective number of samples" weights that kaidic/LDAM-DRW switches on late in training
-    (``--train_rule DRW``, ``beta = 0.9999``). ``beta = 0`` gives all ones.
+    (``--train_rule DRW``, ``beta = 0.9999``). ``beta = 0`` gives all ones. ``class_counts`` as in
+    :func:`ldam_margins`.
     """
+    class_counts = torch.as_tensor(class_counts)
     counts = class_counts.to(torch.float64)
     w = (1.0 - beta) / (1.0 - torch.pow(torch.full_like(counts, beta), counts))
     w = w / w.sum() * counts.numel()

@@ -100,24 +100,52 @@ def test_other_losses_exist_with_backend_keyword(name):
     assert len(inspect.getdoc(getattr(F, name))) > 200
 
 
-@pytest.mark.parametrize("name", ["unified_focal_loss", "focal_loss", "tversky_loss", "dice_loss"])
-def test_docstrings_say_how_they_differ_from_monai(name):
-    assert "MONAI" in inspect.getdoc(getattr(F, name))
-
-
 @pytest.mark.parametrize(
-    "module, function",
+    "name, monai_says",
     [
-        ("LMFLoss", "lmf_loss"),
-        ("LDAMLoss", "ldam_loss"),
-        ("FocalLoss", "focal_loss"),
-        ("UnifiedFocalLoss", "unified_focal_loss"),
-        ("FocalTverskyLoss", "focal_tversky_loss"),
-        ("MixedFocalLoss", "mixed_focal_loss"),
-        ("TverskyLoss", "tversky_loss"),
-        ("DiceLoss", "dice_loss"),
+        ("unified_focal_loss", "MONAI ``AsymmetricUnifiedFocalLoss``"),
+        ("focal_tversky_loss", "MONAI ``AsymmetricFocalTverskyLoss``"),
+        ("asymmetric_focal_loss", "MONAI ``AsymmetricFocalLoss``"),
+        ("symmetric_focal_loss", "MONAI has no symmetric focal loss"),
+        ("focal_loss", "MONAI ``FocalLoss(use_softmax=True)``"),
+        ("mixed_focal_loss", "MONAI has no Mixed Focal loss"),
+        ("tversky_loss", "MONAI ``TverskyLoss``"),
+        ("dice_loss", "MONAI ``DiceLoss(softmax=True)``"),
+        ("lmf_loss", "MONAI has no LMF or LDAM loss"),
     ],
 )
+def test_docstrings_say_how_they_differ_from_monai(name, monai_says):
+    assert monai_says in " ".join(inspect.getdoc(getattr(F, name)).split())
+
+
+MODULE_FUNCTIONS = [
+    ("LMFLoss", "lmf_loss"),
+    ("LDAMLoss", "ldam_loss"),
+    ("FocalLoss", "focal_loss"),
+    ("UnifiedFocalLoss", "unified_focal_loss"),
+    ("FocalTverskyLoss", "focal_tversky_loss"),
+    ("SymmetricFocalLoss", "symmetric_focal_loss"),
+    ("AsymmetricFocalLoss", "asymmetric_focal_loss"),
+    ("MixedFocalLoss", "mixed_focal_loss"),
+    ("TverskyLoss", "tversky_loss"),
+    ("DiceLoss", "dice_loss"),
+]
+
+
+def test_every_module_has_its_function():
+    assert sorted(module for module, _ in MODULE_FUNCTIONS) == sorted(lmfloss_kernels.modules.__all__)
+
+
+@pytest.mark.parametrize("module, function", MODULE_FUNCTIONS)
+def test_module_docstrings_carry_the_functions_formula_and_defaults(module, function):
+    doc = inspect.getdoc(getattr(lmfloss_kernels, module))
+    function = getattr(F, function)
+    assert "Module form" not in doc.splitlines()[0]
+    assert inspect.cleandoc(function.__doc__) in doc
+    assert f"``{function.__name__}(logits, target, **keywords)``" in doc
+
+
+@pytest.mark.parametrize("module, function", MODULE_FUNCTIONS)
 def test_modules_take_the_functions_keywords(module, function):
     cls = getattr(lmfloss_kernels, module)
     assert issubclass(cls, torch.nn.Module)

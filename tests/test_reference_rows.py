@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lmfloss_kernels import functional as F
+from lmfloss_kernels import reference
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -285,6 +286,19 @@ def test_drw_weights_by_hand():
     w = F.drw_weights(torch.tensor(counts, dtype=torch.float64))
     np.testing.assert_allclose(w.numpy(), nl.drw_per_cls_weights(counts), rtol=1e-13)
     assert abs(float(w.sum()) - 4.0) < 1e-12
+
+
+def test_reference_class_helpers_take_sequences_like_tensors():
+    counts = [1234, 56, 7, 89012]
+    for helper, numpy_helper in (
+        (reference.ldam_margins, nl.get_mlist),
+        (reference.drw_weights, nl.drw_per_cls_weights),
+    ):
+        from_list, from_tuple = helper(counts), helper(tuple(counts))
+        assert from_list.dtype == from_tuple.dtype == torch.float32
+        torch.testing.assert_close(from_list, helper(torch.tensor(counts)), rtol=0, atol=0)
+        torch.testing.assert_close(from_tuple, from_list, rtol=0, atol=0)
+        np.testing.assert_allclose(from_list.numpy(), numpy_helper(counts), rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
