@@ -4,7 +4,7 @@ Functional API in :mod:`lmfloss_kernels.functional`, ``nn.Module`` criteria at t
 eager definitions in :mod:`lmfloss_kernels.reference`. See the README for the backends.
 """
 
-from . import calf, functional, reference
+from . import _backends, calf, functional, reference
 from ._backends import available_backends
 from ._config import get_options, options, set_options
 from ._distributed import ddp_scale
@@ -23,6 +23,10 @@ from .modules import (
 )
 
 __version__ = "0.1.0"
+
+# Load the C++ extension now, so that a missing or stale build is reported once, at import, with
+# the fix (a failure is remembered and reported by the backends, never raised).
+_backends.preload("cpu")
 
 __all__ = [
     "AsymmetricFocalLoss",

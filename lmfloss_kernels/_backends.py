@@ -5,7 +5,8 @@ returns ``None`` when it can serve tensors of that device and dtype (or a senten
 not), and the two loss-family functions with the signatures of
 :func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`.
 Fused backends live in their own subpackages and are imported lazily, the first time they are
-asked for, so a broken or missing Triton or C++ extension never stops the others.
+asked for (the C++ extension when the package is imported, so that a missing or stale build is
+reported once, at import), so a broken or missing Triton or C++ extension never stops the others.
 
 ``"auto"`` tries, by device type, the candidates of :data:`AUTO_ORDER` and takes the first
 that is available; when it has to fall back to the eager reference on a device that has fused
@@ -58,6 +59,14 @@ BACKEND_NAMES = ("auto", "reference", *_LOCATIONS)
 
 _loaded: dict[str, Backend | str] = {"reference": ReferenceBackend()}
 _warned: set[str] = set()
+# Reasons a user has already been warned about (the extension's load failure, at import): the
+# fallback of "auto" does not repeat them.
+_announced: set[str] = set()
+
+
+def announce(reason: str) -> None:
+    """Record that a warning has already told the user ``reason``."""
+    _announced.add(reason)
 
 
 def _load(name: str) -> Backend | str:
@@ -100,10 +109,20 @@ def _user_stacklevel() -> int:
 
     The call depth differs between the functional API and the modules (whose calls pass through
     ``nn.Module.__call__``), so a fixed level would point into library code for one of them.
+    Frames of the import machinery are skipped too, so a warning raised while the package is
+    imported points at the user's ``import`` line; ``warnings`` itself does not count the
+    ``importlib._bootstrap`` frames, so neither does this level.
     """
     libraries = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep for m in (sys.modules[__package__], torch))
+    importlib_dir = os.path.dirname(os.path.abspath(importlib.__file__)) + os.sep
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(libraries):
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if "importlib" in filename and "_bootstrap" in filename:
+            frame = frame.f_back
+            continue
+        if not os.path.abspath(filename).startswith((*libraries, importlib_dir)):
+            break
         frame, level = frame.f_back, level + 1
     return level
 
@@ -121,7 +140,7 @@ def resolve_backend(name: object, logits: torch.Tensor) -> Backend:
                 return _load(candidate)  # type: ignore[return-value]
             reasons[candidate] = reason
         key = f"{device.type}/{dtype}"
-        if reasons and key not in _warned:
+        if reasons and key not in _warned and not set(reasons.values()) <= _announced:
             _warned.add(key)
             why = "; ".join(f"{n}: {r}" for n, r in reasons.items())
             warnings.warn(

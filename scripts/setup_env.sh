@@ -27,5 +27,7 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
   export CUDA_HOME="${real:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}"
 fi
 (cd "$root" && quiet pip install -q --no-build-isolation --no-deps -e .)
-python -c "import lmfloss_kernels" 
+# The build must also load: a library that builds but does not load would turn the cpu-backend
+# tests into skips.
+python -c "import sys, lmfloss_kernels.ext as e; sys.exit(e.LOAD_ERROR and f'C++ extension not loaded: {e.LOAD_ERROR}')"
 set +euo pipefail

@@ -9,10 +9,16 @@ computed in the low dtype itself, plus a small tolerance.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import lmfloss_kernels
 from lmfloss_kernels import ext
 from lmfloss_kernels.ext import _loader
 
@@ -121,3 +127,42 @@ def test_build_info_describes_this_build():
     assert "cpu tensors only" in ext.CPU_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32)
     if not torch.cuda.is_available():
         assert ext.CUDA_BACKEND.unavailable_reason(torch.device("cuda"), torch.float32) is not None
+
+
+@pytest.mark.parametrize("defect", ["missing", "stale"])
+def test_a_broken_extension_is_reported_once_at_import(tmp_path, defect):
+    # A copy of the package whose library is missing or was built against another torch: the
+    # import warns once, at the user's import line, and the fallback of "auto" does not warn again.
+    package = tmp_path / "lmfloss_kernels"
+    shutil.copytree(Path(lmfloss_kernels.__file__).parent, package, ignore=shutil.ignore_patterns("__pycache__"))
+    if defect == "missing":
+        for library in package.glob("_C*.so"):
+            library.unlink()
+    else:
+        info = {"torch": "1.0.0", "torch_cuda": None, "with_cuda": False}
+        (package / "_build_info.json").write_text(json.dumps(info))
+    script = tmp_path / "user_script.py"
+    script.write_text(
+        "import sys, warnings\n"
+        # An editable install's finder would resolve lmfloss_kernels._C to the source tree.
+        "sys.meta_path = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as at_import:\n"
+        "    import lmfloss_kernels\n"
+        "import torch\n"
+        "with warnings.catch_warnings(record=True) as at_call:\n"
+        "    lmfloss_kernels.functional.dice_loss(torch.randn(1, 2, 3), torch.zeros(1, 3, dtype=torch.long))\n"
+        f"assert lmfloss_kernels.__file__.startswith({str(package)!r}), lmfloss_kernels.__file__\n"
+        "assert lmfloss_kernels.available_backends('cpu') == ['reference'], lmfloss_kernels.available_backends('cpu')\n"
+        "for w in at_import + at_call:\n"
+        "    print(w.filename, w.lineno, w.message, sep='|')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(tmp_path)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    (line,) = run.stdout.splitlines()
+    filename, lineno, message = line.split("|")
+    assert filename == str(script) and lineno == "5"  # the import line
+    assert ("not built" if defect == "missing" else "built against torch 1.0.0") in message
+    assert "pip install --no-build-isolation -e ." in message

@@ -18,6 +18,8 @@ import warnings
 
 import torch
 
+from .. import _backends
+
 FIX = "rebuild it with `pip install --no-build-isolation -e .` in the source tree (see setup.py for the options)"
 
 
@@ -65,10 +67,13 @@ def load() -> tuple[dict | None, str | None]:
 
 
 def _warn(reason: str) -> str:
+    # The package loads the extension when it is imported, so this warning is shown once, at the
+    # user's `import lmfloss_kernels`; "auto" does not repeat it when it falls back.
     warnings.warn(
         f"lmfloss_kernels: the C++/CUDA extension is unavailable: {reason}; the 'cpu' and 'cuda' backends are "
         f"off, the others keep working. To fix: {FIX}.",
         RuntimeWarning,
-        stacklevel=3,
+        stacklevel=_backends._user_stacklevel(),
     )
+    _backends.announce(reason)
     return reason
