@@ -17,9 +17,10 @@ so that it compiles against the torch already installed.
 * ``LMFLOSS_LOCAL_VERSION`` (e.g. ``cu130torch2.14``, set by ``scripts/build_wheel.sh``) appends a
   PEP 440 local version label: ``0.1.0+cu130torch2.14``; ``LMFLOSS_SOURCE_REVISION`` (the git
   revision the script found) is recorded in the build metadata.
-* Build metadata (torch and CUDA versions, architectures, compiler, with_cuda) is written to
-  ``lmfloss_kernels/_build_info.json`` next to the library; the package compares it with the
-  running torch at import.
+* Build metadata (torch and CUDA versions, architectures, host and CUDA compilers, with_cuda) is
+  written to ``lmfloss_kernels/_build_info.json`` next to the library; the package compares it
+  with the running torch at import. The distribution requires the torch major.minor it was built
+  against (``torch==2.14.*``): the library links against that torch's C++ ABI.
 """
 
 from __future__ import annotations
@@ -139,8 +140,11 @@ def _extension_and_command():
         "torch_cuda": torch.version.cuda,
         "with_cuda": with_cuda,
         "cuda_home": cuda_home if with_cuda else None,
-        "cuda_arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST") if with_cuda else None,
-        "compiler": _compiler_version(),
+        "cuda_arch_list": _cuda_arch_list(torch) if with_cuda else None,
+        "compiler": _compiler_version(os.environ.get("CXX", "c++")),
+        "cuda_compiler": _compiler_version(os.path.join(cuda_home, "bin", "nvcc"), nvcc=True)
+        if with_cuda and cuda_home
+        else None,
         "cpu_arch": cpu_arch,
         "python": sys.version.split()[0],
         "source": os.environ.get("LMFLOSS_SOURCE_REVISION"),
@@ -159,12 +163,28 @@ def _extension_and_command():
     return extension, BuildExtension.with_options(use_ninja=True)
 
 
-def _compiler_version() -> str:
-    compiler = os.environ.get("CXX", "c++")
+def _cuda_arch_list(torch) -> str:
+    """The architectures the CUDA code is built for: TORCH_CUDA_ARCH_LIST, else those of the visible GPUs
+    (what torch.utils.cpp_extension then targets)."""
+    if os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        return os.environ["TORCH_CUDA_ARCH_LIST"]
+    capabilities = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+    return ";".join(f"{major}.{minor}" for major, minor in sorted(capabilities))
+
+
+def _torch_requirement() -> str:
+    """The library links against the torch it was built with: same major.minor at run time."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
+
+
+def _compiler_version(compiler: str, nvcc: bool = False) -> str:
+    """The first line of ``compiler --version``; for nvcc, whose first lines are a banner, its release line."""
     try:
-        return subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[
-            0
-        ]
+        lines = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()
+        return next((line for line in lines if "release" in line), lines[-1]) if nvcc else lines[0]
     except (OSError, subprocess.CalledProcessError, IndexError):
         return compiler
 
@@ -177,7 +197,7 @@ setup(
     description="Fused Triton and C++/CUDA kernels for the LMF, Unified Focal and Mixed Focal losses",
     packages=find_packages(include=["lmfloss_kernels", "lmfloss_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
+    install_requires=[_torch_requirement()],
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     zip_safe=False,

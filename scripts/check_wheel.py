@@ -10,7 +10,8 @@ What it checks, failing (exit status 1, every failure listed) when any of it doe
    library (no ``libtorch*``, ``libc10*``, ``libcudart*``: the wheel links against the installed
    torch), the build metadata ``lmfloss_kernels/_build_info.json``, and a local version label that
    names the CUDA and torch of that metadata (``+cu130torch2.14``, ``+cputorch2.14``, optionally
-   followed by more dot-separated parts).
+   followed by more dot-separated parts), and a requirement on exactly that torch major.minor
+   (``Requires-Dist: torch==2.14.*``).
 2. Device code of the library, read from its ELF file: the CUDA fat binary section and the
    libraries it needs; with ``cuobjdump``, the embedded SASS (``--list-elf``) and PTX
    (``--list-ptx``) targets. Every requested target must be present
@@ -18,8 +19,8 @@ What it checks, failing (exit status 1, every failure listed) when any of it doe
    compute_90); a CPU-only wheel (``--cpu-only``) must have no device code and need no CUDA
    library. Without either option, the arch list recorded in the wheel's metadata is requested.
    cuobjdump is the one named by ``--cuobjdump``, else ``$CUDA_HOME/bin/cuobjdump``, else one on
-   ``PATH``, else one of the ``nvidia-cuda-cuobjdump`` package in this interpreter's site-packages,
-   else that package is installed into the check's venv.
+   ``PATH``, else one of the ``nvidia-cuda-cuobjdump`` package or of Triton in this interpreter's
+   site-packages, else that package is installed into the check's venv.
 3. Installation: a fresh venv (no system site-packages) gets the wheel with ``--no-deps``, then
    imports it from outside the source tree, prints its build metadata, checks that the library
    loaded with kernels for the expected devices, and compares one Unified Focal (label map) and one
@@ -158,6 +159,13 @@ def read_wheel(wheel: Path, check: Check) -> tuple[str | None, dict | None, str 
         if check.require(len(metadata) == 1, f"expected one .dist-info/METADATA, found {metadata}"):
             text = archive.read(metadata[0]).decode()
             version = re.search(r"^Version: (.+)$", text, re.MULTILINE)[1].strip()
+            requires = re.findall(r"^Requires-Dist: (torch\b.*)$", text, re.MULTILINE)
+            if info is not None:
+                pin = "torch==" + ".".join(info.get("torch", "?").split("+")[0].split(".")[:2]) + ".*"
+                check.require(
+                    [r.strip() for r in requires] == [pin],
+                    f"the wheel must require the torch it was built against ({pin}), requires {requires}",
+                )
     if info is not None and version is not None:
         label = version.partition("+")[2]
         check.require(
@@ -200,11 +208,13 @@ def find_cuobjdump(explicit: str | None, venv: Path | None) -> str | None:
     if os.environ.get("CUDA_HOME"):
         candidates.append(os.path.join(os.environ["CUDA_HOME"], "bin", "cuobjdump"))
     candidates.append(shutil.which("cuobjdump"))
-    # The nvidia-cuda-cuobjdump package puts it at site-packages/nvidia/cu<major>/bin.
+    # The nvidia-cuda-cuobjdump package puts it at site-packages/nvidia/cu<major>/bin; Triton ships
+    # one too (triton/backends/nvidia/bin), so a machine with Triton needs no download.
     sites = [Path(entry) for entry in sys.path if entry.endswith("site-packages")]
     if venv is not None:
         sites += sorted(venv.glob("lib/python*/site-packages"))
-    candidates += [str(tool) for site in sites for tool in sorted(site.glob("nvidia/*/bin/cuobjdump"))]
+    for pattern in ("nvidia/*/bin/cuobjdump", "triton/backends/nvidia/bin/cuobjdump"):
+        candidates += [str(tool) for site in sites for tool in sorted(site.glob(pattern))]
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
 
 

@@ -38,10 +38,13 @@ def _info(**overrides) -> dict:
     return {**info, **overrides}
 
 
-def _fake_wheel(path: Path, version: str, info: dict | None, extra: tuple[str, ...] = ()) -> Path:
+def _fake_wheel(
+    path: Path, version: str, info: dict | None, extra: tuple[str, ...] = (), requires: str = f"torch=={TORCH_MM}.*"
+) -> Path:
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr(
-            f"lmfloss_kernels-{version}.dist-info/METADATA", f"Name: lmfloss-kernels\nVersion: {version}\n"
+            f"lmfloss_kernels-{version}.dist-info/METADATA",
+            f"Name: lmfloss-kernels\nVersion: {version}\nRequires-Dist: {requires}\n",
         )
         archive.writestr("lmfloss_kernels/__init__.py", "")
         archive.writestr("lmfloss_kernels/_C.cpython-311-x86_64-linux-gnu.so", b"\x7fELF")
@@ -96,6 +99,16 @@ def test_defective_wheel_contents_fail(tmp_path, version, info, extra, message):
     check = check_wheel.Check()
     check_wheel.read_wheel(_fake_wheel(tmp_path / "a.whl", version, info, extra), check)
     assert any(message in failure for failure in check.failures), check.failures
+
+
+@pytest.mark.parametrize("requires", ["torch>=2.4", "torch==1.0.*", "torch"])
+def test_wheel_must_require_the_torch_it_was_built_against(tmp_path, requires):
+    check = check_wheel.Check()
+    wheel = _fake_wheel(tmp_path / "a.whl", f"0.1.0+cu130torch{TORCH_MM}", _info(), requires=requires)
+    check_wheel.read_wheel(wheel, check)
+    assert check.failures == [
+        f"the wheel must require the torch it was built against (torch=={TORCH_MM}.*), requires ['{requires}']"
+    ]
 
 
 def test_two_libraries_fail(tmp_path):
