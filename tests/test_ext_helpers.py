@@ -166,3 +166,14 @@ def test_a_broken_extension_is_reported_once_at_import(tmp_path, defect):
     assert filename == str(script) and lineno == "5"  # the import line
     assert ("not built" if defect == "missing" else "built against torch 1.0.0") in message
     assert "pip install --no-build-isolation -e ." in message
+
+
+def test_library_built_for_a_newer_x86_level_than_this_cpu_is_refused():
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "with_cuda": False, "cpu_arch": "x86-64-v3"}
+    v3 = {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe", "sse4_2"}
+    assert _loader._mismatch(info, v3) is None
+    reason = _loader._mismatch(info, v3 - {"avx2", "fma"})
+    assert "built for x86-64-v3" in reason and "lacks avx2, fma" in reason and "LMFLOSS_CPU_ARCH=x86-64" in reason
+    assert "avx512f" in _loader._mismatch({**info, "cpu_arch": "x86-64-v4"}, v3)
+    for portable in (None, "x86-64", "native"):
+        assert _loader._mismatch({**info, "cpu_arch": portable}, set()) is None

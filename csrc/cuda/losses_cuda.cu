@@ -37,10 +37,13 @@ constexpr int64_t kMaxBlocksPerImage = 1024;
 template <typename scalar_t>
 using math_of = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Blocks per image for a grid-stride pass over `voxels` (about 4 voxels per thread at most
-// sizes); a function of the shape only, so the reduction order never changes between runs.
+// Blocks per image for a grid-stride pass over `voxels`: one voxel per thread up to
+// kMaxBlocksPerImage blocks (262144 threads, enough to fill any current GPU), grid-stride
+// beyond. Rows are one image of N voxels, so N = 65536 rows get 256 blocks: at 4 voxels per
+// thread they would get 64 and leave half of a 132-SM GPU idle. A function of the shape only,
+// so the reduction order never changes between runs.
 int64_t blocks_per_image(int64_t voxels) {
-  return std::clamp<int64_t>((voxels + 4 * kThreads - 1) / (4 * kThreads), 1, kMaxBlocksPerImage);
+  return std::clamp<int64_t>((voxels + kThreads - 1) / kThreads, 1, kMaxBlocksPerImage);
 }
 
 // Sum over the block (fixed shuffle tree, then warp 0 over the warps); the result is in thread 0.

@@ -3,7 +3,8 @@
 The library registers its kernels with the dispatcher (``torch.ops.lmfloss_ext.*``) when it is
 imported. Before importing it, the metadata written by ``setup.py`` next to it
 (``_build_info.json``) is compared with the running torch: a library built against another
-torch major.minor or another CUDA major version is not loaded (it could fail to link or, worse,
+torch major.minor or another CUDA major version, or with CPU kernels for an x86-64 level (AVX2,
+AVX-512) that the running CPU lacks, is not loaded (it could fail to link, die of SIGILL or, worse,
 misbehave). Any failure gives one warning saying how to fix it, and leaves a reason that the
 backends report through ``unavailable_reason``; the other backends keep working.
 """
@@ -31,8 +32,31 @@ def _cuda_major(version: str | None) -> str | None:
     return None if version is None else version.split(".")[0]
 
 
-def _mismatch(info: dict) -> str | None:
-    """Why a library with this build metadata cannot be used with the running torch, or None."""
+# CPU features each x86-64 micro-architecture level of the CPU kernels' -march needs.
+_LEVEL_FLAGS = {"x86-64-v3": {"avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"}}
+_LEVEL_FLAGS["x86-64-v4"] = _LEVEL_FLAGS["x86-64-v3"] | {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def _cpu_flags() -> set[str] | None:
+    """The running CPU's feature flags (Linux), or None when they cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return set(next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), []))
+    except OSError:
+        return None
+
+
+def _mismatch(info: dict, cpu_flags: set[str] | None = None) -> str | None:
+    """Why a library with this build metadata cannot be used with the running torch and CPU, or None."""
+    # A library built for a newer x86-64 level would die of SIGILL in its first kernel.
+    needed = _LEVEL_FLAGS.get(info.get("cpu_arch") or "")
+    flags = _cpu_flags() if needed and cpu_flags is None else cpu_flags
+    if needed and flags is not None and not needed <= flags:
+        missing = ", ".join(sorted(needed - flags))
+        return (
+            f"its CPU kernels were built for {info['cpu_arch']}, but this CPU lacks {missing} "
+            f"(rebuild with LMFLOSS_CPU_ARCH=x86-64)"
+        )
     built = info.get("torch", "?")
     if _major_minor(built) != _major_minor(torch.__version__):
         return f"it was built against torch {built}, but torch {torch.__version__} is running"

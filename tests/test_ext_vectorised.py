@@ -1,0 +1,47 @@
+"""The CPU kernels' tile loops are vectorised: the built library has packed AVX (ymm) arithmetic in them.
+
+The speed of the ``cpu`` backend rests on GCC vectorising the class and voxel loops of
+``csrc/cpu`` (branch-free clip, exp / log in vectorisable form, see ``csrc/cpu/tile.h``); a
+small change there (a call the compiler cannot inline, a branch) silently turns them scalar.
+This test disassembles the library built for ``x86-64-v3`` and counts packed single-precision
+ymm arithmetic in each hot float32 function. It needs the extension built for that level and
+``objdump`` (binutils, installed with gcc).
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lmfloss_kernels import ext
+
+HOT_FUNCTIONS = (
+    r"lmfloss::cpu::softmax_tile<float>\(",
+    r"region_forward_impl<float, lmfloss::cpu::LabelMap<unsigned char> >\(",
+    r"region_backward_impl<float, lmfloss::cpu::LabelMap<unsigned char> >\(",
+    r"row_backward_impl<float, unsigned char>\(",
+)
+PACKED_YMM = re.compile(r"\tv(?:add|sub|mul|div|max|min|blendv|f[n]?m(?:add|sub)\w*)ps\s[^\n]*%ymm")
+
+
+@pytest.mark.skipif(ext.LOAD_ERROR is not None, reason=f"C++ extension not loaded: {ext.LOAD_ERROR}")
+@pytest.mark.skipif(
+    ext.BUILD_INFO is None or ext.BUILD_INFO.get("cpu_arch") != "x86-64-v3",
+    reason="the CPU kernels were not built for x86-64-v3 (AVX2 / FMA)",
+)
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="no objdump (binutils)")
+def test_hot_cpu_loops_use_packed_avx_arithmetic():
+    (library,) = Path(ext.__file__).parents[1].glob("_C*.so")
+    listing = subprocess.run(
+        ["objdump", "-d", "-C", "--no-show-raw-insn", str(library)], capture_output=True, text=True, check=True
+    ).stdout
+    functions = [f for f in re.split(r"\n(?=[0-9a-f]+ <)", listing) if "@plt>" not in f.split("\n", 1)[0]]
+    for pattern in HOT_FUNCTIONS:
+        bodies = [f for f in functions if re.search(pattern, f.split("\n", 1)[0])]
+        assert bodies, f"no function matching {pattern} in {library.name}"
+        packed = max(len(PACKED_YMM.findall(body)) for body in bodies)
+        assert packed >= 16, f"{pattern}: only {packed} packed ymm float instructions, the loops are not vectorised"
