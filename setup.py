@@ -197,7 +197,7 @@ setup(
     description="Fused Triton and C++/CUDA kernels for the LMF, Unified Focal and Mixed Focal losses",
     packages=find_packages(include=["lmfloss_kernels", "lmfloss_kernels.*"]),
     python_requires=">=3.10",
-    install_requires=[_torch_requirement()],
+    install_requires=[_torch_requirement(), "tqdm"],  # tqdm: the progress bar of calf.ForegroundSizeAccumulator
     ext_modules=[extension],
     cmdclass={"build_ext": build_ext},
     zip_safe=False,
