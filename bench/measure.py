@@ -19,7 +19,8 @@ Peak extra memory
     Limits of the CPU method: it needs Linux and glibc; it counts pages that were touched (an
     allocated but never written buffer costs nothing), so it measures memory actually used, not
     requested; allocations under 64 KiB come from memory already resident and are not counted;
-    the thread's stack and OpenMP workers' arenas add noise of a few hundred KiB.
+    the thread's stack and OpenMP workers' arenas add noise of a few hundred KiB. A peak below
+    64 KiB (:func:`memory_floor_bytes`) is therefore below the method's resolution, not zero.
 
 Copy bandwidth
     ``dst.copy_(src)`` of a tensor much larger than the caches; bytes = read + write.
@@ -135,6 +136,9 @@ def time_cuda(
 # Memory
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# While measuring, blocks from this size up are mmapped (and counted); smaller ones are served
+# from memory already resident and do not show, so this is also the CPU method's resolution.
+CPU_MEMORY_FLOOR_BYTES = 1 << 16
 _libc = None
 _rss_ready: bool | None = None
 
@@ -148,8 +152,8 @@ def _malloc_for_measuring(measuring: bool) -> None:
     timings do not pay a page fault for every temporary.
     """
     if measuring:
-        _libc.mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-        _libc.mallopt(_M_TRIM_THRESHOLD, 1 << 16)
+        _libc.mallopt(_M_MMAP_THRESHOLD, CPU_MEMORY_FLOOR_BYTES)
+        _libc.mallopt(_M_TRIM_THRESHOLD, CPU_MEMORY_FLOOR_BYTES)
         _libc.malloc_trim(0)
     else:
         _libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
@@ -178,6 +182,15 @@ def _status_bytes(key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     raise ValueError(f"{key} not in /proc/self/status")
+
+
+def memory_floor_bytes(device: torch.device) -> int:
+    """Smallest peak that :func:`peak_extra_bytes` resolves on ``device``; below it, it reads ~0.
+
+    CUDA: 0 (the caching allocator counts every live block exactly). CPU: 64 KiB, the size below
+    which glibc serves allocations from memory already resident while measuring.
+    """
+    return 0 if device.type == "cuda" else CPU_MEMORY_FLOOR_BYTES
 
 
 def peak_extra_bytes(fn: Callable[[], object], device: torch.device) -> float:

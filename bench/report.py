@@ -17,6 +17,8 @@ import torch
 
 import lmfloss_kernels
 
+from . import measure
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 COLUMNS = (
@@ -36,6 +38,7 @@ COLUMNS = (
     "peak_extra_mb",
     "grad_mb",
     "peak_over_grad",
+    "peak_below_floor",
     "bytes_moved",
     "bandwidth_gbs",
     "bandwidth_frac",
@@ -109,6 +112,7 @@ def metadata(device: torch.device, copy_bw: float, seconds: float, argv: list[st
         "git_commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "copy_bandwidth_gbs": copy_bw / 1e9,
+        "memory_floor_mb": measure.memory_floor_bytes(device) / 2**20,
         "run_seconds": round(seconds, 1),
         "command": " ".join(["python -m bench", *argv[1:]] if argv and argv[0].endswith(".py") else argv),
         "method": {
@@ -146,10 +150,21 @@ _HEADER = (
 MODE_TITLES = {"forward": "forward", "backward": "backward", "full": "fwd+bwd", "nograd": "no-grad fwd"}
 
 
-def _cell(row: dict, key: str, fmt: str) -> str:
+def _memory_bound(row: dict, key: str, floor_mb: float) -> float:
+    """Upper bound of a peak-memory figure that is below the method's resolution."""
+    return floor_mb if key == "peak_extra_mb" else floor_mb / row["grad_mb"]
+
+
+def _below_floor(row: dict, key: str) -> bool:
+    return key in ("peak_extra_mb", "peak_over_grad") and bool(row.get("peak_below_floor"))
+
+
+def _cell(row: dict, key: str, fmt: str, floor_mb: float) -> str:
     value = row.get(key)
     if key == "mode":
         return MODE_TITLES[value]
+    if _below_floor(row, key):
+        return f"< {_memory_bound(row, key, floor_mb):.2f}"
     if isinstance(value, float) and not math.isfinite(value):
         return "-"
     if fmt == "ms":  # three significant digits without switching to exponent notation
@@ -157,8 +172,9 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def table_lines(rows: list[dict], markdown: bool) -> list[str]:
-    cells = [[title for _, title, _ in _HEADER]] + [[_cell(r, k, f) for k, _, f in _HEADER] for r in rows]
+def table_lines(rows: list[dict], markdown: bool, floor_mb: float) -> list[str]:
+    """Aligned text or markdown; peaks below the memory resolution ``floor_mb`` show as "< bound"."""
+    cells = [[title for _, title, _ in _HEADER]] + [[_cell(r, k, f, floor_mb) for k, _, f in _HEADER] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(cells[0]) + " |", "|" + "---|" * len(_HEADER)]
         return lines + ["| " + " | ".join(c) + " |" for c in cells[1:]]
@@ -197,6 +213,11 @@ def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> li
         f"{meta['lmfloss_kernels']} @ {meta['git_commit'][:12]}; {meta['date']}",
         f"copy bandwidth (same run): {meta['copy_bandwidth_gbs']:.1f} GB/s; run took {meta['run_seconds']} s",
     ]
+    if meta["memory_floor_mb"] > 0:
+        lines.append(
+            f"extra MiB / x grad '< v': a peak below the memory method's resolution "
+            f"({meta['memory_floor_mb'] * 1024:.0f} KiB); v is the upper bound"
+        )
     if notes:
         lines.append("How MONAI's function differs from ours, per loss:")
         lines += [f"  {loss}: {note}" for loss, note in sorted(notes.items())]
@@ -208,7 +229,8 @@ def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> li
 
 
 def format_table(rows: list[dict], notes: dict[str, str], skipped: list[dict], meta: dict) -> str:
-    return "\n".join(["", *table_lines(rows, markdown=False), "", *_context_lines(notes, skipped, meta)])
+    table = table_lines(rows, markdown=False, floor_mb=meta["memory_floor_mb"])
+    return "\n".join(["", *table, "", *_context_lines(notes, skipped, meta)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,30 +255,37 @@ def write(
         writer.writeheader()
         flat_meta = {k: v for k, v in meta.items() if k != "method"}
         for row in rows:
-            writer.writerow({**row, **flat_meta})
+            # Below the memory resolution, the CSV cell says so ("<0.0625") instead of a number.
+            bounds = {
+                key: f"<{_memory_bound(row, key, meta['memory_floor_mb']):.4g}"
+                for key in ("peak_extra_mb", "peak_over_grad")
+                if _below_floor(row, key)
+            }
+            writer.writerow({**row, **bounds, **flat_meta})
     with open(paths[1], "w") as f:
         f.write(_json(meta, notes, skipped, rows))
     with open(paths[2], "w") as f:
         sections = [
             "## Headline: fwd+bwd at the largest size of each case",
             "",
-            *table_lines(headline_rows(rows), markdown=True),
+            *table_lines(headline_rows(rows), markdown=True, floor_mb=meta["memory_floor_mb"]),
             "",
             *_context_lines(notes, skipped, meta),
             "",
             "## All rows",
             "",
-            *table_lines(rows, markdown=True),
+            *table_lines(rows, markdown=True, floor_mb=meta["memory_floor_mb"]),
             "",
         ]
         f.write("\n".join(sections))
     if plots:
-        paths += plot(rows, stem)
+        paths += plot(rows, stem, meta["memory_floor_mb"])
     return paths
 
 
 def _json(meta, notes, skipped, rows) -> str:
-    # JSON has no NaN: missing figures (no compile baseline, memory not measurable) become null.
+    # JSON has no NaN: missing figures (no compile baseline, memory not measurable or below the
+    # resolution, which peak_below_floor and meta's memory_floor_mb tell apart) become null.
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -271,8 +300,11 @@ def _json(meta, notes, skipped, rows) -> str:
     return json.dumps(data, indent=1)
 
 
-def plot(rows: list[dict], stem: Path) -> list[Path]:
-    """Per loss/dtype/target/C: fwd+bwd time and peak extra memory against size, one line per provider."""
+def plot(rows: list[dict], stem: Path, floor_mb: float) -> list[Path]:
+    """Per loss/dtype/target/C: fwd+bwd time and peak extra memory against size, one line per provider.
+
+    Peaks below the memory resolution ``floor_mb`` are not drawn; a dotted line marks the floor.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,6 +338,8 @@ def plot(rows: list[dict], stem: Path) -> list[Path]:
         # The design's memory target is stated in gradients: draw 1x the gradient for reference.
         sizes = sorted({(r["voxels"], r["grad_mb"]) for r in group})
         ax_mem.plot([v for v, _ in sizes], [g for _, g in sizes], "k--", linewidth=1, label="1x gradient")
+        if floor_mb > 0:
+            ax_mem.axhline(floor_mb, color="grey", linestyle=":", linewidth=1, label="resolution (below: not drawn)")
         ax_mem.legend()
         xlabel = "rows N" if loss == "lmf_rows" else "voxels per image (B = 2)"
         for ax, ylabel in ((ax_time, "fwd+bwd time, median (ms)"), (ax_mem, "peak extra memory (MiB)")):

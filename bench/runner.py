@@ -267,9 +267,7 @@ def run_case(case: Case, settings: Settings, copy_bw: float) -> list[dict]:
                     "p80_ms": p80 * 1e3,
                     "reps": reps,
                     "input_copies": len(inputs),
-                    "peak_extra_mb": peak / 2**20,
-                    "grad_mb": grad_bytes / 2**20,
-                    "peak_over_grad": peak / grad_bytes,
+                    **memory_figures(peak, grad_bytes, device),
                     "bytes_moved": moved,
                     "bandwidth_gbs": moved / median / 1e9,
                     "bandwidth_frac": moved / median / copy_bw,
@@ -277,6 +275,23 @@ def run_case(case: Case, settings: Settings, copy_bw: float) -> list[dict]:
             )
     order = {name: index for index, name in enumerate(settings.providers)}
     return sorted(rows, key=lambda row: (MODES.index(row["mode"]), order[row["provider"]]))
+
+
+def memory_figures(peak: float, grad_bytes: int, device: torch.device) -> dict:
+    """A row's memory columns: peak extra MiB, gradient MiB, and peak / gradient size.
+
+    A peak below the method's resolution (:func:`measure.memory_floor_bytes`, 64 KiB on the
+    CPU) is no measurement of zero: both peak figures become NaN with ``peak_below_floor`` set,
+    and the report prints them as upper bounds ("< 0.06" MiB). An unmeasurable peak (NaN) stays
+    NaN without the flag.
+    """
+    below = peak < measure.memory_floor_bytes(device)
+    return {
+        "peak_extra_mb": math.nan if below else peak / 2**20,
+        "grad_mb": grad_bytes / 2**20,
+        "peak_over_grad": math.nan if below else peak / grad_bytes,
+        "peak_below_floor": below,
+    }
 
 
 def _time(run, setup, inputs, provider: str, settings: Settings):

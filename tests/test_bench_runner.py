@@ -5,6 +5,7 @@ only check that the runner measures what it says and writes complete results.
 """
 
 import csv
+import importlib.util
 import json
 import math
 import os
@@ -15,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import measure, runner
-from bench.workloads import WORKLOADS, bytes_moved, family_call, logits_shape, make_inputs, monai_loss
-from lmfloss_kernels import reference
+from bench import measure, report, runner
+from bench.workloads import WORKLOADS, bytes_moved, family_call, logits_shape, make_inputs, monai_loss, voxels
+from lmfloss_kernels import available_backends, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,48 +106,161 @@ def test_overrides_and_expansion():
         runner.parse_args(["--providers", "nonsense"])
 
 
-def test_quick_run_writes_table_csv_json_and_plots(tmp_path):
+def _row(provider: str, peak: float, grad_bytes: int) -> dict:
+    # A complete results row as run_case builds it, with chosen memory figures.
+    return {
+        "loss": "lmf_rows",
+        "shape": "16384x4",
+        "voxels": 16384,
+        "classes": 4,
+        "dtype": "fp32",
+        "target": "i64 labels",
+        "mode": "full",
+        "provider": provider,
+        "median_ms": 2.0,
+        "p20_ms": 1.5,
+        "p80_ms": 2.5,
+        "reps": 3,
+        "input_copies": 1,
+        **runner.memory_figures(peak, grad_bytes, torch.device("cpu")),
+        "bytes_moved": 1000,
+        "bandwidth_gbs": 0.5,
+        "bandwidth_frac": 0.05,
+        "vs_eager": 1.0,
+        "vs_compile": math.nan,
+    }
+
+
+def test_peaks_below_the_memory_resolution_are_bounds_not_zeros(tmp_path):
+    cpu, grad_bytes = torch.device("cpu"), 256 << 10
+    floor = measure.memory_floor_bytes(cpu)
+    assert floor == 64 << 10
+    below = runner.memory_figures(4096.0, grad_bytes, cpu)
+    assert below["peak_below_floor"] and math.isnan(below["peak_extra_mb"]) and math.isnan(below["peak_over_grad"])
+    at_floor = runner.memory_figures(float(floor), grad_bytes, cpu)
+    assert not at_floor["peak_below_floor"]
+    assert (at_floor["peak_extra_mb"], at_floor["peak_over_grad"]) == (0.0625, 0.25)
+    # Not measurable (NaN) is not "below the floor"; CUDA's allocator statistics are exact, so
+    # a zero peak there is a zero.
+    unmeasurable = runner.memory_figures(math.nan, grad_bytes, cpu)
+    assert not unmeasurable["peak_below_floor"] and math.isnan(unmeasurable["peak_extra_mb"])
+    cuda = runner.memory_figures(0.0, grad_bytes, torch.device("cuda"))
+    assert not cuda["peak_below_floor"] and cuda["peak_extra_mb"] == 0.0
+
+    rows = [_row("eager", 3 * 2**20, grad_bytes), _row("cpu", 4096.0, grad_bytes)]
+    meta = report.metadata(cpu, 1e10, 1.0, ["python -m bench"])
+    assert meta["memory_floor_mb"] == 0.0625
+    eager_line, cpu_line = report.format_table(rows, {}, [], meta).splitlines()[2:4]
+    assert "3.0" in eager_line and "12.00" in eager_line and "<" not in eager_line
+    assert "< 0.06" in cpu_line and "< 0.25" in cpu_line
+    paths = report.write(rows, meta, {}, [], str(tmp_path), plots=False)
+    csv_path, json_path, md_path = paths
+    with open(csv_path) as f:
+        eager_csv, cpu_csv = csv.DictReader(f)
+    assert float(eager_csv["peak_extra_mb"]) == 3.0 and eager_csv["peak_below_floor"] == "False"
+    assert (cpu_csv["peak_extra_mb"], cpu_csv["peak_over_grad"], cpu_csv["peak_below_floor"]) == (
+        "<0.0625",
+        "<0.25",
+        "True",
+    )
+    eager_json, cpu_json = json.loads(json_path.read_text())["rows"]
+    assert eager_json["peak_extra_mb"] == 3.0 and eager_json["peak_below_floor"] is False
+    assert cpu_json["peak_extra_mb"] is None and cpu_json["peak_over_grad"] is None and cpu_json["peak_below_floor"]
+    assert "| < 0.06 | < 0.25 |" in md_path.read_text()
+
+
+def _run_quick(tmp_path: Path, *flags: str) -> tuple[str, list[dict], dict]:
+    """``python -m bench --quick`` on the CPU in a fresh process: (stdout, CSV rows, JSON data)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)  # the runner must skip Triton on the CPU by itself
-    command = [
-        sys.executable,
-        "-m",
-        "bench",
-        "--quick",
-        "--threads",
-        "1",
-        "--providers",
-        "eager,monai,triton,cuda,cpu",
-        "--device",
-        "cpu",
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    command = [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    done = subprocess.run([*command, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    out = done.stdout
+    (csv_path,) = tmp_path.glob("*.csv")
+    (json_path,) = tmp_path.glob("*.json")
+    with open(csv_path) as f:
+        csv_rows = list(csv.DictReader(f))
+    data = json.loads(json_path.read_text())
+    assert len(csv_rows) == len(data["rows"])
+    for key in ("device", "torch", "triton", "cuda", "lmfloss_kernels", "git_commit", "date", "copy_bandwidth_gbs"):
+        assert key in data["meta"]
+    for row, csv_row in zip(data["rows"], csv_rows, strict=True):
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["bandwidth_frac"] > 0 and row["bytes_moved"] > 0
+        if row["peak_below_floor"]:
+            assert row["peak_extra_mb"] is None and csv_row["peak_extra_mb"] == "<0.0625"
+        else:
+            assert row["peak_extra_mb"] >= data["meta"]["memory_floor_mb"]
+        if row["provider"] == "eager":
+            assert row["vs_eager"] == 1.0
+    return done.stdout, csv_rows, data
+
+
+def _runs_here(provider: str, dtype: str) -> bool:
+    """Whether the runner must time ``provider`` for ``dtype`` logits on this CPU."""
+    if provider in ("eager", "compile"):
+        return True
+    if provider == "monai":
+        return importlib.util.find_spec("monai") is not None
+    # Triton's only CPU mode is its interpreter, which the runner refuses to time.
+    return provider != "triton" and provider in available_backends("cpu", runner.DTYPES[dtype])
+
+
+def _expected_keys(cases: list, provider: str) -> set[tuple]:
+    return {
+        (c.loss, voxels(logits_shape(WORKLOADS[c.loss], c.size, c.classes)), c.classes, c.dtype, c.target, mode)
+        for c in cases
+        if _runs_here(provider, c.dtype)
+        for mode in c.modes
+    }
+
+
+def _row_keys(rows: list[dict], provider: str) -> set[tuple]:
+    def kind(row):
+        return "onehot" if row["target"].startswith("one-hot") else "labels"
+
+    return {
+        (r["loss"], r["voxels"], r["classes"], r["dtype"], kind(r), r["mode"])
+        for r in rows
+        if r["provider"] == provider
+    }
+
+
+def _check_providers(data: dict, cases: list, providers: tuple[str, ...]) -> None:
+    # Every provider that can run here has a row for every case and mode; the runner catches a
+    # failing provider into not_run, so not_run must hold nothing but genuinely missing ones.
+    for provider in providers:
+        assert _row_keys(data["rows"], provider) == _expected_keys(cases, provider), provider
+    reasons = {"triton": "TRITON_INTERPRET", "monai": "not installed", "cuda": "is not available"}
+    for entry in data["not_run"]:
+        assert "mode" not in entry, f"{entry['provider']} failed: {entry['reason']}"
+        assert not _runs_here(entry["provider"], entry["dtype"]), entry
+        assert reasons.get(entry["provider"], "is not available") in entry["reason"], entry
+    missing = {p for p in providers for c in cases if not _runs_here(p, c.dtype)}
+    assert {entry["provider"] for entry in data["not_run"]} == missing
+
+
+def test_quick_run_writes_table_csv_json_and_plots(tmp_path):
+    # Every provider but torch.compile (which compiles a graph per loss: see the next test).
+    providers = ("eager", "monai", "triton", "cuda", "cpu")
+    out, _, data = _run_quick(tmp_path, "--providers", ",".join(providers))
     assert "median ms" in out and "vs eager" in out and "copy bandwidth" in out
     quick = runner.expand(runner.quick_plan())
     for loss in {c.loss for c in quick}:
         assert loss in out
-
-    (csv_path,) = tmp_path.glob("*.csv")
-    (json_path,) = tmp_path.glob("*.json")
     assert list(tmp_path.glob("*.md")) and list(tmp_path.glob("*.png"))
-    with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
-    data = json.loads(json_path.read_text())
-    assert len(rows) == len(data["rows"])
-    for key in ("device", "torch", "triton", "cuda", "lmfloss_kernels", "git_commit", "date", "copy_bandwidth_gbs"):
-        assert key in data["meta"]
     assert "triton" in {s["provider"] for s in data["not_run"]}
+    _check_providers(data, quick, providers)
 
-    expected = {(c.loss, m) for c in quick for m in c.modes}
-    for provider in ("eager", "monai"):
-        assert {(r["loss"], r["mode"]) for r in rows if r["provider"] == provider} == expected
-    for row in data["rows"]:
-        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
-        assert row["bandwidth_frac"] > 0 and row["bytes_moved"] > 0
-        assert row["peak_extra_mb"] >= 0
-        if row["provider"] == "eager":
-            assert row["vs_eager"] == 1.0
+
+def test_quick_run_times_the_compiled_reference(tmp_path):
+    # One tiny case keeps this to a single torch.compile (C++ codegen on the CPU).
+    flags = ["--losses", "ufl_asym", "--targets", "labels", "--sizes", "12", "--modes", "full"]
+    providers = ("eager", "compile", "cpu")
+    _, _, data = _run_quick(tmp_path, *flags, "--providers", ",".join(providers), "--no-plots")
+    cases = runner.expand(runner.apply_overrides(runner.quick_plan(), runner.parse_args(["--quick", *flags])))
+    assert len(cases) == 1
+    _check_providers(data, cases, providers)
+    by_provider = {row["provider"]: row for row in data["rows"]}
+    assert by_provider["compile"]["vs_compile"] == 1.0
+    assert by_provider["eager"]["vs_compile"] > 0
