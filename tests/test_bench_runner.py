@@ -93,6 +93,19 @@ def test_cpu_peak_memory_counts_a_freed_temporary_once():
     assert (8 << 20) * 0.95 <= peak <= (8 << 20) * 1.15
 
 
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_default_plans_sweep_every_loss_and_class_count_over_sizes(device):
+    # The plots (time and memory against size) need a (loss, dtype, target, C) group of fwd+bwd
+    # rows at two sizes or more: every loss and class count of a default plan must have one.
+    groups: dict[tuple, dict[tuple, set[int]]] = {}
+    for case in runner.expand(runner.default_plan(torch.device(device))):
+        if "full" in case.modes:
+            groups.setdefault((case.loss, case.classes), {}).setdefault((case.dtype, case.target), set()).add(case.size)
+    assert {loss for loss, _ in groups} == set(WORKLOADS)
+    for key, sizes in groups.items():
+        assert max(len(s) for s in sizes.values()) >= 2, key
+
+
 def test_overrides_and_expansion():
     args = runner.parse_args(["--losses", "ufl_asym,lmf_rows", "--sizes", "8,12", "--rows", "1k", "--modes", "full"])
     cases = runner.expand(runner.apply_overrides(runner.default_plan(torch.device("cpu")), args))
