@@ -35,7 +35,7 @@ def _region_args(shape=(2, 3, 5, 6), reduction="mean", soft=False, ignore_index=
     return (logits, target, *vectors, 0.6, 0.5, 0.5, 1e-5, 1e-5, 1e-7, True, False, ignore_index, reduction)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_opcheck_row(reduction):
     torch.library.opcheck(ops.row_loss_op, _row_args(reduction=reduction))
     torch.library.opcheck(ops.row_loss_op, _row_args(shape=(17, 4), reduction=reduction, compute_grad=False))

@@ -113,6 +113,14 @@ def test_all_rows_ignored():
             ignore_index=-100, reduction=reduction,
         )  # fmt: skip
         assert bool((loss == 0).all()) and bool((grad == 0).all())
+    # "mean" is 0 / 0 = NaN, as in the reference and cross_entropy; the gradient (n = 0 rows
+    # divide it) is the reference's NaN too, not some finite value that would hide the empty batch.
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction="mean")
+    for alpha in (1.0, 0.0):
+        expected = loss_and_grad(reference.row_loss, logits, labels, *vectors, **{**kwargs, "alpha": alpha})
+        actual = loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, **{**kwargs, "alpha": alpha})
+        assert bool(actual[0].isnan()) and bool(expected[0].isnan())
+        torch.testing.assert_close(actual[1], expected[1], equal_nan=True)
 
 
 def test_no_grad_call_gives_the_same_loss():
@@ -164,3 +172,33 @@ def test_public_api_on_triton(name):
     actual = loss_and_grad(calls[name], logits, backend="triton")
     assert_fp32_close(actual[0], expected[0], "loss")
     assert_fp32_close(actual[1], expected[1], "gradient")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("shape", "terms"), [((65536, 8), "focal_half"), ((65536, 8), "lmf"), ((2, 8, 128, 256), "lmf")]
+)
+def test_mean_gradient_under_a_loss_scaler_keeps_half_precision(shape, terms, dtype):
+    # A GradScaler's grad_output = 2**16 on a "mean" over 65536 rows: each entry of the mean
+    # loss's gradient is ~ w G / N ~ 1e-5, below float16's normal range (6.1e-5), so a kernel that
+    # rounds it to float16 before the scale is applied flushes it; the scaled gradient itself is
+    # order 1 and exact to float16 precision. Baseline: the reference as users run it (float32
+    # math, the gradient rounded once into the logits' dtype). Its float16-math mode cannot take
+    # this grad_output at all (2**16 exceeds float16's largest finite value, 65504).
+    logits, labels, *vectors = _row_inputs(shape, ignore_fraction=0.1)
+    logits = logits.to(dtype)
+    alpha, beta, gamma = TERMS[terms]
+    kwargs = dict(alpha=alpha, beta=beta, gamma=gamma, s=30.0, ignore_index=-100, reduction="mean")
+    grad_output = torch.tensor(2.0**16, device=DEVICE)
+    wide = (logits.double(), labels, *(v.double() for v in vectors))
+    truth = loss_and_grad(reference.row_loss, *wide, grad_output=grad_output.double(), **kwargs)
+    same = loss_and_grad(reference.row_loss, logits, labels, *vectors, grad_output=grad_output, **kwargs)
+    fused = loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, grad_output=grad_output, **kwargs)
+    assert fused[1].dtype == dtype and same[1].dtype == dtype
+    assert_no_worse_than_reference(fused[0], same[0], truth[0], dtype, "loss")
+    assert_no_worse_than_reference(fused[1], same[1], truth[1], dtype, "gradient")
+    # The norm-wise rule hides flushed entries when LDAM's larger s (q - y) terms dominate the
+    # norm; count them: no more zeros than the once-rounded reference (ignored rows), up to
+    # entries that round to 0 differently at float16's subnormal edge.
+    flushed = int((fused[1] == 0).sum()) - int((same[1] == 0).sum())
+    assert flushed <= fused[1].numel() // 1000, f"{flushed} more gradient entries flushed to 0 than the reference"

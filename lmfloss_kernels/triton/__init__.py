@@ -1,7 +1,8 @@
 """Triton backend: fused kernels for both loss families (``backend="triton"``).
 
 * Row family (LMF, LDAM, focal) — :mod:`.row`: one pass computes the loss and the gradient into a
-  fresh buffer; backward multiplies by ``grad_output``.
+  fresh buffer (for ``"mean"`` scaled to order 1, see :mod:`.row`); backward multiplies by
+  ``grad_output`` (divided by the number of valid rows for ``"mean"``).
 * Region family (Unified Focal, focal Tversky, Mixed Focal, Tversky, Dice) — :mod:`.region`: a
   statistics pass, an ``O(B C)`` finalize, a gradient pass.
 
@@ -51,7 +52,7 @@ class TritonBackend:
         reduction,
     ) -> torch.Tensor:
         compute_grad = logits.requires_grad and torch.is_grad_enabled()
-        loss, _ = ops.row_loss_op(
+        loss, *_ = ops.row_loss_op(
             logits,
             labels,
             _vector(margins),

@@ -4,9 +4,12 @@ Each op has a fake (meta) implementation and an autograd formula, so ``torch.lib
 passes and ``torch.compile(fullgraph=True)`` traces through a criterion (the ops are opaque to
 Inductor, which is what lets them run under the Triton interpreter too).
 
-* ``triton_row_loss(...) -> (loss, grad)``: the row family; ``grad`` is the gradient for
-  ``grad_output = 1`` computed in the same pass (empty when ``compute_grad`` is false); its
-  backward only multiplies it by ``grad_output`` (row-wise for ``"none"``).
+* ``triton_row_loss(...) -> (loss, grad, norms)``: the row family; ``norms`` = [sum of the
+  valid rows' LDAM weights ``W``, number of valid rows ``n``] (float32) for ``"mean"``, empty
+  otherwise. ``grad`` is computed in the same pass (empty when ``compute_grad`` is false): the
+  gradient for ``grad_output = 1`` for ``"sum"`` / ``"none"``, ``n`` times it for ``"mean"``
+  (order 1, so float16 does not flush it; :mod:`.row`). Backward only multiplies ``grad`` by
+  ``grad_output`` (row-wise for ``"none"``), divided by ``n`` for ``"mean"``.
 * ``triton_region_forward(...) -> (loss, stats)`` and ``triton_region_backward(...) -> grad``:
   the region family's statistics pass + finalize and its gradient pass; only ``stats``
   (``B x (2 + 3C)`` floats) is kept between them.
@@ -33,7 +36,7 @@ def row_loss_op(
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return row.row_forward(
         logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction, compute_grad
     )
@@ -44,7 +47,8 @@ def _(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s,
     shape = labels.shape if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
     grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
-    return loss, grad
+    norms = logits.new_empty(2 if reduction == "mean" else 0, dtype=torch.float32)
+    return loss, grad, norms
 
 
 def _row_setup(ctx, inputs, output):
@@ -53,17 +57,23 @@ def _row_setup(ctx, inputs, output):
     ctx.recompute = not inputs[11]
     ctx.save_for_backward(*(inputs[:5] if ctx.recompute else output[1:]))
     ctx.options = inputs[5:11]
-    ctx.per_row = inputs[10] == "none"
+    ctx.reduction = inputs[10]
 
 
-def _row_backward(ctx, grad_loss, _grad_of_grad):
+def _row_backward(ctx, grad_loss, _grad_of_grad, _grad_of_norms):
     if ctx.recompute:
-        _, grad = row_loss_op(*ctx.saved_tensors, *ctx.options, True)
+        _, grad, norms = row_loss_op(*ctx.saved_tensors, *ctx.options, True)
     else:
-        (grad,) = ctx.saved_tensors
-    scale = grad_loss.unsqueeze(1) if ctx.per_row else grad_loss
-    # One pass in float32, rounded once into the logits' dtype (a float32 per-row grad_output
-    # would otherwise promote a half-precision product to a float32 temporary).
+        grad, norms = ctx.saved_tensors
+    if ctx.reduction == "none":
+        scale = grad_loss.unsqueeze(1)
+    elif ctx.reduction == "mean":
+        scale = grad_loss / norms[1:]  # float32 on the device: no host sync
+    else:
+        scale = grad_loss.reshape(1)
+    # One pass in float32, rounded once into the logits' dtype: the scale is a float32 tensor
+    # with a dimension, so it is not demoted to a half-precision "scalar" (which would flush
+    # grad_output / n), and out= keeps the product from becoming a float32 temporary.
     scaled = torch.mul(grad, scale, out=torch.empty_like(grad))
     return (scaled,) + (None,) * 11
 

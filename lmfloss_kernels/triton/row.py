@@ -1,20 +1,28 @@
 r"""LMF family on Triton: ``alpha * LDAM + beta * focal`` over rows ``(N, C)`` or voxels of ``(B, C, *S)``.
 
-One pass computes the loss and, when a gradient is wanted, the gradient into a fresh buffer
+One pass computes the loss and, when a gradient is wanted, a gradient into a fresh buffer
 (never into the user's logits). For row ``i`` with label ``t``, validity ``v_i``, class weights
 ``w^L`` (LDAM) and ``w^F`` (focal), ``q = softmax(s (z_i - m_t e_t))``, ``p = softmax(z_i)``,
-``u = 1 - p_t`` and ``G = u^gamma (1 - gamma p_t log(p_t) / u)`` (losses.md 0.2, 1.5):
+``u = 1 - p_t`` and ``G = u^gamma (1 - gamma p_t log(p_t) / u)`` (losses.md 0.2, 1.5), the
+buffer holds
 
 .. math::
 
-    \frac{\partial \ell_i}{\partial z_{ij}} = \alpha\, k_L\, v_i w^L_t\, s\,(q_{ij} - \delta_{jt})
+    g_{ij} = \alpha\, k_L\, v_i w^L_t\, s\,(q_{ij} - \delta_{jt})
         + \beta\, k_F\, v_i w^F_t\, G\,(p_{ij} - \delta_{jt})
+    \qquad \frac{\partial L}{\partial z_{ij}} = c\, g_{ij}
 
-with ``k_L = 1 / sum_i v_i w^L_{t_i}`` and ``k_F = 1 / sum_i v_i`` for ``"mean"`` (label-only
-sums computed on the device by :func:`_label_sums_kernel`, no host sync) and ``k = 1``
-otherwise. The entries ``q_t - 1`` and ``p_t - 1`` are written as ``-(1 - q_t)``, ``-u`` from the
-other classes' mass, so they do not cancel when the row is confident. Backward multiplies the
-stored gradient by ``grad_output`` (per row for ``"none"``).
+with ``k_L = n / W``, ``k_F = 1`` and ``c = 1 / n`` for ``"mean"`` (``W = sum_i v_i w^L_{t_i}``,
+``n = sum_i v_i``: label-only sums computed on the device by :func:`_label_sums_kernel`, no host
+sync), ``k = c = 1`` otherwise. So for ``"mean"`` the buffer is ``n`` times the gradient of the
+mean loss, of order 1 whatever ``N``: the gradient itself, ``~ w G / N`` per entry, falls below
+float16's normal range (6.1e-5) from ``N ~ 10^4`` on and would be flushed before a GradScaler's
+``grad_output = 2^16`` is applied. Backward multiplies ``g`` by ``grad_output * c`` (per row for
+``"none"``) in float32 from a device scalar and rounds once into the logits' dtype. float16
+holds ``g`` while ``alpha s max_t w^L_t / (W / n) < 65504``, i.e. for LDAM weights whose
+largest is below ~2000 times their mean over the valid rows at ``s = 30``. The entries
+``q_t - 1`` and ``p_t - 1`` are written as ``-(1 - q_t)``, ``-u`` from the other classes' mass,
+so they do not cancel when the row is confident.
 """
 
 from __future__ import annotations
@@ -122,12 +130,11 @@ def _row_kernel(
     z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
     z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
 
+    # k_L of the module docstring (k_F = 1): the gradient of n * loss for "mean", order 1.
     if MEAN:
-        scale_ldam = 1.0 / tl.load(norm_ptr)
-        scale_focal = 1.0 / tl.load(norm_ptr + 1)
+        scale_ldam = tl.load(norm_ptr + 1) / tl.load(norm_ptr)
     else:
         scale_ldam = 1.0
-        scale_focal = 1.0
 
     ldam = tl.zeros([BLOCK_V], dtype=tl.float32)
     focal = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -151,7 +158,7 @@ def _row_kernel(
         if HAS_GRAD:
             factor = focal_gradient_factor(_select(onehot, p), log_pt, u, modulation, gamma)
             p_minus_y = tl.where(onehot, -u[None, :], p)
-            grad += (beta * scale_focal * a_t * factor)[None, :] * p_minus_y
+            grad += (beta * a_t * factor)[None, :] * p_minus_y
 
     if PER_ROW:
         tl.store(row_loss_ptr + b * V + v, alpha * ldam + beta * focal, mask=vmask)
@@ -210,9 +217,11 @@ def row_forward(
     ignore_index: int,
     reduction: str,
     compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss (float32; per row in the labels' shape for ``"none"``) and, if asked, the gradient of
-    the *unscaled* loss (``grad_output = 1``) in the logits' dtype; else an empty tensor."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, g, norms)``: the loss (float32; per row in the labels' shape for ``"none"``), if
+    asked the buffer ``g`` of the module docstring in the logits' dtype (else an empty tensor),
+    and for ``"mean"`` the normalisers ``[W, n]`` (float32; empty otherwise): the gradient for
+    ``grad_output`` is ``g * grad_output / n`` for ``"mean"``."""
     z = class_view(logits)
     lab = label_view(labels)
     batch, num_classes, num_voxels = z.shape
@@ -256,12 +265,13 @@ def row_forward(
     )  # fmt: skip
     if compute_grad:
         grad = finish_gradient(grad, grad_view)
+    norms = norm if mean else logits.new_empty(0, dtype=torch.float32)
     if per_row:
-        return rows.view(labels.shape), grad
+        return rows.view(labels.shape), grad, norms
     loss = empty((), dtype=torch.float32, device=device)
     _row_total_kernel[(1,)](
         partial, dummy if norm is None else norm, loss, batch * blocks, fp32(alpha), fp32(beta),
         HAS_LDAM=alpha != 0.0, HAS_FOCAL=beta != 0.0, MEAN=mean,
         BLOCK_P=min(triton.next_power_of_2(batch * blocks), 1024 if INTERPRETED else 256), num_warps=4,
     )  # fmt: skip
-    return loss, grad
+    return loss, grad, norms
