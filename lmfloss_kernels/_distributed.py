@@ -74,12 +74,14 @@ class RegionKernels:
     """A fused backend's region kernels as :class:`SyncedRegion` calls them (both with ``reduction="none"``).
 
     ``statistics(logits) -> (per-image loss, stats)``; ``gradient(weights, stats) -> grad``;
-    ``layout`` = (focal-sum column, voxel-count column, first TP column) of ``stats``.
+    ``layout`` = (focal-sum column, voxel-count column, first TP column) of ``stats``;
+    ``backend``: the backend's name, for the error of a double backward.
     """
 
     statistics: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     gradient: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     layout: tuple[int, int, int]
+    backend: str
 
 
 def synced_options(
@@ -169,8 +171,12 @@ class SyncedRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        logits, stats, totals = ctx.saved_tensors
+        # Imported here: the registry imports the reference, which imports this module.
+        from ._backends import refuse_double_backward
+
         kernels = ctx.kernels
+        refuse_double_backward(kernels.backend)  # the gradient pass is a fused kernel
+        logits, stats, totals = ctx.saved_tensors
         _, count_col, tp_col = kernels.layout
         num_images, num_classes = logits.shape[:2]
         columns = slice(tp_col, tp_col + 3 * num_classes)

@@ -26,6 +26,8 @@ Common conventions
   ``reduction="none"`` the loss of its row / image), on every backend; NaN and +inf also give NaN
   gradients. Unlike :func:`torch.nn.functional.cross_entropy`, a -inf logit is not read as
   "probability 0": masking classes by -inf is not supported.
+* Fused backends give first-order gradients only: a backward with ``create_graph=True`` raises
+  a ``RuntimeError``; use ``backend="reference"`` for higher-order gradients.
 """
 
 from __future__ import annotations

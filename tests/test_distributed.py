@@ -200,3 +200,25 @@ def test_single_rank_group_equals_plain_call_in_every_dtype(dtype):
                 )
     finally:
         dist.destroy_process_group()
+
+
+def test_single_rank_group_fused_backends_refuse_double_backward():
+    """The synced path's backward is a fused gradient pass too: create_graph=True raises, as without sync."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        logits, target, ignore_index = _inputs(False)
+        for backend in _backends():
+            x = logits.detach().clone().requires_grad_(True)
+            options = dict(batch=True, ignore_index=ignore_index, backend=backend, dist_sync=True)
+            loss = F.unified_focal_loss(x, target, **options)
+            if backend == "reference":
+                (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+                assert grad.requires_grad
+                continue
+            with pytest.raises(RuntimeError, match=f"double backward is not supported by backend '{backend}'"):
+                torch.autograd.grad(loss, x, create_graph=True)
+    finally:
+        dist.destroy_process_group()

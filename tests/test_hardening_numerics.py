@@ -200,3 +200,27 @@ def test_gpu_more_than_int32_elements():
     assert abs(float(value) - float(expected)) < 1e-4
     for copy in (x.grad[..., :1024], x.grad[..., -1024:]):
         torch.testing.assert_close(copy.double() * repeats, small.grad, rtol=2e-2, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize("loss", ["unified", "lmf", "lmf_dense"])
+def test_fused_backends_refuse_double_backward(backend, loss):
+    """Their gradient is a kernel's output with no graph: create_graph=True raises one clear error."""
+    fn, dense = LOSSES[loss]
+    x, t = _inputs(dense)
+    x.requires_grad_(True)
+    for reduction in ("mean", "sum", "none"):
+        value = fn(x, t, backend, reduction=reduction)
+        with pytest.raises(RuntimeError, match=f"double backward is not supported by backend '{backend}'.*reference"):
+            torch.autograd.grad(value.sum(), x, create_graph=True)
+    # The first-order gradient is unaffected.
+    (grad,) = torch.autograd.grad(fn(x, t, backend), x)
+    (expected,) = torch.autograd.grad(fn(x, t, "reference"), x)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["unified", "lmf", "lmf_dense"])
+def test_reference_gives_second_derivatives(loss):
+    fn, dense = LOSSES[loss]
+    x, t = _inputs(dense, torch.float64)
+    assert torch.autograd.gradgradcheck(lambda z: fn(z, t, "reference"), (x.requires_grad_(True),))

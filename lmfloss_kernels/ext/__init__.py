@@ -91,6 +91,7 @@ class ExtensionBackend:
                 statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none"),
                 gradient=lambda w, st: ops.region_loss_backward_op(w, logits, target, *vectors, st, *scalars, "none"),
                 layout=(3 * logits.shape[1], 3 * logits.shape[1] + 1, 0),
+                backend=self.name,
             )
             options = _distributed.synced_options(
                 tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,

@@ -98,6 +98,7 @@ class TritonBackend:
                 statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none"),
                 gradient=lambda w, stats: ops.region_backward_op(w, logits, target, stats, *vectors, *scalars, "none"),
                 layout=(0, 1, 2),
+                backend=self.name,
             )  # fmt: skip
             options = _distributed.synced_options(
                 tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,

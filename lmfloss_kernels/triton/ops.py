@@ -2,7 +2,8 @@
 
 Each op has a fake (meta) implementation and an autograd formula, so ``torch.library.opcheck``
 passes and ``torch.compile(fullgraph=True)`` traces through a criterion (the ops are opaque to
-Inductor, which is what lets them run under the Triton interpreter too).
+Inductor, which is what lets them run under the Triton interpreter too). The formulas are first
+order only: backward with ``create_graph=True`` raises (:func:`.._backends.refuse_double_backward`).
 
 * ``triton_row_loss(...) -> (loss, grad, norms)``: the row family; ``norms`` = [sum of the
   valid rows' LDAM weights ``W``, number of valid rows ``n``] (float32) for ``"mean"``, empty
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backends import refuse_double_backward
 from . import region, row
 
 
@@ -61,6 +63,7 @@ def _row_setup(ctx, inputs, output):
 
 
 def _row_backward(ctx, grad_loss, _grad_of_grad, _grad_of_norms):
+    refuse_double_backward("triton")
     if ctx.recompute:
         _, grad, norms = row_loss_op(*ctx.saved_tensors, *ctx.options, True)
     else:
@@ -151,6 +154,7 @@ def _region_setup(ctx, inputs, output):
 
 
 def _region_backward(ctx, grad_loss, _grad_of_stats):
+    refuse_double_backward("triton")
     logits, target, stats, focal_weight, focal_gamma, tversky_exponent = ctx.saved_tensors
     grad = region_backward_op(
         grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, *ctx.options
