@@ -222,3 +222,23 @@ def test_single_rank_group_fused_backends_refuse_double_backward():
                 torch.autograd.grad(loss, x, create_graph=True)
     finally:
         dist.destroy_process_group()
+
+
+def test_single_rank_group_nonfinite_logit_gives_nan_loss():
+    """The non-finite logits policy holds on the synced path too (Triton applies it in its statistics pass)."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    try:
+        logits, target, ignore_index = _inputs(False)
+        logits[1, 2, 0, 0, 0] = float("-inf")  # finite softmax: only the policy makes the loss NaN
+        for backend in _backends():
+            for name in ("unified", "dice"):
+                for batch in (False, True):
+                    options = dict(batch=batch, ignore_index=ignore_index, backend=backend, dist_sync=True)
+                    assert LOSSES[name](logits, target, **options).isnan(), f"{backend} {name} batch={batch}"
+                    per_image = LOSSES[name](logits, target, reduction="none", **options)
+                    assert per_image[1].isnan() and per_image[[0, 2]].isfinite().all(), f"{backend} {name} {batch}"
+    finally:
+        dist.destroy_process_group()

@@ -58,6 +58,49 @@ def test_nonfinite_logits_give_nan_loss(backend, loss, clip, bad):
     assert per_item[0].isfinite().all(), "a non-finite logit must not poison the other rows / images"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels' in-kernel probe needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("loss", "clip"), NONFINITE_CASES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_logits_give_nan_loss_on_gpu(loss, clip, bad, dtype):
+    """The same policy from compiled kernels (the compiler must not fold the probe's 0 * z away)."""
+    fn, dense = LOSSES[loss]
+    kw = {} if clip is None else {"clip": clip}
+    x, t = (a.cuda() for a in _inputs(dense, dtype))
+    x[1, 1] = bad
+    for backend in lk.available_backends("cuda", dtype):
+        assert fn(x, t, backend, **kw).isnan(), f"{backend} {loss} {dtype}: logit {bad} gave a finite loss"
+        per_item = fn(x, t, backend, reduction="none", **kw)
+        assert per_item[1].isnan().all() and per_item[0].isfinite().all(), f"{backend} {loss} {dtype}"
+
+
+IGNORING_LOSSES = {
+    "lmf": lambda x, t, backend, **kw: F.lmf_loss(x, t, COUNTS, backend=backend, **kw),
+    "ldam": lambda x, t, backend, **kw: F.ldam_loss(x, t, COUNTS, backend=backend, **kw),
+    "focal": lambda x, t, backend, **kw: F.focal_loss(x, t, gamma=2.0, backend=backend, **kw),
+    "unified": lambda x, t, backend, **kw: F.unified_focal_loss(x, t, backend=backend, **kw),
+    "dice": lambda x, t, backend, **kw: F.dice_loss(x, t, backend=backend, **kw),
+}
+ROWS = ("lmf", "ldam", "focal")  # these also take (N, C) rows
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("loss", "dense"), [(name, dense) for name in IGNORING_LOSSES for dense in (True, False)[: 1 + (name in ROWS)]]
+)
+def test_nonfinite_logit_of_an_ignored_row_or_voxel_gives_nan_loss(backend, loss, dense):
+    """The policy looks at every logit, labelled or not, and at LDAM or focal alone as well."""
+    fn = IGNORING_LOSSES[loss]
+    x, t = _inputs(dense)
+    t[1] = 7  # row / image 1: every label ignored, one of its logits -inf
+    x[1, 1] = float("-inf")
+    for reduction in ("mean", "sum"):
+        value = fn(x, t, backend, ignore_index=7, reduction=reduction)
+        assert value.isnan(), f"{backend} {loss} {reduction}: {float(value)}"
+    per_item = fn(x, t, backend, ignore_index=7, reduction="none")
+    assert per_item[1].isnan().all() and per_item[0].isfinite().all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
 def test_cpu_autocast_bf16(backend, loss):

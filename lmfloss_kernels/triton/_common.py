@@ -150,6 +150,18 @@ def tile_position(V, BLOCK_V: tl.constexpr):
 
 
 @triton.jit
+def nonfinite_probe(z):
+    """Per voxel of a ``[BLOCK_C, BLOCK_V]`` tile of raw float32 logits: ``sum_c 0 * z_c``.
+
+    0 when every logit of the voxel is finite, NaN when one is NaN or +-inf (``0 * inf`` is
+    NaN). Added to a loss it carries the non-finite logits policy (functional.py) without a
+    second read of the logits. Masked-off entries must hold the load's ``other=0.0``: the probe
+    is taken before padded classes are set to -inf.
+    """
+    return tl.sum(z * 0.0, axis=0)
+
+
+@triton.jit
 def log1p(x):
     """``log(1 + x)`` for ``x >= 0`` without losing small ``x`` (Goldberg's correction)."""
     w = 1.0 + x

@@ -4,7 +4,10 @@ Three steps (losses.md 0.4, 2.6), carrying only ``O(B C)`` numbers between them:
 
 1. **Statistics pass** (:func:`_region_kernel` with ``BACKWARD=False``): one read of logits and
    target. Each program writes, for its voxels of image ``b``, the focal sum
-   ``sum_i sum_c a_c y_ic (1 - q_ic)^{gamma_c} (-log q_ic)``, the valid-voxel count and the
+   ``sum_i sum_c a_c y_ic (1 - q_ic)^{gamma_c} (-log q_ic)`` (plus the non-finite probe
+   ``sum_i sum_c 0 * z_ic`` over all its voxels, ignored ones included: NaN when a logit is NaN
+   or +-inf, which the finalize adds to the image's loss with or without a focal term; the
+   non-finite logits policy of functional.py without a second read), the valid-voxel count and the
    per-class ``TP = sum y q``, ``FN = sum y (1 - q)``, ``FP = sum (1 - y) q`` into its own row of a
    ``[B, programs, 2 + 3C]`` buffer (no atomics). FN and FP are accumulated directly, never as
    ``Y - TP`` or ``P - TP``.
@@ -52,6 +55,7 @@ from ._common import (
     gradient_buffer,
     label_view,
     launch_config,
+    nonfinite_probe,
     power,
     softmax_columns,
     tile_position,
@@ -69,13 +73,16 @@ def _region_tile(
     logit_ptr, target_ptr, b, v, cls, C, V, szb, szc, szv, stb, stc, stv, ignore_index,
     SOFT: tl.constexpr, HAS_IGNORE: tl.constexpr,
 ):  # fmt: skip
-    """Softmax and target of one ``[BLOCK_C, BLOCK_V]`` tile: ``(p, log p, 1 - p, is_top, y, valid)``."""
+    """Softmax and target of one ``[BLOCK_C, BLOCK_V]`` tile: ``(p, log p, 1 - p, is_top, y, valid, probe)``
+    with the per-voxel :func:`._common.nonfinite_probe` of the raw logits."""
     cls64 = cls.to(tl.int64)
     vmask = v < V
     cmask = cls < C
     tile_mask = cmask[:, None] & vmask[None, :]
     z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
-    z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
+    z = z.to(tl.float32)
+    probe = nonfinite_probe(z)
+    z = tl.where(cmask[:, None], z, float("-inf"))
     if SOFT:
         t_offsets = b * stb + cls64[:, None] * stc + v[None, :] * stv
         y = tl.load(target_ptr + t_offsets, mask=tile_mask, other=0.0).to(tl.float32)
@@ -87,7 +94,7 @@ def _region_tile(
             valid = valid & (label != ignore_index)
         y = ((cls[:, None] == label[None, :]) & valid[None, :]).to(tl.float32)
     p, log_p, one_minus_p, is_top = softmax_columns(z, cls, cmask)
-    return p, log_p, one_minus_p, is_top, y, valid
+    return p, log_p, one_minus_p, is_top, y, valid, probe
 
 
 @triton.jit
@@ -126,7 +133,7 @@ def _region_kernel(
     pid, b, v = tile_position(V, BLOCK_V)
     cls = tl.arange(0, BLOCK_C)
     cmask = cls < C
-    p, log_p, one_minus_p, is_top, y, valid = _region_tile(
+    p, log_p, one_minus_p, is_top, y, valid, probe = _region_tile(
         logit_ptr, target_ptr, b, v, cls, C, V, szb, szc, szv, stb, stc, stv, ignore_index, SOFT, HAS_IGNORE
     )
     valid_f = valid.to(tl.float32)
@@ -166,10 +173,13 @@ def _region_kernel(
         tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
     else:
         out = partial_ptr + pid * (2 + 3 * C)
-        focal = 0.0
+        # The focal column carries the non-finite probe of every voxel of the image (ignored
+        # ones too); the finalize adds it to the image's loss even without a focal term, and
+        # backward never reads the column, so the gradient stays as the softmax makes it.
+        focal = tl.sum(probe, axis=0)
         if HAS_FOCAL:
             term = tl.where(cmask[:, None], alpha * y * power(one_minus_q, gamma) * (-log_q), 0.0)
-            focal = tl.sum(tl.sum(term, axis=1), axis=0)
+            focal += tl.sum(tl.sum(term, axis=1), axis=0)
         tl.store(out, focal)
         tl.store(out + 1, tl.sum(valid_f, axis=0))
         live = cmask[:, None] & valid[None, :]
@@ -301,6 +311,8 @@ def _finalize_kernel(
             loss = tl.zeros([BLOCK_B], dtype=tl.float32)
             if HAS_FOCAL:
                 loss += focal_coef * focal_sum / valid
+            else:
+                loss += 0.0 * focal_sum  # the non-finite probe alone: 0 or NaN
             if HAS_TVERSKY:
                 if BATCH:
                     loss += tversky_coef * shared_region

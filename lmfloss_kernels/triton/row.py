@@ -23,6 +23,10 @@ holds ``g`` while ``alpha s max_t w^L_t / (W / n) < 65504``, i.e. for LDAM weigh
 largest is below ~2000 times their mean over the valid rows at ``s = 30``. The entries
 ``q_t - 1`` and ``p_t - 1`` are written as ``-(1 - q_t)``, ``-u`` from the other classes' mass,
 so they do not cancel when the row is confident.
+
+Non-finite logits: the loss of a row (ignored or not) with a NaN or infinite logit is NaN, and
+so is the sum / mean, through :func:`._common.nonfinite_probe` added to the row's loss and to
+the partial sums; the gradient is left as the softmax makes it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from ._common import (
     gradient_buffer,
     label_view,
     launch_config,
+    nonfinite_probe,
     power,
     softmax_columns,
     tile_position,
@@ -128,7 +133,9 @@ def _row_kernel(
     valid_f = valid.to(tl.float32)
     cls64 = cls.to(tl.int64)
     z = tl.load(logit_ptr + b * szb + cls64[:, None] * szc + v[None, :] * szv, mask=tile_mask, other=0.0)
-    z = tl.where(cmask[:, None], z.to(tl.float32), float("-inf"))
+    z = z.to(tl.float32)
+    probe = nonfinite_probe(z)
+    z = tl.where(cmask[:, None], z, float("-inf"))
 
     # k_L of the module docstring (k_F = 1): the gradient of n * loss for "mean", order 1.
     if MEAN:
@@ -160,12 +167,15 @@ def _row_kernel(
             p_minus_y = tl.where(onehot, -u[None, :], p)
             grad += (beta * a_t * factor)[None, :] * p_minus_y
 
+    # The probe (0, or NaN for a row with a non-finite logit) goes into the row's loss, and into
+    # both partial sums since the total leaves out a term whose coefficient is 0.
     if PER_ROW:
-        tl.store(row_loss_ptr + b * V + v, alpha * ldam + beta * focal, mask=vmask)
+        tl.store(row_loss_ptr + b * V + v, alpha * ldam + beta * focal + probe, mask=vmask)
     else:
         out = partial_ptr + pid * 2
-        tl.store(out, tl.sum(ldam, axis=0))
-        tl.store(out + 1, tl.sum(focal, axis=0))
+        tile_probe = tl.sum(probe, axis=0)
+        tl.store(out, tl.sum(ldam, axis=0) + tile_probe)
+        tl.store(out + 1, tl.sum(focal, axis=0) + tile_probe)
     if HAS_GRAD:
         g_offsets = b * sgb + cls64[:, None] * sgc + v[None, :] * sgv
         tl.store(grad_ptr + g_offsets, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
