@@ -75,8 +75,9 @@ def _row_backward(ctx, grad_loss, _grad_of_grad, _grad_of_norms):
     else:
         scale = grad_loss.reshape(1)
     # One pass in float32, rounded once into the logits' dtype: the scale is a float32 tensor
-    # with a dimension, so it is not demoted to a half-precision "scalar" (which would flush
-    # grad_output / n), and out= keeps the product from becoming a float32 temporary.
+    # with a dimension, so type promotion computes in float32 (a dimensionless scale would leave
+    # the common dtype at the logits' half precision, where grad_output / n can flush), and out=
+    # keeps the product from becoming a float32 temporary.
     scaled = torch.mul(grad, scale, out=torch.empty_like(grad))
     return (scaled,) + (None,) * 11
 
