@@ -2,8 +2,9 @@
 //
 // Everything here is an inline function of scalars, compiled as plain C++ by the host compiler
 // and as __host__ __device__ code by nvcc, so both backends evaluate exactly the same formulas
-// (losses.md sections 0.2, 0.3, 1.5, 2.6). `T` is the math type: float for float16 / bfloat16 /
-// float32 logits, double for float64 logits.
+// (losses.md sections 0.2, 0.3, 1.5, 2.6), each with its own exp / log (the math policy `M`, see
+// LibmMath). `T` is the math type: float for float16 / bfloat16 / float32 logits, double for
+// float64 logits.
 //
 // Notation: per voxel (or row) p = softmax(z), log p = z - LSE(z); q = clip(p, eps, 1 - eps) when
 // the authors' clip is on, else q = p with log q taken in log space; u = 1 - q.
@@ -49,9 +50,36 @@ struct Limits<double> {
   LMF_HD static double lowest() { return -DBL_MAX; }
 };
 
+// Math policy: the functions below take exp, log and pow from their parameter `M`, so that every
+// backend evaluates the same formulas with the elementary functions that suit it. LibmMath is the C
+// math library (CUDA's expf / logf / powf on the device); the CPU tile loops pass
+// lmfloss::cpu::TileMath (csrc/cpu/tile.h), polynomial float versions that GCC vectorises across the
+// voxels of a tile, which it cannot do with libm calls. A policy need only serve the arguments
+// that occur here: exp(x) for x <= 0 (NaN propagates), log(x) for positive normal x, pow(x, y)
+// for x in [tiny, 1] and y >= 0.
+struct LibmMath {
+  template <typename T>
+  LMF_HD static T exp(T x) {
+    return math_exp(x);
+  }
+  template <typename T>
+  LMF_HD static T log(T x) {
+    return math_log(x);
+  }
+  template <typename T>
+  LMF_HD static T pow(T x, T y) {
+    return math_pow(x, y);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------
-// Stable softmax statistics: running max m and sum s = sum_c exp(z_c - m), merged one logit at a
-// time (online softmax), so one pass over the classes gives LSE = m + log s.
+// Stable softmax statistics: max m and sum s = sum_c exp(z_c - m) >= 1 of one voxel (or row), so
+// LSE = m + log s neither overflows nor loses the largest terms. Two ways to accumulate them:
+//   one pass, softmax_push: merges one logit at a time (online softmax), so that a CUDA thread
+//     reads each logit of its voxel once;
+//   two passes, softmax_max over the classes, then softmax_add over the classes: no branch, so the
+//     CPU tile loops vectorise them across the voxels of a tile; softmax_add returns its term
+//     exp(z_c - m), which the tile keeps as the unnormalised p_c.
 template <typename T>
 struct SoftmaxStats {
   T max;
@@ -64,18 +92,31 @@ LMF_HD SoftmaxStats<T> softmax_init() {
 }
 
 template <typename T>
+LMF_HD void softmax_max(SoftmaxStats<T>& st, T z) {
+  st.max = z > st.max ? z : st.max;
+}
+
+// st.max must already be the max over the classes (so z - max <= 0, in every policy's exp range).
+template <typename M, typename T>
+LMF_HD T softmax_add(SoftmaxStats<T>& st, T z) {
+  const T e = M::exp(z - st.max);
+  st.sum += e;
+  return e;
+}
+
+template <typename M, typename T>
 LMF_HD void softmax_push(SoftmaxStats<T>& st, T z) {
   if (z > st.max) {
-    st.sum = st.sum * math_exp(st.max - z) + T(1);
+    st.sum = st.sum * M::exp(st.max - z) + T(1);  // rescaled to the new max, whose own term is 1
     st.max = z;
   } else {
-    st.sum += math_exp(z - st.max);
+    softmax_add<M>(st, z);
   }
 }
 
-template <typename T>
+template <typename M, typename T>
 LMF_HD T softmax_lse(const SoftmaxStats<T>& st) {
-  return st.max + math_log(st.sum);
+  return st.max + M::log(st.sum);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -121,23 +162,31 @@ LMF_HD ClippedProb<T> clip_prob(T log_p, T p, T u, const ClipBounds<T>& b) {
 // Focal term of one class, l = -(1 - q)^gamma log q (losses.md 0.2).
 //
 // Modulation M = (1 - q)^gamma with the reference's clamp of (1 - q) to the smallest normal
-// number; gamma = 0 gives exactly 1 (pow(0, 0) = 1, whereas exp(0 * log 0) would be NaN).
-template <typename T>
+// number; gamma = 0 gives exactly 1 whatever the policy's pow (as pow(x, 0) = 1 in the reference).
+// Selects instead of branches, here and in focal_factor, so the CPU tile loops vectorise.
+template <typename M, typename T>
 LMF_HD T focal_modulation(T u, T gamma) {
-  if (gamma == T(0)) return T(1);
   const T uc = u > Limits<T>::tiny() ? u : Limits<T>::tiny();
-  return math_pow(uc, gamma);
+  const T m = M::pow(uc, gamma);
+  return gamma == T(0) ? T(1) : m;
 }
 
 // d l / d log p = -G with (d u / d log p = -p mask_u, d log q / d log p = mask_log)
 //     G = u^gamma (mask_log - gamma p r mask_u),   r = log q / u,
 // the stable form of (1 - p)^gamma - gamma p (1 - p)^(gamma - 1) log p: u^(gamma - 1), infinite
 // at u = 0 for gamma < 1, is never formed. For a one-hot target t and no clip,
-// d l / d z_j = G (p_j - delta_jt). At u = 0 the limit r = -1 is used (log q ~ -u).
-template <typename T>
+// d l / d z_j = G (p_j - delta_jt).
+// Below the smallest normal number (u = 0 at p = 1 in floating point, or u subnormal) r takes its
+// limit -1: there log q = log(1 - u) = -u to working precision, while a quotient of subnormals
+// would have lost most of its digits. The division is by max(u, tiny) so that the lane a
+// vectorised loop computes and then discards stays finite (no 0 / 0) and has no subnormal
+// operand (which costs x86 a microcode assist per instruction).
+template <typename M, typename T>
 LMF_HD T focal_factor(const ClippedProb<T>& cp, T p, T gamma) {
-  const T r = cp.u > T(0) ? cp.log_q / cp.u : T(-1);
-  return focal_modulation(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
+  const T tiny = Limits<T>::tiny();
+  const T ratio = cp.log_q / (cp.u > tiny ? cp.u : tiny);
+  const T r = cp.u >= tiny ? ratio : T(-1);
+  return focal_modulation<M>(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -26,14 +26,6 @@ struct RegionParams {
   bool with_focal, with_tversky;
 };
 
-// focal_factor of loss_math.h with the vectorisable modulation.
-template <typename math_t>
-inline math_t fast_focal_factor(const ClippedProb<math_t>& cp, math_t p, math_t gamma) {
-  const math_t q = cp.log_q / (cp.u > Limits<math_t>::tiny() ? cp.u : Limits<math_t>::tiny());
-  const math_t r = cp.u > math_t(0) ? q : math_t(-1);
-  return modulation(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
-}
-
 template <typename scalar_t, typename Target>
 struct RegionTile {
   using math_t = math_of<scalar_t>;
@@ -128,7 +120,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
               for (int64_t t = 0; t < kTile; ++t) {
                 const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-                focal += a * tile.target_of(c, t) * modulation(cp.u, gamma) * (-cp.log_q);
+                focal += a * tile.target_of(c, t) * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
               }
             }
           } else {
@@ -137,7 +129,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
 #pragma omp simd reduction(+ : focal)
             for (int64_t t = 0; t < kTile; ++t) {
               const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-              focal += w[t] * modulation(cp.u, g[t]) * (-cp.log_q);
+              focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
             }
           }
           acc[RegionStats<double>::focal(C)] += focal;
@@ -188,7 +180,7 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             const math_t yt = tile.target_of(c, t);
             // Branch-free so that it vectorises: a skipped term has zero coefficients here.
             math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
-            if constexpr (Target::kSoft) d -= a * yt * fast_focal_factor(cp, pc[t], gamma);
+            if constexpr (Target::kSoft) d -= a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
             hc[t] = d;
           }
         }
@@ -197,7 +189,7 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
           tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
           for (int64_t t = 0; t < kTile; ++t) {
             const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-            d[t] = focal_scale * w[t] * fast_focal_factor(cp, prob[t], g[t]);
+            d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
           }
           for (int64_t t = 0; t < kTile; ++t) {
             if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];

@@ -103,7 +103,7 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
           if (P.beta != math_t(0)) {
             const math_t log_p = tile.z[c * kTile + t];
             const math_t u = one_minus_p(log_p, tile.p[c * kTile + t]);
-            const math_t fl = P.focal_weight[c] * v * modulation(u, P.gamma) * (-log_p);
+            const math_t fl = P.focal_weight[c] * v * focal_modulation<TileMath>(u, P.gamma) * (-log_p);
             sums[2] += fl;
             row += P.beta * fl;
           }
@@ -149,9 +149,8 @@ void row_backward_impl(const at::Tensor& grad_out, const at::Tensor& logits_in, 
           if (P.beta != math_t(0)) {
             const math_t log_p = tile.z[c * kTile + t];
             const math_t pt = tile.p[c * kTile + t];
-            const ClippedProb<math_t> cp{pt, one_minus_p(log_p, pt), log_p, 1, 1, 1};
-            const math_t r = cp.u > math_t(0) ? log_p / cp.u : math_t(-1);  // focal_factor, fast modulation
-            c_focal[t] = focal_scale * P.focal_weight[c] * v * g_row * modulation(cp.u, P.gamma) * (1 - P.gamma * pt * r);
+            const ClippedProb<math_t> cp{pt, one_minus_p(log_p, pt), log_p, 1, 1, 1};  // no clip for rows
+            c_focal[t] = focal_scale * P.focal_weight[c] * v * g_row * focal_factor<TileMath>(cp, pt, P.gamma);
           }
         }
         const bool ldam = P.alpha != math_t(0);

@@ -54,7 +54,6 @@ inline float exp_nonpos(float x) {
   result = x < -87.3f ? 0.0f : result;
   return x != x ? x : result;
 }
-inline double exp_nonpos(double x) { return ::exp(x); }
 
 // 1 - p from log p and p: -expm1(log p) by its Taylor series to x^9/9! (relative error < 1e-9, no
 // cancellation) where p > 1/sqrt(2), else 1 - p, which is then exact to rounding.
@@ -101,16 +100,17 @@ inline float log_pos(float x) {
   const float result = f + y + 0.693359375f * fe;
   return x != x ? x : result;
 }
-inline double log_pos(double x) { return ::log(x); }
 
-// (1 - q)^gamma as reference._focal_modulation: (1 - q) clamped to the smallest normal number,
-// exactly 1 for gamma = 0; exp(gamma log u) with the vectorisable functions above.
-template <typename math_t>
-inline math_t modulation(math_t u, math_t gamma) {
-  const math_t uc = u > Limits<math_t>::tiny() ? u : Limits<math_t>::tiny();
-  const math_t m = exp_nonpos(gamma * log_pos(uc));
-  return gamma == math_t(0) ? math_t(1) : m;
-}
+// Math policy of the loss math (loss_math.h) in the tile loops: the float functions above, libm for
+// double. pow only meets x in [tiny, 1] and y >= 0 there, so y log x <= 0 is in exp_nonpos' range.
+struct TileMath : LibmMath {
+  using LibmMath::exp;
+  using LibmMath::log;
+  using LibmMath::pow;
+  static float exp(float x) { return exp_nonpos(x); }
+  static float log(float x) { return log_pos(x); }
+  static float pow(float x, float y) { return exp_nonpos(y * log_pos(x)); }
+};
 
 inline int64_t chunks_per_image(int64_t voxels) { return (voxels + kChunk - 1) / kChunk; }
 
@@ -139,26 +139,35 @@ void load_tile(const scalar_t* x, const Geometry& g, int64_t b, int64_t v0, int6
   }
 }
 
-// In place z -> log p = z - LSE(z), and p = softmax(z); the per-voxel max is subtracted first.
+// In place z -> log p = z - LSE(z), and p = softmax(z): the two-pass softmax statistics of
+// loss_math.h, lane by lane, with the lanes' max and sum in arrays so that every loop vectorises.
 template <typename math_t>
 void softmax_tile(math_t* z, math_t* p, int64_t classes) {
   math_t m[kTile], s[kTile];
-  for (int64_t t = 0; t < kTile; ++t) m[t] = z[t];
-  for (int64_t c = 1; c < classes; ++c) {
-    const math_t* zc = z + c * kTile;
-    for (int64_t t = 0; t < kTile; ++t) m[t] = zc[t] > m[t] ? zc[t] : m[t];
+  for (int64_t t = 0; t < kTile; ++t) {
+    const SoftmaxStats<math_t> st = softmax_init<math_t>();
+    m[t] = st.max;
+    s[t] = st.sum;
   }
-  for (int64_t t = 0; t < kTile; ++t) s[t] = math_t(0);
+  for (int64_t c = 0; c < classes; ++c) {
+    const math_t* zc = z + c * kTile;
+    for (int64_t t = 0; t < kTile; ++t) {
+      SoftmaxStats<math_t> st{m[t], s[t]};
+      softmax_max(st, zc[t]);
+      m[t] = st.max;
+    }
+  }
   for (int64_t c = 0; c < classes; ++c) {
     const math_t* zc = z + c * kTile;
     math_t* pc = p + c * kTile;
     for (int64_t t = 0; t < kTile; ++t) {
-      pc[t] = exp_nonpos(zc[t] - m[t]);
-      s[t] += pc[t];
+      SoftmaxStats<math_t> st{m[t], s[t]};
+      pc[t] = softmax_add<TileMath>(st, zc[t]);
+      s[t] = st.sum;
     }
   }
   for (int64_t t = 0; t < kTile; ++t) {
-    m[t] += log_pos(s[t]);
+    m[t] = softmax_lse<TileMath>(SoftmaxStats<math_t>{m[t], s[t]});  // m now holds LSE
     s[t] = math_t(1) / s[t];
   }
   for (int64_t c = 0; c < classes; ++c) {

@@ -1,4 +1,5 @@
-// CUDA kernels of the two loss families, from the same math header as the CPU kernels.
+// CUDA kernels of the two loss families, from the same math header as the CPU kernels (with its
+// LibmMath policy: CUDA's own expf / logf / powf).
 //
 // One thread per voxel (row) in grid-stride loops over one image (blockIdx.y = image); the
 // classes of a voxel are class-strided, so each class loop reads consecutive voxels across a
@@ -98,7 +99,7 @@ struct SoftMap {
 template <typename math_t, typename scalar_t>
 __device__ SoftmaxStats<math_t> softmax_of(const scalar_t* row, int64_t classes, int64_t sc) {
   SoftmaxStats<math_t> st = softmax_init<math_t>();
-  for (int64_t c = 0; c < classes; ++c) softmax_push(st, static_cast<math_t>(row[c * sc]));
+  for (int64_t c = 0; c < classes; ++c) softmax_push<LibmMath>(st, static_cast<math_t>(row[c * sc]));
   return st;
 }
 
@@ -117,7 +118,7 @@ __device__ SoftmaxStats<math_t> ldam_softmax_of(const scalar_t* row, int64_t cla
                                                 const RowParams<math_t>& P) {
   SoftmaxStats<math_t> st = softmax_init<math_t>();
   for (int64_t c = 0; c < classes; ++c) {
-    softmax_push(st, ldam_logit(static_cast<math_t>(row[c * sc]), P.s, P.margins[t], c == t));
+    softmax_push<LibmMath>(st, ldam_logit(static_cast<math_t>(row[c * sc]), P.s, P.margins[t], c == t));
   }
   return st;
 }
@@ -139,14 +140,14 @@ __global__ void row_forward_kernel(const scalar_t* x, Geometry g, LabelMap<label
     if (P.alpha != math_t(0)) {
       const SoftmaxStats<math_t> st = ldam_softmax_of(row, g.classes, g.sc, t, P);
       const math_t w = P.ldam_weight[t] * valid;
-      const math_t wce = w * (softmax_lse(st) - ldam_logit(zt, P.s, P.margins[t], true));
+      const math_t wce = w * (softmax_lse<LibmMath>(st) - ldam_logit(zt, P.s, P.margins[t], true));
       acc[0] += wce;
       acc[1] += w;
       value += P.alpha * wce;
     }
     if (P.beta != math_t(0)) {
-      const math_t log_p = zt - softmax_lse(softmax_of<math_t>(row, g.classes, g.sc));
-      const math_t fl = P.focal_weight[t] * valid * focal_modulation(-math_expm1(log_p), P.gamma) * (-log_p);
+      const math_t log_p = zt - softmax_lse<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
+      const math_t fl = P.focal_weight[t] * valid * focal_modulation<LibmMath>(-math_expm1(log_p), P.gamma) * (-log_p);
       acc[2] += fl;
       value += P.beta * fl;
     }
@@ -196,16 +197,16 @@ __global__ void row_backward_kernel(const scalar_t* x, Geometry g, LabelMap<labe
     const int64_t t = l >= 0 ? l : 0;
     const scalar_t* row = x + b * g.sb + v * g.sv;
     const math_t g_row = (reduction == kNone ? grad_out[b * g.voxels + v] : grad_out[0]) * valid;
-    const math_t lse = softmax_lse(softmax_of<math_t>(row, g.classes, g.sc));
+    const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
     math_t lse_ldam = 0, c_ldam = 0, c_focal = 0;
     if (P.alpha != math_t(0)) {
-      lse_ldam = softmax_lse(ldam_softmax_of(row, g.classes, g.sc, t, P));
+      lse_ldam = softmax_lse<LibmMath>(ldam_softmax_of(row, g.classes, g.sc, t, P));
       c_ldam = ldam_scale * P.ldam_weight[t] * g_row;
     }
     if (P.beta != math_t(0)) {
       const math_t log_p = static_cast<math_t>(row[t * g.sc]) - lse;
       const ClippedProb<math_t> cp{math_exp(log_p), -math_expm1(log_p), log_p, 1, 1, 1};
-      c_focal = focal_scale * P.focal_weight[t] * g_row * focal_factor(cp, cp.q, P.gamma);
+      c_focal = focal_scale * P.focal_weight[t] * g_row * focal_factor<LibmMath>(cp, cp.q, P.gamma);
     }
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
     for (int64_t c = 0; c < g.classes; ++c) {
@@ -254,7 +255,7 @@ __global__ void region_forward_kernel(const scalar_t* x, Geometry g, Target targ
       const int64_t l = target.label(b, v);
       const math_t valid = l >= 0 ? math_t(1) : math_t(0);
       const scalar_t* row = x + b * g.sb + v * g.sv;
-      const math_t lse = softmax_lse(softmax_of<math_t>(row, C, g.sc));
+      const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, C, g.sc));
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         const int64_t c = c0 + j;
@@ -265,7 +266,9 @@ __global__ void region_forward_kernel(const scalar_t* x, Geometry g, Target targ
         tp[j] += y * cp.q;
         fn[j] += y * cp.u;
         fp[j] += (valid - y) * cp.q;
-        if (P.with_focal) focal += P.focal_weight[c] * y * focal_modulation(cp.u, P.focal_gamma[c]) * (-cp.log_q);
+        if (P.with_focal) {
+          focal += P.focal_weight[c] * y * focal_modulation<LibmMath>(cp.u, P.focal_gamma[c]) * (-cp.log_q);
+        }
       }
       if (c0 == 0) count += valid;
     }
@@ -383,7 +386,7 @@ __device__ math_t region_h(const ClippedProb<math_t>& cp, math_t p, math_t y, ma
                            int64_t c, int64_t C, const RegionParams<math_t>& P) {
   math_t d = 0;
   if (P.with_tversky) d = p * (cp.mask_q * (k[c] * y + k[2 * C + c] * (valid - y)) - cp.mask_u * k[C + c] * y);
-  if (P.with_focal) d -= k[3 * C] * P.focal_weight[c] * y * focal_factor(cp, p, P.focal_gamma[c]);
+  if (P.with_focal) d -= k[3 * C] * P.focal_weight[c] * y * focal_factor<LibmMath>(cp, p, P.focal_gamma[c]);
   return d;
 }
 
@@ -398,7 +401,7 @@ __global__ void region_backward_kernel(const scalar_t* x, Geometry g, Target tar
     const int64_t l = target.label(b, v);
     const math_t valid = l >= 0 ? math_t(1) : math_t(0);
     const scalar_t* row = x + b * g.sb + v * g.sv;
-    const math_t lse = softmax_lse(softmax_of<math_t>(row, C, g.sc));
+    const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, C, g.sc));
     // Two passes over the classes: the sum of h first, then h_j - p_j sum (h recomputed: no
     // per-voxel arrays of runtime length).
     math_t hsum = 0;
