@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ext_helpers import assert_close, loss_and_grad
 
 import lmfloss_kernels as lk
 from lmfloss_kernels import functional as F
@@ -171,6 +172,52 @@ def test_fp32_reference_clip_matches_float64_on_saturated_voxels():
     wide = reference.region_loss(x, t, *vectors, **kw)
     narrow = reference.region_loss(x.float(), t, *(v.float() for v in vectors), **kw)
     torch.testing.assert_close(narrow.double(), wide, rtol=1e-5, atol=0)
+
+
+# Logits of confident voxels, 1 - p_t = 2 exp(-z_t): 8.5e-18 (p_t rounds to 1 in float32, where the
+# kernels' 1 - p from log p is then 0), 1.2e-38 (just above the smallest normal float32), 1.6e-39 and
+# 7.4e-44 (subnormal in float32), 2.8e-87 (below float32's range), 2.3e-7 (an ordinary voxel).
+SATURATED = [[40.0, 0, 0], [88.0, 0, 0], [90.0, 0, 0], [0, 100.0, 0], [0, 0, 200.0], [16.0, 0, 0]]
+
+
+def _saturated_inputs():
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(7))
+    for i, row in enumerate(SATURATED):
+        x[i % 2, :, i // 2, 0] = torch.tensor(row)
+    return x, x.argmax(1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("gamma", [0.0, 0.05, 0.5, 2.0])
+def test_focal_terms_at_saturated_voxels_match_float64(backend, gamma):
+    """The focal modulation u^gamma and factor G = u^gamma (1 - gamma p log(p) / u), u = 1 - p, where
+    u is 0 or subnormal, without the clip: gamma = 0 (0^0 = 1, not exp(0 log 0) = NaN), gamma < 1
+    (u^(gamma - 1) infinite), gamma > 1. Every backend stays finite and equals the float64 reference
+    (design tolerance), for both loss families, with a random grad_output per item."""
+    x, t = _saturated_inputs()
+    fw, exponent = torch.tensor([0.5, 1.0, 1.0]), torch.tensor([1.0, 0.5, 0.75])
+    fg = torch.tensor([gamma, gamma, 0.5 * gamma])
+    kw = {
+        "delta": 0.6, "focal_coef": 0.5, "tversky_coef": 0.5, "smooth_nr": 1e-6, "smooth_dr": 1e-6, "eps": 1e-7,
+        "clip": False, "batch": False, "ignore_index": None, "reduction": "none",
+    }  # fmt: skip
+    rows, labels = x.movedim(1, -1).reshape(-1, 3), t.reshape(-1)
+    row_vectors = (torch.zeros(3), torch.ones(3), torch.tensor([1.0, 0.5, 2.0]))
+    row_kw = {"alpha": 0.0, "beta": 1.0, "gamma": gamma, "s": 30.0, "ignore_index": -100, "reduction": "none"}
+    impl = lk._backends.resolve_backend(backend, x)
+    for family, inputs, vectors, options in (
+        ("region_loss", (x, t), (fw, fg, exponent), kw),
+        ("row_loss", (rows, labels), row_vectors, row_kw),
+    ):
+        z, target = inputs
+        grad_output = torch.rand(z.shape[0], dtype=torch.float64) + 0.5
+        got = loss_and_grad(getattr(impl, family), z, target, *vectors, grad_output=grad_output, **options)
+        wide_vectors = (v.double() for v in vectors)
+        wide = loss_and_grad(
+            getattr(reference, family), z.double(), target, *wide_vectors, grad_output=grad_output, **options
+        )
+        assert_close(got[0], wide[0], f"{backend} {family} loss", 1e-5)
+        assert_close(got[1], wide[1], f"{backend} {family} gradient", 1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
