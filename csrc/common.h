@@ -24,6 +24,9 @@ int64_t flat_stride(const at::Tensor& t, int64_t first);
 // (B, C, V) geometry of a (N, C) or (B, C, *S) tensor; makes `t` contiguous first if its spatial
 // axes cannot be flattened as a view (rare: some permuted or expanded layouts).
 Geometry class_geometry(at::Tensor& t);
+// (B, V) geometry (classes = 1) of a (B, *S) tensor, every axis after the batch axis a voxel axis;
+// makes `t` contiguous first if those axes cannot be flattened as a view.
+Geometry flat_geometry(at::Tensor& t);
 // (B, V) geometry (classes = 1) of labels of shape (N,) or (B, *S), paired with logits of rank `logits_dim`.
 Geometry label_geometry(at::Tensor& labels, int64_t logits_dim);
 
@@ -35,9 +38,9 @@ at::Tensor native_labels(const at::Tensor& labels);
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name);
 at::ScalarType math_type(const at::Tensor& logits);
 
-// Uninitialised gradient of the logits' shape and dtype whose spatial axes flatten as a view
-// (the logits' own layout when it allows it: contiguous, channels-last, ...).
-at::Tensor gradient_like(const at::Tensor& logits);
+// Uninitialised gradient of the logits' shape and dtype whose spatial axes (dims first_voxel_axis..)
+// flatten as a view (the logits' own layout when it allows it: contiguous, channels-last, ...).
+at::Tensor gradient_like(const at::Tensor& logits, int64_t first_voxel_axis = 2);
 
 // Test hook: with LMFLOSS_EXT_POISON=1 in the environment every output buffer starts as NaN, so
 // an element a kernel forgets to write shows up in the tests. Returns `t`.

@@ -35,6 +35,10 @@ LMF_HD float math_expm1(float x) { return expm1f(x); }
 LMF_HD double math_expm1(double x) { return expm1(x); }
 LMF_HD float math_pow(float x, float y) { return powf(x, y); }
 LMF_HD double math_pow(double x, double y) { return pow(x, y); }
+LMF_HD float math_log1p(float x) { return log1pf(x); }
+LMF_HD double math_log1p(double x) { return log1p(x); }
+LMF_HD float math_atan(float x) { return atanf(x); }
+LMF_HD double math_atan(double x) { return atan(x); }
 
 template <typename T>
 struct Limits;
@@ -69,6 +73,19 @@ struct LibmMath {
   template <typename T>
   LMF_HD static T pow(T x, T y) {
     return math_pow(x, y);
+  }
+  // Restricted-range forms the CALF terms use (see calf_term): x <= 0, and e, h in [0, 1].
+  template <typename T>
+  LMF_HD static T exp_nonpos(T x) {
+    return math_exp(x);
+  }
+  template <typename T>
+  LMF_HD static T log1p_unit(T e) {
+    return math_log1p(e);
+  }
+  template <typename T>
+  LMF_HD static T atan_unit(T h) {
+    return math_atan(h);
   }
 };
 
@@ -246,5 +263,106 @@ LMF_HD T region_focal_scale(const T* stats_b, int64_t classes) {
   const T n = stats_b[RegionStats<T>::count(classes)];
   return T(1) / (n > T(1) ? n : T(1));
 }
+
+// ---------------------------------------------------------------------------------------------
+// CALF transformation losses (losses.md 4.2, lmfloss_kernels.calf.transforms), binary, per voxel:
+//     l_T(z, y) = -[y T(p) + (1 - y) T(1 - p)],   p = sigmoid(z),   slope = d l_T / d z,
+// with z clipped to [-L, L] (L = log((1 - eps) / eps), i.e. p to [eps, 1 - eps]) for fisher and
+// logit, the slope 0 outside (torch.clamp's gradient). The codes are the positions in
+// calf.transforms.TRANSFORMS.
+enum CalfTransform : int64_t { kCalfLn = 0, kCalfLog10 = 1, kCalfFisher = 2, kCalfLogit = 3, kCalfArcsine = 4 };
+
+// The terms take three transcendental functions from the math policy (LibmMath above), each on a
+// restricted range: exp_nonpos(x) for x <= 0, log1p_unit(e) = ln(1 + e) and atan_unit(h) for e, h
+// in [0, 1].
+
+// p = sigmoid(z), q = 1 - p = sigmoid(-z), log p, log q from e = exp(-|z|) <= 1: nothing overflows
+// and nothing is formed by cancellation. A NaN logit gives NaN in all four (through e).
+template <typename T>
+struct SigmoidParts {
+  T p, q, log_p, log_q;
+};
+
+template <typename M, typename T>
+LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
+  const T e = M::exp_nonpos(z < T(0) ? z : -z);
+  const T inv = T(1) / (T(1) + e);
+  const T softplus = M::log1p_unit(e);  // ln(1 + e^{-|z|})
+  const bool positive = z >= T(0);
+  SigmoidParts<T> r;
+  r.p = positive ? inv : e * inv;
+  r.q = positive ? e * inv : inv;
+  r.log_p = (z < T(0) ? z : T(0)) - softplus;
+  r.log_q = -(z > T(0) ? z : T(0)) - softplus;
+  return r;
+}
+
+template <typename T>
+struct CalfTerm {
+  T loss, slope;
+};
+
+// l_T and its slope for one voxel (target y in [0, 1]); `limit` = L for fisher and logit.
+//   ln:      -[y log p + (1 - y) log q],                 slope p - y   (log10: both / ln 10)
+//   fisher:  -[y artanh p + (1 - y) artanh q],           slope -[y p / (1 + p) - (1 - y) q / (1 + q)]
+//            artanh p = (ln(1 + p) - log q) / 2, from the clipped logit
+//   logit:   (1 - 2y) z_clipped,                         slope 1 - 2y
+//   arcsine: -[y theta + (1 - y)(pi/2 - theta)], theta = arcsin sqrt(p) = atan(e^{z/2}), from
+//            h = e^{-|z|/2}: theta = atan h (z < 0) or pi/2 - atan h;   slope (1 - 2y) h / (2 (1 + h^2))
+template <int64_t kTransform, typename M, typename T>
+LMF_HD CalfTerm<T> calf_term(T z, T y, T limit) {
+  CalfTerm<T> r;
+  if constexpr (kTransform == kCalfArcsine) {
+    const T half_pi = T(1.5707963267948966);
+    const T h = M::exp_nonpos(T(-0.5) * (z < T(0) ? -z : z));
+    const T small = M::atan_unit(h);
+    const T theta = z >= T(0) ? half_pi - small : small;
+    r.loss = -(y * theta + (T(1) - y) * (half_pi - theta));
+    r.slope = (T(1) - T(2) * y) * h / (T(2) * (T(1) + h * h));
+  } else if constexpr (kTransform == kCalfFisher || kTransform == kCalfLogit) {
+    // NaN fails both comparisons: it stays NaN and gets slope 0, like torch.clamp.
+    const bool inside = z >= -limit && z <= limit;
+    const T zc = z < -limit ? -limit : (z > limit ? limit : z);
+    if constexpr (kTransform == kCalfLogit) {
+      const T sign = T(1) - T(2) * y;
+      r.loss = sign * zc;
+      r.slope = inside ? sign : T(0);
+    } else {
+      const SigmoidParts<T> s = sigmoid_parts<M>(zc);
+      const T artanh_p = T(0.5) * (M::log1p_unit(s.p) - s.log_q);
+      const T artanh_q = T(0.5) * (M::log1p_unit(s.q) - s.log_p);
+      r.loss = -(y * artanh_p + (T(1) - y) * artanh_q);
+      r.slope = inside ? -(y * s.p / (T(1) + s.p) - (T(1) - y) * s.q / (T(1) + s.q)) : T(0);
+    }
+  } else {
+    const SigmoidParts<T> s = sigmoid_parts<M>(z);
+    r.loss = -(y * s.log_p + (T(1) - y) * s.log_q);
+    r.slope = s.p - y;
+    if constexpr (kTransform == kCalfLog10) {
+      const T inv_ln10 = T(0.43429448190325176);
+      r.loss *= inv_ln10;
+      r.slope *= inv_ln10;
+    }
+  }
+  return r;
+}
+
+// Soft Dice of CALF (MONAI DiceLoss(sigmoid=True) convention) from the sums TP = sum y p,
+// FP = sum (1 - y) p, FN = sum y (1 - p) of an image (or of the batch):
+//     den = 2 TP + FP + FN + s_dr,   D = (FP + FN + s_dr - s_nr) / den   (never 1 - (...): 6.2)
+// and its voxel gradient d D / d z_i = (A y_i + E) p_i (1 - p_i), A = -2 / den, E = (2 TP + s_nr) / den^2.
+template <typename T>
+struct CalfDice {
+  T value, a, e;
+};
+
+template <typename T>
+LMF_HD CalfDice<T> calf_dice(T tp, T fp, T fn, T smooth_nr, T smooth_dr) {
+  const T den = T(2) * tp + fp + fn + smooth_dr;
+  return {(fp + fn + (smooth_dr - smooth_nr)) / den, T(-2) / den, (T(2) * tp + smooth_nr) / (den * den)};
+}
+
+// Column layout of the (B, 5) CALF statistics.
+enum CalfStat : int64_t { kCalfLoss = 0, kCalfCount = 1, kCalfTP = 2, kCalfFP = 3, kCalfFN = 4, kCalfWidth = 5 };
 
 }  // namespace lmfloss

@@ -7,6 +7,11 @@
 //   row_loss_backward    -> grad_logits     recomputes the softmax from the logits
 //   region_loss_forward  -> (loss, stats)   stats = per-image TP, FN, FP per class, focal sum, valid count
 //   region_loss_backward -> grad_logits     finalizes A, E per (image, class) from stats, then one pass
+//   calf_transform_forward  -> (loss, stats)  loss per image (B,); stats = per image [sum of l_T (+ 0 z
+//                                             over every logit), valid voxels, TP, FP, FN] (B, 5) float64
+//   calf_transform_backward -> grad_logits    c_b, A_b, E_b per image from stats, then one pass
+//   calf_foreground_sizes   -> (counts, strays) per-image class counts (B, C) int64 and the number of
+//                                             labels outside [0, C) that are not ignore_index (int64 scalar)
 #include <ATen/ops/empty_like.h>
 #include <Python.h>
 #include <torch/library.h>
@@ -66,23 +71,28 @@ Geometry class_geometry(at::Tensor& t) {
   return g;
 }
 
-Geometry label_geometry(at::Tensor& labels, int64_t logits_dim) {
+Geometry flat_geometry(at::Tensor& t) {
   Geometry g;
+  int64_t sv = flat_stride(t, 1);
+  if (sv < 0) {
+    t = t.contiguous();
+    sv = 1;
+  }
+  g.batch = t.size(0);
+  g.voxels = t.numel() / std::max<int64_t>(g.batch, 1);
+  g.sb = t.stride(0);
+  g.sv = sv;
+  return g;
+}
+
+Geometry label_geometry(at::Tensor& labels, int64_t logits_dim) {
   if (logits_dim == 2) {
+    Geometry g;
     g.voxels = labels.size(0);
     g.sv = labels.stride(0);
     return g;
   }
-  int64_t sv = flat_stride(labels, 1);
-  if (sv < 0) {
-    labels = labels.contiguous();
-    sv = 1;
-  }
-  g.batch = labels.size(0);
-  g.voxels = labels.numel() / std::max<int64_t>(g.batch, 1);
-  g.sb = labels.stride(0);
-  g.sv = sv;
-  return g;
+  return flat_geometry(labels);
 }
 
 at::Tensor native_labels(const at::Tensor& labels) {
@@ -116,13 +126,16 @@ at::Tensor debug_poison(at::Tensor t) {
   return t;
 }
 
-at::Tensor gradient_like(const at::Tensor& logits) {
+at::Tensor gradient_like(const at::Tensor& logits, int64_t first_voxel_axis) {
+  const bool flattens = logits.dim() > first_voxel_axis;
   at::Tensor grad;
-  if (logits.dim() > 2 && flat_stride(logits, 2) < 0) {
+  if (flattens && flat_stride(logits, first_voxel_axis) < 0) {
     grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
   } else {
     grad = at::empty_like(logits);
-    if (logits.dim() > 2 && flat_stride(grad, 2) < 0) grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    if (flattens && flat_stride(grad, first_voxel_axis) < 0) {
+      grad = at::empty_like(logits, at::MemoryFormat::Contiguous);
+    }
   }
   return debug_poison(grad);
 }
@@ -153,4 +166,12 @@ TORCH_LIBRARY(lmfloss_ext, m) {
       "region_loss_backward(Tensor grad, Tensor logits, Tensor target, Tensor focal_weight, Tensor focal_gamma, "
       "Tensor tversky_exponent, Tensor stats, float delta, float focal_coef, float tversky_coef, float smooth_nr, "
       "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction) -> Tensor");
+  m.def(
+      "calf_transform_forward(Tensor logits, Tensor target, str transform, float transform_coef, float dice_coef, "
+      "float eps, float smooth_nr, float smooth_dr, bool batch, int? ignore_index) -> (Tensor, Tensor)");
+  m.def(
+      "calf_transform_backward(Tensor grad, Tensor logits, Tensor target, Tensor stats, str transform, "
+      "float transform_coef, float dice_coef, float eps, float smooth_nr, float smooth_dr, bool batch, "
+      "int? ignore_index) -> Tensor");
+  m.def("calf_foreground_sizes(Tensor labels, int num_classes, int? ignore_index) -> (Tensor, Tensor)");
 }

@@ -101,15 +101,46 @@ inline float log_pos(float x) {
   return x != x ? x : result;
 }
 
+// ln(1 + e) for e in [0, 1] from log_pos: ln(u) e / (u - 1) with u = fl(1 + e) corrects the
+// rounding of 1 + e, so it stays exact to rounding for tiny e (Goldberg); NaN propagates.
+inline float log1p_unit(float e) {
+  const float u = 1.0f + e;
+  const float d = u - 1.0f;
+  const float corrected = log_pos(u) * (e / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? e : corrected;
+}
+
+// atan(h) for h in [0, 1]: h > tan(pi/8) is reduced by atan(h) = pi/4 + atan((h - 1)/(h + 1)),
+// then atan(x) = x + x^3 P(x^2) with P of degree 4 fitted on |x| <= tan(pi/8) (the polynomial
+// of the Triton kernel, lmfloss_kernels/calf/_triton.py: absolute error < 3e-8); NaN propagates.
+inline float atan_unit(float h) {
+  const bool reduce = h > 0.41421356237309503f;
+  const float x = reduce ? (h - 1.0f) / (h + 1.0f) : h;
+  const float t = x * x;
+  float poly = -0.06097643645f;
+  poly = poly * t + 0.1060221863f;
+  poly = poly * t - 0.1424480187f;
+  poly = poly * t + 0.1999854843f;
+  poly = poly * t - 0.3333331669f;
+  const float r = x + x * t * poly;
+  return reduce ? r + 0.7853981633974483f : r;
+}
+
 // Math policy of the loss math (loss_math.h) in the tile loops: the float functions above, libm for
 // double. pow only meets x in [tiny, 1] and y >= 0 there, so y log x <= 0 is in exp_nonpos' range.
 struct TileMath : LibmMath {
+  using LibmMath::atan_unit;
   using LibmMath::exp;
+  using LibmMath::exp_nonpos;
   using LibmMath::log;
+  using LibmMath::log1p_unit;
   using LibmMath::pow;
-  static float exp(float x) { return exp_nonpos(x); }
+  static float exp(float x) { return cpu::exp_nonpos(x); }
   static float log(float x) { return log_pos(x); }
-  static float pow(float x, float y) { return exp_nonpos(y * log_pos(x)); }
+  static float pow(float x, float y) { return cpu::exp_nonpos(y * log_pos(x)); }
+  static float exp_nonpos(float x) { return cpu::exp_nonpos(x); }
+  static float log1p_unit(float e) { return cpu::log1p_unit(e); }
+  static float atan_unit(float h) { return cpu::atan_unit(h); }
 };
 
 inline int64_t chunks_per_image(int64_t voxels) { return (voxels + kChunk - 1) / kChunk; }
