@@ -136,8 +136,12 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return labels
 
 
-def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> None:
+def check_label_range(
+    labels: torch.Tensor, num_classes: int, ignore_index: int | None, *, name: str = "target labels"
+) -> None:
     """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``.
+
+    ``name``: how the error message names the tensor (the caller's argument name).
 
     One ``aminmax`` pass on the labels' own dtype; ignored labels are replaced by 0 (always in
     range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
@@ -154,7 +158,7 @@ def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int 
         kept = kept if ignore_index is None else kept[kept != ignore_index]
         low, high = int(kept.min()), int(kept.max())
         allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-        raise ValueError(f"target labels must be in {allowed}, got values in [{low}, {high}]")
+        raise ValueError(f"{name} must be in {allowed}, got values in [{low}, {high}]")
 
 
 def _representable(value: int, dtype: torch.dtype) -> bool:

@@ -25,8 +25,8 @@ scalars = {"num_voxels": "i64", "z_batch_stride": "i64", "y_batch_stride": "i64"
 for transform in range(5):
     for backward in (False, True):
         soft = transform % 2 == 1
-        const = {"TRANSFORM": transform, "HAS_DICE": True, "SOFT_TARGET": soft, "HAS_IGNORE": not soft,
-                 "BACKWARD": backward, "BLOCK": 4096}
+        const = {"TRANSFORM": transform, "HAS_TRANSFORM": transform != 1 or backward, "HAS_DICE": True,
+                 "SOFT_TARGET": soft, "HAS_IGNORE": not soft, "BACKWARD": backward, "BLOCK": 4096}
         signature = {**pointers, "y_ptr": "*fp16" if soft else "*u8", **scalars, **{k: "constexpr" for k in const}}
         source = ASTSource(fn=K._calf_voxel_kernel, signature=signature, constexprs=const)
         assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]

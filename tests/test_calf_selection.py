@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from lmfloss_kernels import ext
 from lmfloss_kernels.calf import (
     DEFAULT_RULES,
     CALFLoss,
@@ -133,5 +134,26 @@ def test_from_dataset_branches_and_options():
     logits, target = torch.randn(2, 1, 6, 6, requires_grad=True), torch.randint(0, 2, (2, 6, 6))
     plain(logits, target).backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend must be one of .*'triton' is its CUDA path"):
         CALFLoss(backend="cuda")
+
+
+@pytest.mark.skipif(ext.LOAD_ERROR is not None, reason=f"C++ extension not loaded: {ext.LOAD_ERROR}")
+def test_criterion_on_the_cpu_backend():
+    """The chosen loss is an ordinary criterion on the fused CPU backend ("auto" picks it for CPU tensors)."""
+    criterion = CALFLoss("arcsine", dice_coef=1.0, backend="cpu")
+    assert "backend='cpu'" in repr(criterion)
+    logits, target = torch.randn(2, 1, 9, 7), torch.randint(0, 2, (2, 9, 7))
+    results = []
+    for module in (
+        criterion,
+        CALFLoss("arcsine", dice_coef=1.0, backend="auto"),
+        CALFLoss("arcsine", dice_coef=1.0, backend="reference"),
+    ):
+        x = logits.clone().requires_grad_(True)
+        value = module(x, target)
+        value.backward()
+        results.append((value.detach(), x.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    torch.testing.assert_close(results[0][0], results[2][0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(results[0][1], results[2][1], rtol=1e-5, atol=1e-8)

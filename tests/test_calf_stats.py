@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lmfloss_kernels import ext
 from lmfloss_kernels.calf import (
     FewImagesWarning,
     ForegroundSizeAccumulator,
@@ -18,8 +19,9 @@ from lmfloss_kernels.calf import (
     imbalance_statistics,
 )
 
-BACKENDS = ["torch", "triton"]
-# The Triton kernel runs compiled on a GPU, else through the interpreter on CPU tensors (conftest).
+# The C++ kernel when the extension is loaded; the Triton kernel runs compiled on a GPU, else
+# through the interpreter on CPU tensors (conftest).
+BACKENDS = ["reference", *(["cpu"] if ext.LOAD_ERROR is None else []), "triton"]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -98,10 +100,14 @@ def test_foreground_sizes_bad_input():
         foreground_sizes(labels, 2.0)
     with pytest.raises(ValueError, match="num_classes must be at least 1"):
         foreground_sizes(labels, 0)
-    with pytest.raises(ValueError, match=r"target labels must be in \[0, 1\]"):
-        foreground_sizes(labels + 2, 2)
+    for backend in BACKENDS:
+        # The message names the argument: "labels", not "target labels".
+        with pytest.raises(ValueError, match=r"^labels must be in \[0, 1\], got values in \[2, 2\]"):
+            _counts(labels + 2, 2, backend=backend)
     with pytest.raises(ValueError, match="backend must be one of"):
         foreground_sizes(labels, 2, backend="cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        foreground_sizes(labels, 2, backend="torch")
 
 
 # --------------------------------------------------------------------------------------------

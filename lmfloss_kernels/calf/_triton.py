@@ -4,7 +4,11 @@ Transformation loss (formulas in :mod:`lmfloss_kernels.calf.transforms`), in two
 
 1. forward: one program per tile of ``BLOCK`` voxels of one image reads logits and target once and
    writes five fp32 partial sums ``(Σ ℓ_T, V, TP, FP, FN)``; the host sums the tiles per image in
-   float64 (deterministic, no atomics) and finalises ``L_b`` from these ``O(B)`` numbers;
+   float64 (deterministic, no atomics) and finalises ``L_b = w_T Σ ℓ_T / max(V, 1) + w_D D_b``
+   from these ``O(B)`` numbers. Non-finite logits (the package's policy): ``Σ ℓ_T`` also gets
+   ``0 · z`` of every logit of the tile (ignored voxels included), NaN exactly when one is NaN or
+   ``±inf``, so such a logit makes ``L_b`` NaN without a second read; with ``w_T = 0``
+   (``HAS_TRANSFORM`` off) the transform is not evaluated and the sum is this probe alone;
 2. backward: the same kernel (``BACKWARD`` constexpr) re-reads logits and target and writes
 
    .. math:: \partial L / \partial z_i = c_b\, \ell_T'(z_i, y_i) + (A_b y_i + E_b)\, p_i (1 - p_i)
@@ -119,6 +123,7 @@ def _calf_voxel_kernel(
     ignore_index,
     limit,
     TRANSFORM: tl.constexpr,
+    HAS_TRANSFORM: tl.constexpr,
     HAS_DICE: tl.constexpr,
     SOFT_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr,
@@ -140,9 +145,11 @@ def _calf_voxel_kernel(
         if HAS_IGNORE:
             valid = valid & (label.to(tl.int64) != ignore_index)
 
-    loss, slope = _transform_term(z, y, limit, TRANSFORM)
     if BACKWARD:
-        grad = tl.load(coef_ptr + b * 3) * slope
+        grad = tl.zeros_like(z)
+        if HAS_TRANSFORM:
+            loss, slope = _transform_term(z, y, limit, TRANSFORM)
+            grad = tl.load(coef_ptr + b * 3) * slope
         if HAS_DICE:
             p, q, log_p, log_q = _sigmoid_parts(z)
             grad += (tl.load(coef_ptr + b * 3 + 1) * y + tl.load(coef_ptr + b * 3 + 2)) * (p * q)
@@ -150,7 +157,12 @@ def _calf_voxel_kernel(
         tl.store(grad_ptr + b * num_voxels + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
     else:
         out = partial_ptr + pid * 5
-        tl.store(out, tl.sum(tl.where(valid, loss, 0.0), axis=0))
+        probe = 0.0 * z  # masked lanes loaded 0
+        if HAS_TRANSFORM:
+            loss, slope = _transform_term(z, y, limit, TRANSFORM)
+            tl.store(out, tl.sum(tl.where(valid, loss, 0.0) + probe, axis=0))
+        else:
+            tl.store(out, tl.sum(probe, axis=0))
         tl.store(out + 1, tl.sum(valid.to(tl.float32), axis=0))
         if HAS_DICE:
             p, q, log_p, log_q = _sigmoid_parts(z)
@@ -188,7 +200,7 @@ def _ignore_in_range(target: torch.Tensor, ignore_index: int | None) -> bool:
     return info.min <= ignore_index <= info.max
 
 
-def _launch(logits, target, transform, eps, ignore_index, has_dice, *, coefficients=None):
+def _launch(logits, target, transform, eps, ignore_index, has_transform, has_dice, *, coefficients=None):
     z, y = _flatten(logits, target)
     batch_size, num_voxels = z.shape
     block = max(128, min(_MAX_BLOCK, triton.next_power_of_2(num_voxels)))
@@ -211,6 +223,7 @@ def _launch(logits, target, transform, eps, ignore_index, has_dice, *, coefficie
         ignore_index if has_ignore else 0,
         limit,
         TRANSFORM=_TRANSFORM_CODE[transform],
+        HAS_TRANSFORM=has_transform,
         HAS_DICE=has_dice,
         SOFT_TARGET=target.is_floating_point(),
         HAS_IGNORE=has_ignore,
@@ -246,10 +259,9 @@ def calf_transform_loss(
     ignore_index: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image CALF loss ``L_b`` (float32, ``(B,)``) and the float64 ``(B, 5)`` sums backward needs."""
-    stats = _launch(logits, target, transform, eps, ignore_index, dice_coef != 0.0)
-    loss = torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
-    if transform_coef != 0.0:
-        loss = loss + transform_coef * stats[:, 0] / stats[:, 1].clamp_min(1.0)
+    stats = _launch(logits, target, transform, eps, ignore_index, transform_coef != 0.0, dice_coef != 0.0)
+    # Also with transform_coef = 0: stats[:, 0] is then the non-finite probe alone (0 or NaN).
+    loss = transform_coef * stats[:, 0] / stats[:, 1].clamp_min(1.0)
     if dice_coef != 0.0:
         loss = loss + dice_coef * _dice_terms(stats, smooth_nr, smooth_dr, batch)[0]
     return loss.float(), stats
@@ -289,7 +301,16 @@ def calf_transform_backward(
         weight = dice_coef * (g.sum(0, keepdim=True) if batch else g)
         coefficients[:, 1] = -2.0 * weight / den
         coefficients[:, 2] = weight * (2.0 * tp + smooth_nr) / (den * den)
-    return _launch(logits, target, transform, eps, ignore_index, dice_coef != 0.0, coefficients=coefficients.float())
+    return _launch(
+        logits,
+        target,
+        transform,
+        eps,
+        ignore_index,
+        transform_coef != 0.0,
+        dice_coef != 0.0,
+        coefficients=coefficients.float(),
+    )
 
 
 @calf_transform_backward.register_fake

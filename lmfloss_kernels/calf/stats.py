@@ -27,7 +27,7 @@ import torch
 
 from .._config import get_options
 from .._validation import check_ignore_index, check_label_range
-from .transforms import triton_unavailable_reason
+from .transforms import resolve_fused
 
 __all__ = [
     "MIN_IMAGES",
@@ -41,7 +41,7 @@ __all__ = [
 MIN_IMAGES = 8
 """Below this many images the sample skewness and kurtosis are too noisy to choose a loss by."""
 
-COUNT_BACKENDS = ("auto", "torch", "triton")
+COUNT_BACKENDS = ("auto", "reference", "cpu", "triton")
 
 
 class FewImagesWarning(UserWarning):
@@ -60,8 +60,10 @@ def _check_num_classes(num_classes: object) -> int:
     return num_classes
 
 
-def _count_with_torch(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
+def _count_reference(labels: torch.Tensor, num_classes: int, ignore_index: int | None) -> torch.Tensor:
     # One bincount over the key b * C + label; labels outside [0, C) or ignored go to an extra bin.
+    # Several passes with int64 temporaries (about 17 bytes per uint8 voxel): the definition, not
+    # the fast path.
     batch_size = labels.shape[0]
     flat = labels.reshape(batch_size, -1).long()
     keep = (flat >= 0) & (flat < num_classes)
@@ -80,7 +82,9 @@ def foreground_sizes(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Voxel count of every class in every image: ``(B, num_classes)`` int64 on the labels' device.
+    r"""Voxel count of every class in every image: ``(B, num_classes)`` int64 on the labels' device:
+
+    .. math:: n_{bc} = \#\{\, i : \mathrm{labels}_{bi} = c \,\}, \qquad c = 0 \ldots C - 1.
 
     ``labels``: integer or bool label map ``(B, *spatial)`` (a channel axis ``(B, 1, *S)`` is just
     another spatial axis here). Voxels equal to ``ignore_index`` are not counted. Values must lie in
@@ -88,10 +92,15 @@ def foreground_sizes(
     ``set_options(check_labels=True)`` (the check synchronises); unchecked stray values are not
     counted.
 
-    One fused pass: on CUDA (or CPU under ``TRITON_INTERPRET=1`` with ``backend="triton"``) a
-    Triton kernel that reads each label once and writes per-tile counts, summed per image; on CPU
-    (``backend="torch"``, the ``"auto"`` choice there) one ``torch.bincount`` over
-    ``b * num_classes + label``.
+    Backends (the package's names):
+
+    * ``"cpu"`` (``"auto"`` for CPU tensors when the C++ extension is loaded): one pass over the
+      labels in their own dtype (no int64 copy) into per-thread histograms, which also counts the
+      labels out of range, so the range check costs no second pass; bitwise deterministic.
+    * ``"triton"`` (``"auto"`` for CUDA tensors; CPU under ``TRITON_INTERPRET=1``): a kernel that
+      reads each label once and writes per-tile counts, summed per image.
+    * ``"reference"``: one ``torch.bincount`` over ``b * num_classes + label`` (the fallback of
+      ``"auto"`` where no fused backend can serve).
     """
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -103,16 +112,23 @@ def foreground_sizes(
     ignore_index = check_ignore_index(ignore_index, optional=True)
     if backend not in COUNT_BACKENDS:
         raise ValueError(f"backend must be one of {COUNT_BACKENDS}, got {backend!r}")
-    if labels.device.type == "cpu" or get_options().check_labels:
-        check_label_range(labels, num_classes, ignore_index)
-    reason = triton_unavailable_reason(labels.device, torch.float32)  # the count kernel reads labels only
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend 'triton' cannot count {labels.device.type} labels: {reason}")
-    if backend == "triton" or (backend == "auto" and labels.device.type == "cuda" and reason is None):
+    # The kernels read labels only: their availability is asked for float32 logits.
+    chosen = resolve_fused(backend, labels.device, torch.float32, "labels")
+    check = labels.device.type == "cpu" or get_options().check_labels
+    if chosen == "cpu":
+        from ..ext.calf_ops import foreground_sizes_op
+
+        counts, strays = foreground_sizes_op(labels, num_classes, ignore_index)
+        if check and int(strays):  # error path only: the range of the labels, for the message
+            check_label_range(labels, num_classes, ignore_index, name="labels")
+        return counts
+    if check:
+        check_label_range(labels, num_classes, ignore_index, name="labels")
+    if chosen == "triton":
         from ._triton import calf_foreground_sizes
 
         return calf_foreground_sizes(labels, num_classes, ignore_index)
-    return _count_with_torch(labels, num_classes, ignore_index)
+    return _count_reference(labels, num_classes, ignore_index)
 
 
 # --------------------------------------------------------------------------------------------

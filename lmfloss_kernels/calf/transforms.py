@@ -65,10 +65,27 @@ so a ``(B, K, *S)`` map is treated as K binary maps pooled per image); ``target`
 ``[0, 1]`` (``ignore_index`` must then be None). Target values are checked on CPU tensors, and
 on GPU tensors with ``set_options(check_labels=True)`` (a sync); never inside ``torch.compile``.
 
-Backends: ``"reference"`` (eager PyTorch, autograd; float64 included) and ``"triton"`` (the fused
-per-voxel kernel of :mod:`lmfloss_kernels.calf._triton`, closed-form gradients above; CUDA, or CPU
-under ``TRITON_INTERPRET=1``; float16 / bfloat16 / float32 logits, fp32 math). ``"auto"`` picks
-Triton for CUDA tensors it can serve and the reference otherwise (the reference is the CPU path).
+Non-finite logits (the package's policy, as for every other loss): a NaN, +inf or -inf logit
+makes the loss of its image NaN (and so a ``"mean"`` / ``"sum"``), ignored voxels included; the
+other images keep their values. The reference adds ``0 · (min + max)`` of each image's logits
+(:func:`lmfloss_kernels.functional._propagate_nonfinite`), the fused kernels add ``0 · z`` of every
+logit to the per-image sum of ``ℓ_T`` in the pass that reads them anyway. Nothing is added to the
+gradient, which is the formula's on every backend: NaN where a NaN logit enters (its voxel; its
+whole image when the Dice term is on, whose sums become NaN; 0 where the clip masks it), the finite
+limits at ``±inf``.
+
+Backends (the package's names):
+
+* ``"reference"``: eager PyTorch, autograd; float64 included.
+* ``"cpu"``: the fused C++ kernels of ``csrc/cpu/calf.cpp`` (:mod:`lmfloss_kernels.ext.calf_ops`)
+  for CPU tensors: one pass for the loss and the ``O(B)`` sums, one for the closed-form gradient;
+  float16 / bfloat16 / float32 logits in fp32 math, float64 in fp64; bitwise deterministic.
+* ``"triton"``: the fused per-voxel kernel of :mod:`lmfloss_kernels.calf._triton` (same plan, fp32
+  math; CUDA, or CPU under ``TRITON_INTERPRET=1``; float16 / bfloat16 / float32 logits).
+
+``"auto"`` picks Triton for CUDA tensors and the C++ kernels for CPU tensors when they can serve
+them, else the reference (with one warning saying why). There is no C++ CUDA kernel for CALF:
+``"triton"`` is its CUDA path.
 """
 
 from __future__ import annotations
@@ -80,8 +97,10 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .._backends import _user_stacklevel
 from .._config import get_options
 from .._validation import check_bool, check_ignore_index, check_number, check_reduction
+from ..functional import _propagate_nonfinite
 
 __all__ = [
     "TRANSFORMS",
@@ -93,7 +112,7 @@ __all__ = [
 
 TRANSFORMS = ("ln", "log10", "fisher", "logit", "arcsine")
 CLIPPED_TRANSFORMS = ("fisher", "logit")
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "cpu", "triton")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LN10 = math.log(10.0)
@@ -147,7 +166,8 @@ def transform_loss_reference(
     """Eager definition of the transformation loss (module docstring); inputs are not validated here.
 
     ``upcast=True`` computes half-precision logits in float32 (as the fused kernel does);
-    float64 stays float64. Returns float32 (float64 for float64 logits).
+    float64 stays float64. Returns float32 (float64 for float64 logits). A non-finite logit makes
+    its image's loss NaN (the package's policy, module docstring).
     """
     z = logits.float() if upcast and logits.dtype in (torch.float16, torch.bfloat16) else logits
     batch_size = z.shape[0]
@@ -172,9 +192,9 @@ def transform_loss_reference(
             tp, fp, fn = (t.sum(0, keepdim=True) for t in (tp, fp, fn))
         dice = (fp + fn + (smooth_dr - smooth_nr)) / (2.0 * tp + fp + fn + smooth_dr)
         loss = loss + dice_coef * dice
-    if reduction == "none":
-        return loss
-    return loss.sum() if reduction == "sum" else loss.mean()
+    if reduction != "none":
+        loss = loss.sum() if reduction == "sum" else loss.mean()
+    return _propagate_nonfinite(loss, logits, "region_loss", reduction)
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +278,8 @@ def check_loss_options(
 
 def check_backend(backend: object) -> str:
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        hint = " (CALF has no C++ CUDA kernels: 'triton' is its CUDA path)" if backend == "cuda" else ""
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}{hint}")
     return backend  # type: ignore[return-value]
 
 
@@ -277,25 +298,51 @@ def triton_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str |
     return None
 
 
+def cpu_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
+    """None when the C++ CALF kernels can serve tensors of this device and dtype, else why not."""
+    try:
+        from ..ext import calf_ops
+    except Exception as error:  # a broken extension of any kind must not stop the other backends
+        return f"the C++ extension could not be imported ({type(error).__name__}: {error})"
+    return calf_ops.unavailable_reason(device, dtype)
+
+
+# The fused backend that "auto" tries for each device type, and why it could not serve.
+_AUTO = {"cuda": ("triton", triton_unavailable_reason), "cpu": ("cpu", cpu_unavailable_reason)}
+_REASONS = {"triton": triton_unavailable_reason, "cpu": cpu_unavailable_reason}
 _warned_fallback: set[str] = set()
 
 
-def _resolve(backend: str, logits: torch.Tensor) -> str:
-    reason = triton_unavailable_reason(logits.device, logits.dtype)
-    if backend == "triton" and reason is not None:
-        raise ValueError(f"backend 'triton' cannot serve {logits.device.type} {logits.dtype} logits: {reason}")
-    if backend == "auto":
-        if logits.device.type == "cuda" and reason is None:
-            return "triton"
-        if logits.device.type == "cuda" and logits.dtype in FUSED_DTYPES and reason not in _warned_fallback:
+def resolve_fused(backend: str, device: torch.device, dtype: torch.dtype, what: str) -> str:
+    """The backend that computes ``what`` for these tensors: ``backend`` itself if it can serve
+    them (else ValueError), or for ``"auto"`` the device's fused backend if it can, else
+    ``"reference"`` (warning once per reason where a fused backend exists for the device).
+    """
+    if backend in _REASONS:
+        reason = _REASONS[backend](device, dtype)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot serve {device.type} {dtype} {what}: {reason}")
+        return backend
+    if backend == "auto" and device.type in _AUTO:
+        name, unavailable = _AUTO[device.type]
+        reason = unavailable(device, dtype)
+        if reason is None:
+            return name
+        if reason not in _warned_fallback:
             _warned_fallback.add(reason)
-            warnings.warn(f"CALF loss: using the eager reference ({reason})", RuntimeWarning, stacklevel=3)
-        return "reference"
-    return backend
+            warnings.warn(
+                f"CALF: using the eager reference for {device.type} {dtype} {what} ({name}: {reason})",
+                RuntimeWarning,
+                stacklevel=_user_stacklevel(),
+            )
+    return "reference"
 
 
-def _fused(logits: torch.Tensor, target: torch.Tensor, options: dict) -> torch.Tensor:
-    from ._triton import calf_transform_loss
+def _fused(logits: torch.Tensor, target: torch.Tensor, options: dict, backend: str) -> torch.Tensor:
+    if backend == "cpu":
+        from ..ext.calf_ops import transform_loss_op as calf_transform_loss
+    else:
+        from ._triton import calf_transform_loss
 
     per_image, _ = calf_transform_loss(
         logits,
@@ -314,26 +361,26 @@ def _fused(logits: torch.Tensor, target: torch.Tensor, options: dict) -> torch.T
     return per_image.sum() if options["reduction"] == "sum" else per_image.mean()
 
 
-def _compare_with_reference(logits: torch.Tensor, target: torch.Tensor, options: dict) -> None:
+def _compare_with_reference(logits: torch.Tensor, target: torch.Tensor, options: dict, backend: str) -> None:
     """Check mode (``set_options(check_backend=True)``): fused and reference on a detached copy."""
     from ..functional import BackendMismatchError
 
     results = []
-    for compute in (_fused, lambda x, t, o: transform_loss_reference(x, t, **o)):
+    for compute in (lambda x, t, o: _fused(x, t, o, backend), lambda x, t, o: transform_loss_reference(x, t, **o)):
         x = logits.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             value = compute(x, target, options)
             (grad,) = torch.autograd.grad(value, x, torch.ones_like(value))
         results.append((value.detach().double(), grad.double()))
     (value, grad), (ref_value, ref_grad) = results
-    rtol = 1e-4 if logits.dtype == torch.float32 else 3e-2
+    rtol = 1e-4 if logits.dtype in (torch.float32, torch.float64) else 3e-2
     grad_error = float((grad - ref_grad).norm())
     if (
-        not torch.allclose(value, ref_value, rtol=rtol, atol=rtol * 1e-2)
+        not torch.allclose(value, ref_value, rtol=rtol, atol=rtol * 1e-2, equal_nan=True)
         or grad_error > rtol * float(ref_grad.norm()) + 1e-12
     ):
         raise BackendMismatchError(
-            f"backend 'triton' disagrees with the reference on the CALF loss: {value.flatten()[:4].tolist()} vs "
+            f"backend {backend!r} disagrees with the reference on the CALF loss: {value.flatten()[:4].tolist()} vs "
             f"{ref_value.flatten()[:4].tolist()}; gradient error norm {grad_error:.3e} vs reference gradient "
             f"norm {float(ref_grad.norm()):.3e}"
         )
@@ -387,11 +434,12 @@ def transform_loss(
         reduction=reduction,
     )
     target = _check_binary_target(logits, target, options["ignore_index"])
-    if _resolve(check_backend(backend), logits) == "reference":
+    chosen = resolve_fused(check_backend(backend), logits.device, logits.dtype, "logits")
+    if chosen == "reference":
         return transform_loss_reference(logits, target, **options)
     if get_options().check_backend:
-        _compare_with_reference(logits, target, options)
-    return _fused(logits, target, options)
+        _compare_with_reference(logits, target, options, chosen)
+    return _fused(logits, target, options, chosen)
 
 
 def bce_dice_loss(logits: torch.Tensor, target: torch.Tensor, **kwargs) -> torch.Tensor:
