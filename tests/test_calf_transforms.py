@@ -314,8 +314,17 @@ def test_bad_input():
         transform_loss(z, labels, "sqrt")
     with pytest.raises(ValueError, match="target must have the logits' shape"):
         transform_loss(z, labels[:, :3], "ln")
-    with pytest.raises(ValueError, match=r"target labels must be in \{0, 1\}"):
+    with pytest.raises(ValueError, match=r"target labels must be in \[0, 1\], got values in \[1, 2\]"):
         transform_loss(z, labels + 1, "ln")
+    stray = labels.to(torch.int16)
+    stray[0, 0, :2] = torch.tensor([-1, 1], dtype=torch.int16)
+    stray[1, 1, 1] = 255
+    with pytest.raises(
+        ValueError, match=r"target labels must be in \[0, 1\] or ignore_index=255, got values in \[-1, 1\]"
+    ):
+        transform_loss(z, stray, "ln", ignore_index=255)
+    with pytest.raises(ValueError, match=r"float target must lie in \[0, 1\], got values in \[nan"):
+        transform_loss(z, torch.full((2, 1, 4, 4), float("nan")), "ln")
     with pytest.raises(ValueError, match=r"float target must lie in \[0, 1\]"):
         transform_loss(z, torch.rand(2, 1, 4, 4) * 2, "ln")
     with pytest.raises(ValueError, match="applies to integer label maps only"):

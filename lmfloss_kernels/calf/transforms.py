@@ -99,7 +99,7 @@ import torch.nn.functional as F
 
 from .._backends import _user_stacklevel
 from .._config import get_options
-from .._validation import check_bool, check_ignore_index, check_number, check_reduction
+from .._validation import check_bool, check_ignore_index, check_label_range, check_number, check_reduction
 from ..functional import _propagate_nonfinite
 
 __all__ = [
@@ -225,19 +225,14 @@ def _check_binary_target(logits: torch.Tensor, target: object, ignore_index: int
                 f"ignore_index={ignore_index} applies to integer label maps only; a float target marks "
                 f"nothing to ignore (pass ignore_index=None)"
             )
-        if check_labels and target.numel() and not bool(((target >= 0) & (target <= 1)).all()):
-            low, high = float(target.min()), float(target.max())
-            raise ValueError(f"a float target must lie in [0, 1], got values in [{low:g}, {high:g}]")
-    elif check_labels:
-        values = target.long()
-        if ignore_index is not None:
-            values = values[values != ignore_index]
-        if values.numel() and bool(((values != 0) & (values != 1)).any()):
-            allowed = "{0, 1}" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
-            raise ValueError(
-                f"target labels must be in {allowed} (binary loss), got values in "
-                f"[{int(values.min())}, {int(values.max())}]"
-            )
+        if check_labels and target.numel():
+            # One aminmax pass (NaN propagates into it and fails the test), no boolean temporaries.
+            low, high = (float(v) for v in torch.aminmax(target))
+            if not (low >= 0.0 and high <= 1.0):
+                raise ValueError(f"a float target must lie in [0, 1], got values in [{low:g}, {high:g}]")
+    elif check_labels and target.dtype != torch.bool:
+        # Binary: the labels of a 2-class map (one aminmax pass on the labels' own dtype).
+        check_label_range(target, 2, ignore_index)
     return target.reshape(shape)
 
 
