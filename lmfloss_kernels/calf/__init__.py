@@ -10,9 +10,17 @@ term, the other rows of the rule table, dropping empty masks and the minimum ima
 
 * :mod:`~lmfloss_kernels.calf.stats` — :func:`foreground_sizes`, :func:`imbalance_statistics`,
   :class:`ForegroundSizeAccumulator`;
-* :mod:`~lmfloss_kernels.calf.transforms` — :func:`transform_loss` (reference and fused Triton);
+* :mod:`~lmfloss_kernels.calf.transforms` — :func:`transform_loss`;
 * :mod:`~lmfloss_kernels.calf.selection` — :data:`DEFAULT_RULES`, :func:`select_loss`,
   :class:`CALFLoss`.
+
+Backends, with the package's names (``backend=`` of :func:`transform_loss`, :class:`CALFLoss`,
+:func:`foreground_sizes`): ``"cpu"``, the fused C++ kernels of ``csrc/cpu/calf.cpp`` (CPU
+tensors; float16 / bfloat16 / float32 / float64 logits); ``"triton"``, the fused Triton kernels
+(CUDA; CPU under ``TRITON_INTERPRET=1``; no float64); ``"reference"``, eager PyTorch. ``"auto"``
+takes Triton for CUDA tensors and the C++ kernels for CPU tensors when they can serve them, else
+the reference (warning once). There is no C++ CUDA kernel for CALF: ``"cuda"`` is rejected.
+As for every loss of the package, a NaN or ±inf logit makes the loss of its image NaN.
 
 Two lines::
 

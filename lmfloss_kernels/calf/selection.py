@@ -209,7 +209,9 @@ class CALFLoss(nn.Module):
     Build it from data with :meth:`from_dataset` (or :meth:`from_statistics`); ``selection`` then
     records the statistics and the rule that chose ``transform`` and ``dice_coef``. Built directly,
     it is an ordinary criterion with ``selection = None``. Keywords as in
-    :func:`~lmfloss_kernels.calf.transform_loss`, checked here.
+    :func:`~lmfloss_kernels.calf.transform_loss`, checked here; ``backend`` is ``"auto"`` (the
+    fused C++ kernels for CPU tensors, Triton for CUDA tensors), ``"cpu"``, ``"triton"`` or
+    ``"reference"``.
     """
 
     def __init__(

@@ -238,8 +238,9 @@ class ForegroundSizeAccumulator:
 
     ``foreground``: the classes whose voxels count as foreground (default ``1 .. num_classes - 1``).
     ``drop_empty``: leave images without foreground out of the statistics (ours; the sizes of
-    every image stay available in :attr:`sizes`). Sizes are kept on the labels' device until read,
-    so :meth:`update` does not synchronise with a GPU.
+    every image stay available in :attr:`sizes`). ``backend``: as in :func:`foreground_sizes`.
+    Sizes are kept on the labels' device until read, so :meth:`update` does not synchronise with
+    a GPU.
 
     >>> acc = ForegroundSizeAccumulator(num_classes=2)
     >>> for batch in loader:
