@@ -5,12 +5,13 @@ environment variables read at import, or at run time with :func:`set_options` /
 :func:`options` (a context manager).
 
 ``check_labels``
-    Verify that every label lies in ``[0, C)`` (or equals ``ignore_index``). On CPU tensors the
-    check costs nothing worth mentioning and always runs. On accelerator tensors it needs a
-    device-to-host synchronisation, so it runs only when this switch is on
-    (``LMFLOSS_KERNELS_CHECK_LABELS=1``). Without it an out-of-range label on the GPU gives an
-    undefined (but memory-safe: kernels mask it) loss. Code traced by ``torch.compile`` skips
-    the value checks on every device (they would break the graph).
+    Verify that every label lies in ``[0, C)`` (or equals ``ignore_index``) and that every entry
+    of a one-hot / soft target is finite and in ``[0, 1]``. On CPU tensors the check costs
+    nothing worth mentioning and always runs. On accelerator tensors it needs a device-to-host
+    synchronisation, so it runs only when this switch is on (``LMFLOSS_KERNELS_CHECK_LABELS=1``).
+    Without it an out-of-range label on the GPU gives an undefined (but memory-safe: kernels
+    mask it) loss, and a soft entry outside ``[0, 1]`` a meaningless one. Code traced by
+    ``torch.compile`` skips the value checks on every device (they would break the graph).
 
 ``check_backend``
     Debug mode: every call on a fused backend is also computed by the eager reference on a

@@ -167,7 +167,11 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
 
 
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
-    """Integer label map (see :func:`check_labels`) or float one-hot / soft map of the logits' shape."""
+    """Integer label map (see :func:`check_labels`) or float one-hot / soft map of the logits' shape.
+
+    A soft map's entries must be finite and in ``[0, 1]``; that is verified where label ranges
+    are (CPU tensors always, other devices with the ``check_labels`` option).
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if not target.is_floating_point():
@@ -184,7 +188,27 @@ def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | No
             f"ignore_index={ignore_index} applies to integer label maps only; a one-hot / soft target "
             f"marks nothing to ignore (pass ignore_index=None or an integer label map)"
         )
+    if _can_inspect(target):
+        check_soft_range(target)
     return target
+
+
+def check_soft_range(target: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless every entry of a one-hot / soft map is finite and in ``[0, 1]``.
+
+    Outside that range the losses lose their meaning without failing (a negative entry can make
+    the loss negative). One ``aminmax`` pass on the target's own dtype: NaN propagates into both
+    ends and +-inf lies outside ``[0, 1]``, so the one comparison covers non-finite entries too.
+    Rows are not required to sum to 1.
+    """
+    low, high = torch.stack(torch.aminmax(target)).tolist()
+    if not (0.0 <= low and high <= 1.0):
+        found = f"values in [{low:g}, {high:g}]"
+        if math.isnan(low):
+            # Error path only: the range of the other entries, for the message.
+            others = target[~target.isnan()]
+            found = "NaN entries" + (f" and values in [{others.min():g}, {others.max():g}]" if others.numel() else "")
+        raise ValueError(f"target (a one-hot / soft map) must have every entry finite and in [0, 1], got {found}")
 
 
 def _check_class_values(name: str, values: list[float], positive: bool) -> None:

@@ -16,6 +16,7 @@ XD = torch.randn(2, 3, 4, 5)  # dense
 YD = torch.randint(0, 3, (2, 4, 5))
 COUNTS = [10, 5, 2]
 NAN = float("nan")
+INF = float("inf")
 
 REGION_FUNCTIONS = {
     "unified": F.unified_focal_loss,
@@ -128,6 +129,32 @@ def test_float_target_checks(name):
     _raises(ValueError, "ignore_index=0 applies to integer label maps only", lambda: fn(XD, one_hot, ignore_index=0))
     _raises(TypeError, "ignore_index must be an int or None, got float: 1.5", lambda: fn(XD, YD, ignore_index=1.5))
     _raises(TypeError, "ignore_index must be an int or None, got bool", lambda: fn(XD, YD, ignore_index=True))
+
+
+SOFT = torch.softmax(torch.randn(2, 3, 4, 5), 1)
+
+
+@pytest.mark.parametrize("name", list(REGION_FUNCTIONS))
+def test_soft_target_values(name):
+    """Soft-map entries outside [0, 1] or non-finite would give a meaningless (even negative) loss."""
+    fn = REGION_FUNCTIONS[name]
+    message = r"target \(a one-hot / soft map\) must have every entry finite and in \[0, 1\], got "
+    negative = SOFT.clone()
+    negative[1, 2, 3, 4] = -0.25
+    _raises(ValueError, message + rf"values in \[-0.25, {float(SOFT.max()):g}\]", lambda: fn(XD, negative))
+    _raises(ValueError, message + r"values in \[[0-9.e-]+, 2\]", lambda: fn(XD, 2 * SOFT / SOFT.max()))
+    for bad, found in ((NAN, r"NaN entries and values in \[[0-9.e-]+, [0-9.e-]+\]"), (INF, r"values in .*, inf\]")):
+        poisoned = SOFT.clone()
+        poisoned[0, 1, 2, 3] = bad
+        with pytest.raises(ValueError, match=message + found):
+            fn(XD, poisoned)
+    _raises(ValueError, message + "NaN entries$", lambda: fn(XD, torch.full_like(SOFT, NAN)))
+    _raises(ValueError, message + r"values in \[-inf, 0\.\d+\]", lambda: fn(XD, SOFT.masked_fill(SOFT > 0.5, -INF)))
+    # Entries need not sum to 1 over the classes (partial or multi-label maps are allowed), and
+    # every floating dtype and layout is read as it is.
+    for ok in (torch.full_like(SOFT, 0.5), torch.zeros_like(SOFT), SOFT.half(), SOFT.bfloat16(), SOFT.double()):
+        assert fn(XD, ok).isfinite()
+    assert fn(XD, SOFT[:1].expand(2, 3, 4, 5)).isfinite()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,6 +344,10 @@ def test_check_labels_option_on_cuda():
         _raises(
             ValueError, r"target labels must be in \[0, 2\]", lambda: F.unified_focal_loss(x, bad, backend="reference")
         )
+    negative = -SOFT.cuda()  # a soft map is not read without the option either
+    assert F.dice_loss(x, negative, backend="reference").isfinite()
+    with lk.options(check_labels=True):
+        _raises(ValueError, r"target \(a one-hot / soft map\) .* got values in \[-", lambda: F.dice_loss(x, negative))
 
 
 def test_value_checks_are_skipped_while_compiling(monkeypatch):
@@ -326,3 +357,5 @@ def test_value_checks_are_skipped_while_compiling(monkeypatch):
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert _validation.check_labels(XD, bad, ignore_index=None) is bad  # not read while tracing
     _raises(ValueError, "target must have shape", lambda: F.unified_focal_loss(XD, bad[:, :2]))  # shapes still checked
+    soft = -torch.ones_like(XD)
+    assert _validation.check_target(XD, soft, ignore_index=None) is soft  # soft-map values are not read either
