@@ -64,6 +64,9 @@ def check_ignore_index(value: object, *, optional: bool) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
         expected = "an int or None" if optional else "an int"
         raise TypeError(f"ignore_index must be {expected}, got {type(value).__name__}: {value!r}")
+    if not _representable(value, torch.int64):
+        # Kernels and ops take it as an int64 (labels never exceed int64 either).
+        raise ValueError(f"ignore_index must be in the int64 range [-2**63, 2**63 - 1], got {value}")
     return value
 
 
@@ -263,10 +266,26 @@ def class_vector(
     if vector.dim() != 1 or vector.numel() != num_classes:
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
     exact = vector.dtype == torch.float64 or not vector.is_floating_point()
-    vector = vector.to(device=device, dtype=torch.float64 if exact else torch.float32)
+    vector = per_class_on(name, vector, device, torch.float64 if exact else torch.float32)
     if _can_inspect(vector):
         _check_class_values(name, vector.tolist(), positive)
     return vector
+
+
+def per_class_on(name: str, vector: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A per-class tensor moved to the logits' ``device`` and ``dtype`` (free when it is there already).
+
+    Moving is the documented behaviour for per-class tensors on another device; a ``meta``
+    tensor has no values to move (only the modules' construction-time dry run, whose logits are
+    meta as well, may use one), and the fused kernels must never be handed one: they would read
+    a null pointer or give a silently wrong loss.
+    """
+    if vector.device.type == "meta" and device.type != "meta":
+        raise ValueError(
+            f"{name} must hold values, got a meta tensor (a shape without data); "
+            f"pass a tensor on a real device or a sequence of numbers"
+        )
+    return vector.to(device=device, dtype=dtype)
 
 
 def check_class_counts(class_counts: object, num_classes: int, device: torch.device) -> torch.Tensor:

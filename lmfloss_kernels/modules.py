@@ -16,7 +16,7 @@ from torch import nn
 
 from . import functional as F
 from ._backends import BACKEND_NAMES, preload
-from ._validation import check_bool, check_class_counts, check_number, class_vector
+from ._validation import check_bool, check_class_counts, check_number, class_vector, per_class_on
 
 __all__ = [
     "AsymmetricFocalLoss",
@@ -304,11 +304,16 @@ class _MarginLoss(nn.Module):
                 f"logits have {logits.shape[1]} classes on dim 1 but class_counts has {self.margins.numel()} entries"
             )
         alpha, beta = F._check_lmf_coefficients(opts["alpha"], opts["beta"])
-        class_weight = self.class_weight.to(F._vector_dtype(logits))
+        # The fused kernels take the buffers' pointers as they are, so a criterion left on another
+        # device has them moved, as the functional API moves per-class tensors (meta ones raise).
+        margins, class_weight = (
+            per_class_on(f"{type(self).__name__}.{name}", getattr(self, name), logits.device, F._vector_dtype(logits))
+            for name in ("margins", "class_weight")
+        )
         return F._row_family(
             logits,
             target,
-            self.margins.to(F._vector_dtype(logits)),
+            margins,
             class_weight,
             class_weight,
             alpha=alpha,

@@ -115,3 +115,81 @@ def test_ignored_labels_out_of_range_are_accepted(fn):
     target[0, 0] = 255
     value = fn(logits, target, ignore_index=255)
     assert value.isfinite()
+
+
+@pytest.mark.parametrize("fn", ALL)
+@pytest.mark.parametrize("value", [2**63, -(2**63) - 1, 2**70])
+def test_ignore_index_outside_int64(fn, value):
+    logits, target = _ok()
+    with pytest.raises(
+        ValueError, match=rf"ignore_index must be in the int64 range \[-2\*\*63, 2\*\*63 - 1\], got {value}"
+    ):
+        fn(logits, target, ignore_index=value)
+
+
+@pytest.mark.parametrize("fn", ALL)
+def test_ignore_index_at_the_int64_ends(fn):
+    """The extreme int64 values are valid: no label equals them, so the loss is the unignored one."""
+    logits, target = _ok()
+    plain = fn(logits, target, ignore_index=-100 if fn in ROWS else None)
+    for value in (2**63 - 1, -(2**63)):
+        torch.testing.assert_close(fn(logits, target, ignore_index=value), plain)
+
+
+META = torch.ones(3, device="meta")
+META_PER_CLASS = [
+    ("alpha", lambda x, t, b: F.focal_loss(x, t, alpha=META, backend=b)),
+    ("alpha", lambda x, t, b: F.mixed_focal_loss(x, t, alpha=META, backend=b)),
+    ("weight", lambda x, t, b: F.lmf_loss(x, t, COUNTS, weight=META, backend=b)),
+    ("weight", lambda x, t, b: F.ldam_loss(x, t, COUNTS, weight=META, backend=b)),
+    ("class_counts", lambda x, t, b: F.lmf_loss(x, t, META, backend=b)),
+    ("class_counts", lambda x, t, b: F.ldam_loss(x, t, META, backend=b)),
+    ("class_counts", lambda x, t, b: F.ldam_margins(META)),
+    ("class_counts", lambda x, t, b: F.drw_weights(META)),
+    ("alpha", lambda x, t, b: lk.FocalLoss(alpha=META, backend=b)),
+    ("class_counts", lambda x, t, b: lk.LMFLoss(META, backend=b)),
+    # A criterion moved to the meta device: its buffers have no values any more.
+    ("alpha", lambda x, t, b: lk.FocalLoss(alpha=[1.0, 2.0, 3.0], backend=b).to("meta")(x, t)),
+    ("alpha", lambda x, t, b: lk.MixedFocalLoss(alpha=[1.0, 2.0, 3.0], backend=b).to("meta")(x, t)),
+    (r"LMFLoss\.margins", lambda x, t, b: lk.LMFLoss(COUNTS, backend=b).to("meta")(x, t)),
+    (r"LDAMLoss\.margins", lambda x, t, b: lk.LDAMLoss(COUNTS, backend=b).to("meta")(x, t)),
+]
+
+
+@pytest.mark.parametrize("backend", lk.available_backends("cpu"))
+@pytest.mark.parametrize(("name", "call"), META_PER_CLASS)
+def test_meta_per_class_tensors(backend, name, call):
+    """A meta tensor has no values: a clear error, never a kernel reading it (the CPU kernels gave 0)."""
+    logits, target = _ok()
+    with pytest.raises(ValueError, match=rf"^{name} must hold values, got a meta tensor"):
+        call(logits, target, backend)
+
+
+ALPHA = torch.tensor([0.5, 1.0, 2.0])
+COUNT_TENSOR = torch.tensor([30.0, 8.0, 2.0])
+MOVED_PER_CLASS = [
+    (ALPHA, lambda x, t, a, b: F.focal_loss(x, t, alpha=a, backend=b)),
+    (ALPHA, lambda x, t, a, b: F.mixed_focal_loss(x, t, alpha=a, backend=b)),
+    (ALPHA, lambda x, t, a, b: F.lmf_loss(x, t, COUNTS, weight=a, backend=b)),
+    (COUNT_TENSOR, lambda x, t, a, b: F.lmf_loss(x, t, a, backend=b)),
+    (COUNT_TENSOR, lambda x, t, a, b: F.ldam_loss(x, t, a, backend=b)),
+    # A criterion left on another device than the logits: its buffers are moved per call.
+    (COUNT_TENSOR, lambda x, t, a, b: lk.LMFLoss(a, backend=b).to(a.device)(x, t)),
+    (ALPHA, lambda x, t, a, b: lk.FocalLoss(alpha=a, backend=b).to(a.device)(x, t)),
+    (ALPHA, lambda x, t, a, b: lk.MixedFocalLoss(alpha=a, backend=b).to(a.device)(x, t)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device as the second real device")
+@pytest.mark.parametrize(("device", "other"), [("cuda", "cpu"), ("cpu", "cuda")])
+@pytest.mark.parametrize(("vector", "call"), MOVED_PER_CLASS)
+def test_per_class_tensors_on_another_device_are_moved(device, other, vector, call):
+    """Per-class tensors on another device than the logits are moved to them (the documented
+    behaviour): every backend of the logits' device gives the all-on-one-device result."""
+    x, t = (v.to(device) for v in _ok())
+    for backend in ("reference", *lk.available_backends(device)):
+        expected = call(x, t, vector.to(device), backend)
+        got = call(x, t, vector.to(other), backend)
+        assert got.device == x.device
+        torch.testing.assert_close(got, expected)
