@@ -146,15 +146,15 @@ def check_label_range(
 
     ``name``: how the error message names the tensor (the caller's argument name).
 
-    One ``aminmax`` pass on the labels' own dtype; ignored labels are replaced by 0 (always in
-    range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
+    One :func:`_value_range` on the labels' own dtype; ignored labels are replaced by 0 (always
+    in range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
     """
     if labels.numel() == 0:
         return
     values = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
     if ignore_index is not None and _representable(ignore_index, values.dtype):
         values = torch.where(values == ignore_index, torch.zeros((), dtype=values.dtype), values)
-    low, high = (int(v) for v in torch.aminmax(values))
+    low, high = _value_range(values)
     if low < 0 or high >= num_classes:
         # Error path only: the range of the labels that are not ignored, for the message.
         kept = labels.long()
@@ -162,6 +162,17 @@ def check_label_range(
         low, high = int(kept.min()), int(kept.max())
         allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name} must be in {allowed}, got values in [{low}, {high}]")
+
+
+def _value_range(values: torch.Tensor) -> list:
+    """``[min, max]`` of a non-empty tensor with one host sync; NaN propagates into both.
+
+    ``torch.aminmax`` reads a contiguous tensor in one pass but first copies any other layout
+    (an expanded or channels-last map would be materialised in full), so other layouts get
+    ``amin`` and ``amax``: two passes, no temporary.
+    """
+    ends = torch.aminmax(values) if values.is_contiguous() else (values.amin(), values.amax())
+    return torch.stack(ends).tolist()
 
 
 def _representable(value: int, dtype: torch.dtype) -> bool:
@@ -200,11 +211,11 @@ def check_soft_range(target: torch.Tensor) -> None:
     """Raise ``ValueError`` unless every entry of a one-hot / soft map is finite and in ``[0, 1]``.
 
     Outside that range the losses lose their meaning without failing (a negative entry can make
-    the loss negative). One ``aminmax`` pass on the target's own dtype: NaN propagates into both
-    ends and +-inf lies outside ``[0, 1]``, so the one comparison covers non-finite entries too.
-    Rows are not required to sum to 1.
+    the loss negative). One :func:`_value_range` on the target's own dtype: NaN propagates into
+    both ends and +-inf lies outside ``[0, 1]``, so the one comparison covers non-finite entries
+    too. Rows are not required to sum to 1.
     """
-    low, high = torch.stack(torch.aminmax(target)).tolist()
+    low, high = _value_range(target)
     if not (0.0 <= low and high <= 1.0):
         found = f"values in [{low:g}, {high:g}]"
         if math.isnan(low):

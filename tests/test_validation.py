@@ -157,6 +157,31 @@ def test_soft_target_values(name):
     assert fn(XD, SOFT[:1].expand(2, 3, 4, 5)).isfinite()
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        lambda t: t[:1].expand_as(t),  # stride 0 over the batch
+        lambda t: t.contiguous(memory_format=torch.channels_last),
+        lambda t: t.transpose(2, 3).contiguous().transpose(2, 3),
+    ],
+)
+def test_value_checks_copy_no_strided_target(layout):
+    """torch.aminmax copies a non-contiguous input first; the value checks must not (an expanded
+    map would be materialised in full), and must still see every entry."""
+    soft, labels = layout(SOFT), layout(YD.unsqueeze(1)).squeeze(1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        _validation.check_target(XD, soft, ignore_index=None)
+        _validation.check_labels(XD, labels, ignore_index=None)
+    copies = [e.name for e in prof.events() if e.name in ("aten::clone", "aten::contiguous", "aten::copy_")]
+    assert not copies, copies
+    bad = layout(SOFT.masked_fill(SOFT == SOFT[0, 2].max(), 1.5))
+    _raises(
+        ValueError, r"got values in \[[0-9.e-]+, 1.5\]", lambda: _validation.check_target(XD, bad, ignore_index=None)
+    )
+    bad_labels = layout(YD.masked_fill(YD == 2, 3).unsqueeze(1)).squeeze(1)
+    _raises(ValueError, r"got values in \[0, 3\]", lambda: _validation.check_labels(XD, bad_labels, ignore_index=None))
+
+
 # ----------------------------------------------------------------------------------------------
 # Hyper-parameters
 
