@@ -3,6 +3,8 @@ determinism across runs and thread counts, saturated fp32 clip, memory layouts, 
 
 from __future__ import annotations
 
+import resource
+
 import pytest
 import torch
 from test_ext_helpers import assert_close, loss_and_grad
@@ -269,6 +271,82 @@ def test_class_view_of_a_huge_expanded_tensor_makes_no_copy():
     assert view.data_ptr() == big.data_ptr()
     last = sum((n - 1) * s for n, s in zip(view.shape, view.stride(), strict=True))
     assert last == 0  # every offset of the expanded view points at the one stored element
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+REGION_VECTORS = ([0.4, 0.6, 0.6], [0.5, 0.0, 0.0], [1.0, 0.5, 0.5])  # unified focal, C = 3
+REGION_OPTIONS = {
+    "delta": 0.6, "focal_coef": 0.5, "tversky_coef": 0.5, "smooth_nr": 1e-7, "smooth_dr": 1e-7, "eps": 1e-7,
+    "clip": True, "batch": False, "reduction": "none",
+}  # fmt: skip
+ROW_VECTORS = ([0.5, 0.3, 0.2, 0.1, 0.0], [1.0, 2.0, 0.5, 1.0, 1.5], [0.5, 1.0, 2.0, 1.0, 1.0])
+ROW_OPTIONS = {"alpha": 1.0, "beta": 1.0, "gamma": 1.5, "s": 5.0, "reduction": "none"}
+# (family, logits shape, logits strides, labels strides): every case has element offsets past 2**31.
+FAR_VIEWS = [
+    ("region", (2, 3, 8), (2**31, 8, 1), (2**31, 1)),  # image 1 starts at 2**31
+    ("region", (2, 3, 2, 4), (8, 2**30, 4, 1), (2**31, 4, 1)),  # class 2 starts at 2**31
+    ("row", (2, 5), (2**31 + 16, 1), (2**31,)),  # (N, C) rows with a row stride > 2**31
+    ("row", (4, 2), (1, 2**31), (1,)),  # (N, C) rows of a transposed (C, N) map: class 1 at 2**31
+    ("row", (2, 5, 8), (2**31, 8, 1), (2**31, 1)),  # dense rows: image 1 at 2**31
+]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize(("family", "shape", "strides", "label_strides"), FAR_VIEWS)
+def test_cpu_kernels_index_past_int32(backend, family, shape, strides, label_strides):
+    """The kernels themselves read logits, labels and soft targets at element offsets > 2**31.
+
+    Views into 8 GiB (logits) and 2 GiB (labels) of address space of which only the touched pages
+    become memory; the loss and gradient equal the reference's on compact copies. No copy of the
+    views may reach the kernels (it would hide the index arithmetic): none of the logits' shape is
+    made, and the process's peak memory stays far below the 8 GiB a full read of the storage needs.
+    """
+    before = max(_rss_mib(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10)
+    storage = torch.empty(2**31 + 80)
+    label_storage = torch.empty(2**31 + 16, dtype=torch.uint8)
+    x = storage.as_strided(shape, strides)
+    x.copy_(3.0 * torch.randn(shape))
+    num_classes = shape[1]
+    labels = label_storage.as_strided(shape[:1] + shape[2:], label_strides)
+    labels.copy_(torch.randint(0, num_classes, labels.shape))
+    labels[(0,) * labels.dim()] = 255  # one ignored voxel / row (the far part must get a gradient)
+    targets = [labels]
+    if family == "region":
+        # A soft map in the same storage, 24 elements after the logits (their footprints interleave).
+        soft = storage.as_strided(shape, strides, storage_offset=24)
+        soft.copy_(torch.softmax(torch.randn(shape), 1))
+        targets.append(soft)
+    vectors = REGION_VECTORS if family == "region" else ROW_VECTORS
+    vectors = [torch.tensor(v[:num_classes]) for v in vectors]
+    fused = getattr(lk._backends.resolve_backend(backend, x), f"{family}_loss")
+    expected_fn = getattr(reference, f"{family}_loss")
+    for target in targets:
+        ignore_index = None if target.is_floating_point() else 255
+        options = {**(REGION_OPTIONS if family == "region" else ROW_OPTIONS), "ignore_index": ignore_index}
+        z = x.detach().requires_grad_(True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+            value = fused(z, target, *vectors, **options)
+            (grad,) = torch.autograd.grad(value.sum(), z)
+        copies = [
+            e.name
+            for e in prof.events()
+            if e.name in ("aten::clone", "aten::contiguous", "aten::copy_", "aten::_to_copy")
+            and e.input_shapes
+            and e.input_shapes[0] == list(shape)
+        ]
+        assert not copies, f"{backend}: the far view was copied ({copies})"
+        c = x.detach().contiguous().requires_grad_(True)
+        expected = expected_fn(c, target.contiguous(), *vectors, **options)
+        (expected_grad,) = torch.autograd.grad(expected.sum(), c)
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+        assert grad.shape == x.shape and grad[-1].abs().sum() > 0  # the far part got its gradient
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    assert peak < before + 2048, f"peak RSS {peak:.0f} MiB: the 8 GiB storage was read in full"
 
 
 @pytest.mark.skipif(
