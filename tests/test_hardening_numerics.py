@@ -1,5 +1,7 @@
-"""Production guarantees on CPU for every backend that runs there: non-finite logits, CPU autocast,
-determinism across runs and thread counts, saturated fp32 clip, memory layouts, index arithmetic."""
+"""Production guarantees for every backend of every device present (CPU always; CUDA's triton, cuda
+and reference backends when a GPU is there): non-finite logits, autocast (CPU bf16, CUDA fp16 and
+bf16), determinism across runs (and CPU thread counts), saturated fp32 clip, memory layouts, index
+arithmetic past int32 (CPU views with far offsets; on a GPU, more than 2**31 logits elements)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,12 @@ from lmfloss_kernels import functional as F
 from lmfloss_kernels import reference
 
 BACKENDS = [name for name in ("reference", "cpu", "triton") if name in lk.available_backends("cpu")]
+CUDA_BACKENDS = lk.available_backends("cuda") if torch.cuda.is_available() else []
+# (device, backend) of every backend of every device present; CUDA cases carry the gpu marker.
+DEVICE_BACKENDS = [pytest.param("cpu", name, id=f"cpu-{name}") for name in BACKENDS] + [
+    pytest.param("cuda", name, id=f"cuda-{name}", marks=pytest.mark.gpu) for name in CUDA_BACKENDS
+]
+FUSED_DEVICE_BACKENDS = [p for p in DEVICE_BACKENDS if p.values[1] != "reference"]
 COUNTS = [40, 9, 3]
 
 
@@ -32,23 +40,27 @@ def _tversky(x, t, backend, **kw):
 LOSSES = {"unified": (_region, True), "tversky": (_tversky, True), "lmf": (_rows, False), "lmf_dense": (_rows, True)}
 
 
-def _inputs(dense, dtype=torch.float32):
+def _inputs(dense, dtype=torch.float32, device="cpu"):
     if dense:
-        return torch.randn(2, 3, 4, 5, dtype=dtype), torch.randint(0, 3, (2, 4, 5))
-    return torch.randn(6, 3, dtype=dtype), torch.randint(0, 3, (6,))
+        x, t = torch.randn(2, 3, 4, 5, dtype=dtype), torch.randint(0, 3, (2, 4, 5))
+    else:
+        x, t = torch.randn(6, 3, dtype=dtype), torch.randint(0, 3, (6,))
+    return x.to(device), t.to(device)
 
 
 NONFINITE_CASES = [("unified", True), ("unified", False), ("tversky", True), ("tversky", False), ("lmf", None)]
 NONFINITE_CASES += [("lmf_dense", None)]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize(("loss", "clip"), NONFINITE_CASES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_nonfinite_logits_give_nan_loss(backend, loss, clip, bad):
+def test_nonfinite_logits_give_nan_loss(device, backend, loss, clip, bad):
+    """The documented policy, observed from outside: NaN / +inf / -inf logits make the loss of their
+    row / image NaN (+inf and NaN also the gradient), and no other row / image."""
     fn, dense = LOSSES[loss]
     kw = {} if clip is None else {"clip": clip}
-    x, t = _inputs(dense)
+    x, t = _inputs(dense, device=device)
     x[1, 1] = bad
     x.requires_grad_(True)
     value = fn(x, t, backend, **kw)
@@ -104,56 +116,70 @@ def test_nonfinite_logit_of_an_ignored_row_or_voxel_gives_nan_loss(backend, loss
     assert per_item[1].isnan().all() and per_item[0].isfinite().all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+AUTOCAST_CASES = [pytest.param("cpu", name, torch.bfloat16, id=f"cpu-{name}-bf16") for name in BACKENDS] + [
+    pytest.param("cuda", name, dtype, id=f"cuda-{name}-{dtype_id}", marks=pytest.mark.gpu)
+    for name in CUDA_BACKENDS
+    for dtype, dtype_id in ((torch.float16, "fp16"), (torch.bfloat16, "bf16"))
+]
+
+
+@pytest.mark.parametrize(("device", "backend", "dtype"), AUTOCAST_CASES)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_cpu_autocast_bf16(backend, loss):
-    """Logits made by a layer under CPU autocast are bf16; the loss is fp32, the gradient bf16."""
+def test_autocast(device, backend, dtype, loss):
+    """Logits made by a layer under autocast (CPU: bf16; CUDA: fp16 and bf16) are in the autocast dtype;
+    the loss is fp32, the gradient in the logits' dtype."""
     fn, dense = LOSSES[loss]
-    x, t = _inputs(dense)
-    layer = torch.nn.Linear(3, 3) if not dense else torch.nn.Conv2d(3, 3, 1)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x, t = _inputs(dense, device=device)
+    layer = (torch.nn.Linear(3, 3) if not dense else torch.nn.Conv2d(3, 3, 1)).to(device)
+    with torch.autocast(device, dtype=dtype):
         logits = layer(x)
         logits.retain_grad()
         value = fn(logits, t, backend)
-    assert logits.dtype == torch.bfloat16
+    assert logits.dtype == dtype
     assert value.dtype == torch.float32
     value.backward()
-    assert logits.grad.dtype == torch.bfloat16
+    assert logits.grad.dtype == dtype
     assert layer.weight.grad is not None and layer.weight.grad.isfinite().all()
     expected = fn(logits.detach().float(), t, "reference")
     torch.testing.assert_close(value.detach(), expected, rtol=2e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+@pytest.mark.parametrize(("device", "backend"), FUSED_DEVICE_BACKENDS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_cpu_bitwise_deterministic_across_runs_and_threads(backend, loss):
+def test_bitwise_deterministic_across_runs_and_threads(device, backend, loss):
+    """Fixed-order reductions: identical bits across runs, CPU thread counts and (CUDA) with
+    torch.use_deterministic_algorithms both off and on."""
     fn, dense = LOSSES[loss]
     x = torch.randn(2, 3, 33, 47) if dense else torch.randn(517, 3)
     t = torch.randint(0, 3, x.shape[:1] + x.shape[2:])
-    threads = torch.get_num_threads()
+    x, t = x.to(device), t.to(device)
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     results = []
     try:
-        for n in (1, 2, 1, 2):
-            torch.set_num_threads(n)
-            z = x.clone().requires_grad_(True)
-            value = fn(z, t, backend, **({"batch": True} if loss == "unified" else {}))
-            value.backward()
-            results.append((value.detach(), z.grad))
+        for mode in (False, True) if device == "cuda" else (strict,):
+            torch.use_deterministic_algorithms(mode)
+            for n in (1, 2, 1, 2) if device == "cpu" else (1, 1):
+                torch.set_num_threads(n)
+                z = x.clone().requires_grad_(True)
+                value = fn(z, t, backend, **({"batch": True} if loss == "unified" else {}))
+                value.backward()
+                results.append((value.detach(), z.grad))
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
     for value, grad in results[1:]:
         assert torch.equal(value, results[0][0])
         assert torch.equal(grad, results[0][1])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_runs_under_use_deterministic_algorithms(backend):
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+def test_runs_under_use_deterministic_algorithms(device, backend):
     """No backend uses an op that torch flags as nondeterministic (all reductions are fixed-order)."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         for fn, dense in LOSSES.values():
-            x, t = _inputs(dense)
+            x, t = _inputs(dense, device=device)
             x.requires_grad_(True)
             fn(x, t, backend).backward()
             assert x.grad.isfinite().all()
@@ -222,11 +248,11 @@ def test_focal_terms_at_saturated_voxels_match_float64(backend, gamma):
         assert_close(got[1], wide[1], f"{backend} {family} gradient", 1e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "expanded", "sliced"])
-def test_memory_layouts_equal_contiguous(backend, layout):
-    base = torch.randn(2, 3, 6, 5)
-    labels = torch.randint(0, 3, (2, 6, 5))
+def test_memory_layouts_equal_contiguous(device, backend, layout):
+    base = torch.randn(2, 3, 6, 5, device=device)
+    labels = torch.randint(0, 3, (2, 6, 5), device=device)
     if layout == "transposed":
         x = base.transpose(2, 3).contiguous().transpose(2, 3)
     elif layout == "channels_last":
@@ -235,7 +261,7 @@ def test_memory_layouts_equal_contiguous(backend, layout):
         x = base[:1].expand(2, 3, 6, 5)  # stride 0 over the batch
         labels = labels[:1].expand(2, 6, 5)
     else:
-        x = torch.randn(2, 6, 6, 10)[:, ::2, :, ::2]
+        x = torch.randn(2, 6, 6, 10, device=device)[:, ::2, :, ::2]
     for fn in (_region, _rows):
         z = x.detach().requires_grad_(True)
         value = fn(z, labels, backend)
@@ -246,7 +272,7 @@ def test_memory_layouts_equal_contiguous(backend, layout):
         torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(z.grad, c.grad, rtol=1e-5, atol=1e-6)
         assert z.grad.shape == x.shape
-    soft = torch.softmax(torch.randn(x.shape), 1)
+    soft = torch.softmax(torch.randn(x.shape, device=device), 1)
     soft_view = soft.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else soft
     z = x.detach().requires_grad_(True)
     value = F.dice_loss(z, soft_view.transpose(2, 3).contiguous().transpose(2, 3), backend=backend, reduction="none")
@@ -349,25 +375,49 @@ def test_cpu_kernels_index_past_int32(backend, family, shape, strides, label_str
     assert peak < before + 2048, f"peak RSS {peak:.0f} MiB: the 8 GiB storage was read in full"
 
 
+def _repeated_dice(x, labels, backend):
+    return F.dice_loss(x, labels, smooth=0.0, backend=backend)
+
+
+def _repeated_lmf(x, labels, backend):
+    return F.lmf_loss(x, labels, [40, 3], backend=backend)
+
+
+# (loss, pattern shape, repeat counts): the repeated logits have 2 * 1024 * (2**20 + 1) > 2**31 elements.
+HUGE_CASES = {
+    "dice_dense": (_repeated_dice, (1, 2, 1024), (1, 1, 2**20 + 1)),
+    "lmf_dense": (_repeated_lmf, (1, 2, 1024), (1, 1, 2**20 + 1)),
+    "lmf_rows": (_repeated_lmf, (1024, 2), (2**20 + 1, 1)),
+}
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU with ~12 GiB free for > 2**31 logits elements"
+    not torch.cuda.is_available(), reason="needs a CUDA GPU with ~16 GiB free for > 2**31 logits elements"
 )
-def test_gpu_more_than_int32_elements():
-    """A 1024-voxel pattern repeated 2**20 + 1 times: the sums scale by the repeat count, so the Dice
-    loss equals the pattern's own and each copy's gradient is the pattern's divided by the count."""
-    repeats = 2**20 + 1
-    pattern = torch.randn(1, 2, 1024, device="cuda").to(torch.bfloat16)
-    labels = torch.randint(0, 2, (1, 1024), device="cuda", dtype=torch.uint8)
-    x = pattern.repeat(1, 1, repeats).requires_grad_(True)
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("case", HUGE_CASES)
+def test_gpu_more_than_int32_elements(backend, case):
+    """A 1024-voxel (or 1024-row) pattern repeated 2**20 + 1 times: every sum scales by the repeat
+    count, so the mean loss equals the pattern's own and each copy's gradient is the pattern's
+    divided by the count. Region (Dice) and row (dense LMF, (N, C) LMF rows) families."""
+    if backend not in CUDA_BACKENDS:
+        pytest.skip(f"backend {backend!r} is not available on this CUDA machine ({lk.available_backends('cuda')})")
+    fn, shape, repeats = HUGE_CASES[case]
+    count = repeats[0] * repeats[-1]
+    pattern = torch.randn(shape, device="cuda").to(torch.bfloat16)
+    labels = torch.randint(0, 2, shape[:1] + shape[2:], device="cuda", dtype=torch.uint8)
+    x = pattern.repeat(repeats).requires_grad_(True)
     assert x.numel() > 2**31
-    value = F.dice_loss(x, labels.repeat(1, repeats), smooth=0.0, backend="auto")
+    value = fn(x, labels.repeat(repeats[:1] + repeats[2:]), backend)
     value.backward()
     small = pattern.double().requires_grad_(True)
-    expected = F.dice_loss(small, labels, smooth=0.0, backend="reference")
+    expected = fn(small, labels, "reference")
     expected.backward()
-    assert abs(float(value) - float(expected)) < 1e-4
-    for copy in (x.grad[..., :1024], x.grad[..., -1024:]):
-        torch.testing.assert_close(copy.double() * repeats, small.grad, rtol=2e-2, atol=1e-4)
+    assert abs(float(value) - float(expected)) <= 1e-4 * max(1.0, abs(float(expected)))
+    block = 1024 if len(shape) == 2 else None  # (N, C) rows: copies follow each other on dim 0
+    for copy in (x.grad[:block], x.grad[-block:]) if block else (x.grad[..., :1024], x.grad[..., -1024:]):
+        torch.testing.assert_close(copy.double() * count, small.grad, rtol=2e-2, atol=1e-4)
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
