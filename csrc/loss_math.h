@@ -91,7 +91,7 @@ struct LibmMath {
 
 // ---------------------------------------------------------------------------------------------
 // Stable softmax statistics: max m and sum s = sum_c exp(z_c - m) >= 1 of one voxel (or row), so
-// LSE = m + log s neither overflows nor loses the largest terms. Two ways to accumulate them:
+// log p = (z - m) - log s neither overflows nor loses the largest terms (log_softmax). Two ways to accumulate them:
 //   one pass, softmax_push: merges one logit at a time (online softmax), so that a CUDA thread
 //     reads each logit of its voxel once;
 //   two passes, softmax_max over the classes, then softmax_add over the classes: no branch, so the
@@ -131,9 +131,19 @@ LMF_HD void softmax_push(SoftmaxStats<T>& st, T z) {
   }
 }
 
+// log softmax from the statistics: log p_c = (z_c - max) - log(sum). The difference z_c - max comes
+// first (exact for the largest logits), so a confident voxel's log p_t = -log(sum) keeps its digits;
+// z_c - (max + log sum) would round log(sum) to the ulp of max (1e-6 at max = 15, a relative error
+// of 1e-2 in a loss of 1e-4).
+template <typename T>
+struct LogSoftmax {
+  T max, log_sum;
+  LMF_HD T at(T z) const { return (z - max) - log_sum; }
+};
+
 template <typename M, typename T>
-LMF_HD T softmax_lse(const SoftmaxStats<T>& st) {
-  return st.max + M::log(st.sum);
+LMF_HD LogSoftmax<T> log_softmax(const SoftmaxStats<T>& st) {
+  return {st.max, M::log(st.sum)};
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -197,15 +197,16 @@ void softmax_tile(math_t* z, math_t* p, int64_t classes) {
       s[t] = st.sum;
     }
   }
+  math_t log_sum[kTile];
   for (int64_t t = 0; t < kTile; ++t) {
-    m[t] = softmax_lse<TileMath>(SoftmaxStats<math_t>{m[t], s[t]});  // m now holds LSE
+    log_sum[t] = log_softmax<TileMath>(SoftmaxStats<math_t>{m[t], s[t]}).log_sum;
     s[t] = math_t(1) / s[t];
   }
   for (int64_t c = 0; c < classes; ++c) {
     math_t* zc = z + c * kTile;
     math_t* pc = p + c * kTile;
     for (int64_t t = 0; t < kTile; ++t) {
-      zc[t] -= m[t];
+      zc[t] = LogSoftmax<math_t>{m[t], log_sum[t]}.at(zc[t]);
       pc[t] *= s[t];
     }
   }

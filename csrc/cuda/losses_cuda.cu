@@ -140,13 +140,13 @@ __global__ void row_forward_kernel(const scalar_t* x, Geometry g, LabelMap<label
     if (P.alpha != math_t(0)) {
       const SoftmaxStats<math_t> st = ldam_softmax_of(row, g.classes, g.sc, t, P);
       const math_t w = P.ldam_weight[t] * valid;
-      const math_t wce = w * (softmax_lse<LibmMath>(st) - ldam_logit(zt, P.s, P.margins[t], true));
+      const math_t wce = -w * log_softmax<LibmMath>(st).at(ldam_logit(zt, P.s, P.margins[t], true));
       acc[0] += wce;
       acc[1] += w;
       value += P.alpha * wce;
     }
     if (P.beta != math_t(0)) {
-      const math_t log_p = zt - softmax_lse<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
+      const math_t log_p = log_softmax<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc)).at(zt);
       const math_t fl = P.focal_weight[t] * valid * focal_modulation<LibmMath>(-math_expm1(log_p), P.gamma) * (-log_p);
       acc[2] += fl;
       value += P.beta * fl;
@@ -197,14 +197,15 @@ __global__ void row_backward_kernel(const scalar_t* x, Geometry g, LabelMap<labe
     const int64_t t = l >= 0 ? l : 0;
     const scalar_t* row = x + b * g.sb + v * g.sv;
     const math_t g_row = (reduction == kNone ? grad_out[b * g.voxels + v] : grad_out[0]) * valid;
-    const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
-    math_t lse_ldam = 0, c_ldam = 0, c_focal = 0;
+    const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
+    LogSoftmax<math_t> lse_ldam{0, 0};
+    math_t c_ldam = 0, c_focal = 0;
     if (P.alpha != math_t(0)) {
-      lse_ldam = softmax_lse<LibmMath>(ldam_softmax_of(row, g.classes, g.sc, t, P));
+      lse_ldam = log_softmax<LibmMath>(ldam_softmax_of(row, g.classes, g.sc, t, P));
       c_ldam = ldam_scale * P.ldam_weight[t] * g_row;
     }
     if (P.beta != math_t(0)) {
-      const math_t log_p = static_cast<math_t>(row[t * g.sc]) - lse;
+      const math_t log_p = lse.at(static_cast<math_t>(row[t * g.sc]));
       const ClippedProb<math_t> cp{math_exp(log_p), -math_expm1(log_p), log_p, 1, 1, 1};
       c_focal = focal_scale * P.focal_weight[t] * g_row * focal_factor<LibmMath>(cp, cp.q, P.gamma);
     }
@@ -212,8 +213,8 @@ __global__ void row_backward_kernel(const scalar_t* x, Geometry g, LabelMap<labe
     for (int64_t c = 0; c < g.classes; ++c) {
       const math_t z = static_cast<math_t>(row[c * g.sc]);
       const math_t hot = c == t ? math_t(1) : math_t(0);
-      math_t d = c_focal * (math_exp(z - lse) - hot);
-      if (P.alpha != math_t(0)) d += c_ldam * (math_exp(ldam_logit(z, P.s, P.margins[t], c == t) - lse_ldam) - hot);
+      math_t d = c_focal * (math_exp(lse.at(z)) - hot);
+      if (P.alpha != math_t(0)) d += c_ldam * (math_exp(lse_ldam.at(ldam_logit(z, P.s, P.margins[t], c == t))) - hot);
       out[c * gg.sc] = static_cast<scalar_t>(d);
     }
   }
@@ -229,10 +230,11 @@ struct RegionParams {
   bool with_focal, with_tversky;
 };
 
-// Clipped q, 1 - q, log q of one class from its logit and the voxel's LSE; p = softmax(z) in `p`.
+// Clipped q, 1 - q, log q of one class from its logit and the voxel's log softmax; p = softmax(z) in `p`.
 template <typename math_t>
-__device__ ClippedProb<math_t> clipped_at(math_t z, math_t lse, const ClipBounds<math_t>& bounds, math_t& p) {
-  const math_t log_p = z - lse;
+__device__ ClippedProb<math_t> clipped_at(math_t z, const LogSoftmax<math_t>& lse, const ClipBounds<math_t>& bounds,
+                                          math_t& p) {
+  const math_t log_p = lse.at(z);
   p = math_exp(log_p);
   return clip_prob(log_p, p, -math_expm1(log_p), bounds);
 }
@@ -255,7 +257,7 @@ __global__ void region_forward_kernel(const scalar_t* x, Geometry g, Target targ
       const int64_t l = target.label(b, v);
       const math_t valid = l >= 0 ? math_t(1) : math_t(0);
       const scalar_t* row = x + b * g.sb + v * g.sv;
-      const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, C, g.sc));
+      const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, C, g.sc));
 #pragma unroll
       for (int j = 0; j < kGroup; ++j) {
         const int64_t c = c0 + j;
@@ -401,7 +403,7 @@ __global__ void region_backward_kernel(const scalar_t* x, Geometry g, Target tar
     const int64_t l = target.label(b, v);
     const math_t valid = l >= 0 ? math_t(1) : math_t(0);
     const scalar_t* row = x + b * g.sb + v * g.sv;
-    const math_t lse = softmax_lse<LibmMath>(softmax_of<math_t>(row, C, g.sc));
+    const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, C, g.sc));
     // Two passes over the classes: the sum of h first, then h_j - p_j sum (h recomputed: no
     // per-voxel arrays of runtime length).
     math_t hsum = 0;
