@@ -19,9 +19,10 @@ Common conventions
 * ``target``: integer class labels (any integer dtype or bool, uint8 is the fast path) of shape
   ``(N,)``, ``(B, *spatial)`` or ``(B, 1, *spatial)``; segmentation losses also take a float
   one-hot / soft map of the logits' shape. Label maps are never expanded to one-hot.
-* Labels are checked to lie in ``[0, C)`` (or equal ``ignore_index``) on CPU tensors; on GPU
-  tensors only with ``lmfloss_kernels.set_options(check_labels=True)``, because the check
-  synchronises with the device.
+* Labels are checked to lie in ``[0, C)`` (or equal ``ignore_index``), and soft / one-hot maps to
+  be finite and in ``[0, 1]``, on CPU tensors; on GPU tensors only with
+  ``lmfloss_kernels.set_options(check_labels=True)``, because the check synchronises with the
+  device.
 * Non-finite logits are not hidden: a NaN, +inf or -inf logit makes the loss NaN (for
   ``reduction="none"`` the loss of its row / image), on every backend; NaN and +inf also give NaN
   gradients. Unlike :func:`torch.nn.functional.cross_entropy`, a -inf logit is not read as
@@ -186,7 +187,8 @@ def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, 
     """
     signal = logits.detach()
     if reduction != "none":
-        low, high = torch.aminmax(signal)
+        # aminmax copies a non-contiguous tensor first (an expanded view in full): amin + amax do not.
+        low, high = torch.aminmax(signal) if signal.is_contiguous() else (signal.amin(), signal.amax())
     else:
         dims = (1,) if family == "row_loss" else tuple(range(1, signal.dim()))
         low, high = signal.amin(dims), signal.amax(dims)

@@ -99,7 +99,14 @@ import torch.nn.functional as F
 
 from .._backends import _user_stacklevel
 from .._config import get_options
-from .._validation import check_bool, check_ignore_index, check_label_range, check_number, check_reduction
+from .._validation import (
+    check_bool,
+    check_ignore_index,
+    check_label_range,
+    check_number,
+    check_reduction,
+    check_soft_range,
+)
 from ..functional import _propagate_nonfinite
 
 __all__ = [
@@ -226,10 +233,7 @@ def _check_binary_target(logits: torch.Tensor, target: object, ignore_index: int
                 f"nothing to ignore (pass ignore_index=None)"
             )
         if check_labels and target.numel():
-            # One aminmax pass (NaN propagates into it and fails the test), no boolean temporaries.
-            low, high = (float(v) for v in torch.aminmax(target))
-            if not (low >= 0.0 and high <= 1.0):
-                raise ValueError(f"a float target must lie in [0, 1], got values in [{low:g}, {high:g}]")
+            check_soft_range(target)
     elif check_labels and target.dtype != torch.bool:
         # Binary: the labels of a 2-class map (one aminmax pass on the labels' own dtype).
         check_label_range(target, 2, ignore_index)
