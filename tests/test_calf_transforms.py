@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lmfloss_kernels import options
+from lmfloss_kernels import ext, options
 from lmfloss_kernels.calf import TRANSFORMS, bce_dice_loss, clip_limit, transform_loss, transform_loss_reference
 from lmfloss_kernels.calf._triton import _atan_unit, _log1p_unit
 
@@ -350,3 +350,16 @@ def test_reference_half_upcast_matches_float():
     full = transform_loss_reference(z.float(), target, transform="arcsine", dice_coef=1.0)
     assert half.dtype == torch.float32
     torch.testing.assert_close(half, full)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_fused_backends_refuse_double_backward(backend):
+    if backend == "cpu" and ext.LOAD_ERROR is not None:
+        pytest.fail(f"the C++ extension must load for this test: {ext.LOAD_ERROR}")
+    z = torch.randn(2, 1, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 2, (2, 4, 5), dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match=f"double backward is not supported by backend '{backend}'.*reference"):
+        torch.autograd.grad(transform_loss(z, labels, "arcsine", backend=backend), z, create_graph=True)
+    (grad,) = torch.autograd.grad(transform_loss(z, labels, "arcsine", backend=backend), z)
+    (expected,) = torch.autograd.grad(transform_loss(z, labels, "arcsine", backend="reference"), z)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-7)

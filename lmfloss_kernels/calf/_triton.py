@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._backends import refuse_double_backward
 from .transforms import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
 
 __all__ = ["calf_foreground_sizes", "calf_transform_backward", "calf_transform_loss"]
@@ -329,6 +330,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, grad_stats):
     logits, target, stats = ctx.saved_tensors
+    refuse_double_backward("triton")
     grad = calf_transform_backward(grad_loss, logits, target, stats, *ctx.options)
     return (grad, None) + (None,) * len(_LOSS_ARGS)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from .._backends import refuse_double_backward
 from . import CPU_BACKEND, LOAD_ERROR
 
 __all__ = ["foreground_sizes_op", "transform_backward_op", "transform_loss_op", "unavailable_reason"]
@@ -115,6 +116,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     logits, target, stats = ctx.saved_tensors
+    refuse_double_backward("cpu")
     grad = transform_backward_op(grad_loss, logits, target, stats, *ctx.options)
     return (grad, None) + (None,) * len(ctx.options)
 
