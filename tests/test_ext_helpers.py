@@ -145,7 +145,7 @@ def test_a_broken_extension_is_reported_once_at_import(tmp_path, defect):
     script.write_text(
         "import sys, warnings\n"
         # An editable install's finder would resolve lmfloss_kernels._C to the source tree.
-        "sys.meta_path = [f for f in sys.meta_path if not type(f).__module__.startswith('__editable__')]\n"
+        "sys.meta_path = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]\n"
         "warnings.simplefilter('always')\n"
         "with warnings.catch_warnings(record=True) as at_import:\n"
         "    import lmfloss_kernels\n"
