@@ -347,6 +347,11 @@ def lmf_loss(
     ``weight=None`` uses 1 for every class; a tensor sets both weightings (e.g.
     :func:`drw_weights`).
 
+    ``class_counts``: the training set's per-class counts, best as a Python sequence (the margins
+    are then built once per device and cached) or through :class:`lmfloss_kernels.LMFLoss` (built
+    once, kept as buffers); a tensor is validated on the host at every call, which for a GPU
+    tensor is a device-to-host copy.
+
     ``reduction``: ``"mean"`` is the formula above (LDAM divided by the sum of weights, focal
     by N: the authors' two normalisations); ``"none"`` gives each row's
     ``alpha w_t l^LDAM + beta w_t l^F`` in the labels' shape; ``"sum"`` their sum.
