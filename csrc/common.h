@@ -30,9 +30,22 @@ Geometry flat_geometry(at::Tensor& t);
 // (B, V) geometry (classes = 1) of labels of shape (N,) or (B, *S), paired with logits of rank `logits_dim`.
 Geometry label_geometry(at::Tensor& labels, int64_t logits_dim);
 
-// Labels in a dtype the kernels read natively (uint8, int32, int64); bool is reinterpreted as
-// uint8, other integer dtypes are widened to int64.
+// Labels in a dtype the kernels read natively (uint8, int32, int64): bool is reinterpreted as uint8,
+// int8 / int16 are widened to int32 (half the bytes of int64), other integer dtypes to int64.
 at::Tensor native_labels(const at::Tensor& labels);
+
+// Calls fn(label_t{}) with the C++ type of labels that native_labels returned.
+template <typename Fn>
+void dispatch_labels(const at::Tensor& labels, Fn&& fn) {
+  switch (labels.scalar_type()) {
+    case at::kByte:
+      return fn(uint8_t{});
+    case at::kInt:
+      return fn(int32_t{});
+    default:
+      return fn(int64_t{});
+  }
+}
 
 // Per-class vector as a contiguous tensor of the math dtype on the logits' device.
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name);

@@ -103,6 +103,9 @@ at::Tensor native_labels(const at::Tensor& labels) {
       return labels;
     case at::kBool:
       return labels.view(at::kByte);
+    case at::kChar:
+    case at::kShort:
+      return labels.to(at::kInt);
     default:
       TORCH_CHECK(at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
                   "lmfloss_ext: labels must have an integer dtype, got ", labels.scalar_type());

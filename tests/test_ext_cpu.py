@@ -317,3 +317,22 @@ def test_saturated_voxels_match_the_float64_definition():
         truth = loss_fn(logits.double(), labels, backend="reference", **kwargs)
         actual = loss_fn(logits, labels, backend="cpu", **kwargs)
         assert_close(actual, truth, "loss", 1e-5)
+
+
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
+def test_native_label_dtypes_are_read_without_a_copy(label_dtype):
+    """uint8, int32 and int64 label maps go to the kernels as they are: no widened copy (an int64
+    copy of an int32 map would cost half a float32 C=4 gradient more on a large volume)."""
+    logits, target, *vectors = _region_inputs((2, 3, 6, 7), label_dtype=label_dtype)
+    rows, labels, *row_vectors = _row_inputs((3, 4, 5, 7), label_dtype=label_dtype)
+    row_kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction="mean")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        CPU_BACKEND.region_loss(logits, target, *vectors, **_region_options())
+        CPU_BACKEND.row_loss(rows, labels, *row_vectors, **row_kwargs)
+    label_shapes = ([*target.shape], [*labels.shape])
+    copies = [
+        (e.name, e.input_shapes[0])
+        for e in prof.events()
+        if e.name in ("aten::_to_copy", "aten::copy_") and e.input_shapes and e.input_shapes[0] in label_shapes
+    ]
+    assert not copies, copies

@@ -207,14 +207,10 @@ void dispatch_binary_target(const at::Tensor& target_in, std::optional<int64_t> 
   const Geometry lg = flat_geometry(labels);
   const bool has_ignore = ignore_index.has_value();
   const int64_t ignore = ignore_index.value_or(0);
-  switch (labels.scalar_type()) {
-    case at::kByte:
-      return fn(BinaryLabels<uint8_t>{labels.data_ptr<uint8_t>(), lg, has_ignore, ignore});
-    case at::kInt:
-      return fn(BinaryLabels<int32_t>{labels.data_ptr<int32_t>(), lg, has_ignore, ignore});
-    default:
-      return fn(BinaryLabels<int64_t>{labels.data_ptr<int64_t>(), lg, has_ignore, ignore});
-  }
+  dispatch_labels(labels, [&](auto tag) {
+    using label_t = decltype(tag);
+    fn(BinaryLabels<label_t>{labels.data_ptr<label_t>(), lg, has_ignore, ignore});
+  });
 }
 
 void check_calf_inputs(const at::Tensor& logits, const at::Tensor& target, const char* op) {

@@ -220,7 +220,7 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
     fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
     return;
   }
-  at::Tensor labels = kernel_labels(target_in);
+  at::Tensor labels = native_labels(target_in);
   if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
   const Geometry lg = label_geometry(labels, logits.dim());
   dispatch_labels(labels, [&](auto tag) {

@@ -182,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits, co
                                                     const at::Tensor& focal_weight, double alpha, double beta,
                                                     double gamma, double s, int64_t ignore_index, int64_t reduction) {
   check_cpu(logits, labels_in, "row_loss_forward");
-  const at::Tensor labels = kernel_labels(labels_in);
+  const at::Tensor labels = native_labels(labels_in);
   const auto mt = math_type(logits);
   const at::Tensor m = class_vector(margins, logits, "margins");
   const at::Tensor lw = class_vector(ldam_weight, logits, "ldam_weight");
@@ -215,7 +215,7 @@ at::Tensor row_loss_backward(const at::Tensor& grad, const at::Tensor& logits, c
                              const at::Tensor& norms, double alpha, double beta, double gamma, double s,
                              int64_t ignore_index, int64_t reduction) {
   check_cpu(logits, labels_in, "row_loss_backward");
-  const at::Tensor labels = kernel_labels(labels_in);
+  const at::Tensor labels = native_labels(labels_in);
   const at::Tensor m = class_vector(margins, logits, "margins");
   const at::Tensor lw = class_vector(ldam_weight, logits, "ldam_weight");
   const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");

@@ -252,19 +252,6 @@ struct SoftMap {
 };
 
 // Label maps are read as uint8 (the fast path) or int64; other integer dtypes are widened once.
-inline at::Tensor kernel_labels(const at::Tensor& labels) {
-  const at::Tensor l = native_labels(labels);
-  return l.scalar_type() == at::kByte ? l : l.to(at::kLong);
-}
-
-template <typename Fn>
-void dispatch_labels(const at::Tensor& labels, Fn&& fn) {
-  if (labels.scalar_type() == at::kByte) {
-    fn(uint8_t{});
-  } else {
-    fn(int64_t{});
-  }
-}
 
 inline void check_cpu(const at::Tensor& logits, const at::Tensor& target, const char* op) {
   check_logits(logits, op);

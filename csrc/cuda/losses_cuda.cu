@@ -430,19 +430,6 @@ void check_cuda(const at::Tensor& logits, const at::Tensor& target, const char* 
               " (CUDA): logits and target must be on the same CUDA device");
 }
 
-at::Tensor kernel_labels(const at::Tensor& labels) {
-  const at::Tensor l = native_labels(labels);
-  return l.scalar_type() == at::kByte ? l : l.to(at::kLong);
-}
-
-template <typename Fn>
-void dispatch_labels(const at::Tensor& labels, Fn&& fn) {
-  if (labels.scalar_type() == at::kByte) {
-    fn(uint8_t{});
-  } else {
-    fn(int64_t{});
-  }
-}
 
 dim3 grid_for(int64_t voxels, int64_t batch) {
   TORCH_CHECK(batch <= 65535, "lmfloss_ext (CUDA): at most 65535 images per call, got ", batch);
@@ -463,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits_in,
   check_cuda(logits_in, labels_in, "row_loss_forward");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in;
-  at::Tensor labels = kernel_labels(labels_in);
+  at::Tensor labels = native_labels(labels_in);
   const Geometry g = class_geometry(logits);
   const Geometry lg = label_geometry(labels, logits.dim());
   const auto mt = math_type(logits);
@@ -502,7 +489,7 @@ at::Tensor row_loss_backward(const at::Tensor& grad, const at::Tensor& logits_in
   check_cuda(logits_in, labels_in, "row_loss_backward");
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in;
-  at::Tensor labels = kernel_labels(labels_in);
+  at::Tensor labels = native_labels(labels_in);
   const Geometry g = class_geometry(logits);
   const Geometry lg = label_geometry(labels, logits.dim());
   const at::Tensor m = class_vector(margins, logits, "margins");
@@ -539,7 +526,7 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
     fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
     return;
   }
-  at::Tensor labels = kernel_labels(target_in);
+  at::Tensor labels = native_labels(target_in);
   if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
   const Geometry lg = label_geometry(labels, logits.dim());
   dispatch_labels(labels, [&](auto tag) {
