@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_calf_stats import _bincount_per_image
 from test_calf_transforms import _logits, _np_loss, _np_voxel_grad, _np_voxel_loss
 from test_ext_helpers import requires_ext
 
@@ -172,24 +173,6 @@ def test_cpu_loss_matches_numpy(transform, target_kind):
         np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("transform", TRANSFORMS)
-@pytest.mark.parametrize("dice_coef, batch", [(0.0, False), (0.5, False), (1.0, True)])
-def test_cpu_gradcheck(transform, dice_coef, batch):
-    # float64 kernels against finite differences, away from the clip ends (|z| = L) where the derivative jumps.
-    z = _logits((2, 1, 4, 5), spread=3.0, outliers=False)
-    z.view(-1)[::9] = 25.0
-    z.requires_grad_(True)
-    target = torch.randint(0, 2, (2, 1, 4, 5))
-    target[0, 0, 0] = 7  # ignored voxels
-
-    def fn(x):
-        return transform_loss(
-            x, target, transform, dice_coef=dice_coef, batch=batch, ignore_index=7, reduction="none", backend="cpu"
-        )
-
-    assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7)
-
-
 # --------------------------------------------------------------------------------------------
 # Poisoned outputs, determinism, ops, dispatch
 
@@ -309,16 +292,6 @@ def test_without_the_kernels_auto_falls_back_to_the_reference(monkeypatch):
 
 # --------------------------------------------------------------------------------------------
 # foreground_sizes
-
-
-def _bincount_per_image(labels, num_classes, ignore_index):
-    rows = []
-    for image in labels:
-        values = image.reshape(-1).long()
-        if ignore_index is not None:
-            values = values[values != ignore_index]
-        rows.append(torch.bincount(values, minlength=num_classes))
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize(

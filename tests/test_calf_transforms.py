@@ -122,9 +122,10 @@ def test_reference_gradient_matches_closed_form(transform):
     np.testing.assert_allclose(z.grad.reshape(2, -1).numpy(), expected, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("dice_coef, batch", [(0.0, False), (0.5, False), (1.0, True)])
-def test_reference_gradcheck(transform, dice_coef, batch):
+def test_float64_gradcheck(backend, transform, dice_coef, batch):
     # Away from the clip ends (|z| = L), where the derivative jumps.
     z = _logits((2, 1, 4, 5), spread=3.0, outliers=False)
     z.view(-1)[::9] = 25.0
@@ -133,7 +134,9 @@ def test_reference_gradcheck(transform, dice_coef, batch):
     target[0, 0, 0] = 7  # ignored voxels
 
     def fn(x):
-        return transform_loss(x, target, transform, dice_coef=dice_coef, batch=batch, ignore_index=7, reduction="none")
+        return transform_loss(
+            x, target, transform, dice_coef=dice_coef, batch=batch, ignore_index=7, reduction="none", backend=backend
+        )
 
     assert torch.autograd.gradcheck(fn, (z,), eps=1e-6, atol=1e-7)
 

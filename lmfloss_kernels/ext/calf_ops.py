@@ -21,6 +21,7 @@ import torch
 
 from .._backends import refuse_double_backward
 from . import CPU_BACKEND, LOAD_ERROR
+from .ops import _math_dtype
 
 __all__ = ["foreground_sizes_op", "transform_backward_op", "transform_loss_op", "unavailable_reason"]
 
@@ -46,10 +47,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if reason is None and not HAS_KERNELS:
         reason = "the loaded extension has no CALF kernels (it predates them; rebuild it)"
     return reason
-
-
-def _math_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("lmfloss::ext_calf_transform_loss", mutates_args=())
