@@ -103,6 +103,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def single_rank_group():
+    """A one-rank gloo process group for the duration of a test."""
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        timeout=datetime.timedelta(seconds=30),
+    )  # fmt: skip
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(scope="module")
 def rank_results(tmp_path_factory):
     out_dir = str(tmp_path_factory.mktemp("dist"))
@@ -177,68 +188,45 @@ def test_dist_sync_needs_a_process_group():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
-def test_single_rank_group_equals_plain_call_in_every_dtype(dtype):
+def test_single_rank_group_equals_plain_call_in_every_dtype(single_rank_group, dtype):
     """A world of one: dist_sync must change nothing, for every dtype a backend serves."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        logits, target, ignore_index = _inputs(False)
-        logits = logits.to(dtype)
-        for backend in lk.available_backends("cpu", dtype):
-            for batch, reduction in ((True, "mean"), (True, "sum"), (False, "mean"), (True, "none")):
-                runs = [
-                    _run(logits, target, ignore_index, backend, "unified", batch, reduction, dist_sync=sync)
-                    for sync in (False, True)
-                ]
-                (plain, plain_grad), (synced, synced_grad) = runs
-                assert synced.dtype == plain.dtype and synced_grad.dtype == dtype
-                torch.testing.assert_close(synced, plain, rtol=1e-6, atol=1e-7)
-                torch.testing.assert_close(
-                    synced_grad, plain_grad, rtol=1e-2 if dtype != torch.float64 else 1e-9, atol=0
-                )
-    finally:
-        dist.destroy_process_group()
+    logits, target, ignore_index = _inputs(False)
+    logits = logits.to(dtype)
+    for backend in lk.available_backends("cpu", dtype):
+        for batch, reduction in ((True, "mean"), (True, "sum"), (False, "mean"), (True, "none")):
+            runs = [
+                _run(logits, target, ignore_index, backend, "unified", batch, reduction, dist_sync=sync)
+                for sync in (False, True)
+            ]
+            (plain, plain_grad), (synced, synced_grad) = runs
+            assert synced.dtype == plain.dtype and synced_grad.dtype == dtype
+            torch.testing.assert_close(synced, plain, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(synced_grad, plain_grad, rtol=1e-2 if dtype != torch.float64 else 1e-9, atol=0)
 
 
-def test_single_rank_group_fused_backends_refuse_double_backward():
+def test_single_rank_group_fused_backends_refuse_double_backward(single_rank_group):
     """The synced path's backward is a fused gradient pass too: create_graph=True raises, as without sync."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        logits, target, ignore_index = _inputs(False)
-        for backend in _backends():
-            x = logits.detach().clone().requires_grad_(True)
-            options = dict(batch=True, ignore_index=ignore_index, backend=backend, dist_sync=True)
-            loss = F.unified_focal_loss(x, target, **options)
-            if backend == "reference":
-                (grad,) = torch.autograd.grad(loss, x, create_graph=True)
-                assert grad.requires_grad
-                continue
-            with pytest.raises(RuntimeError, match=f"double backward is not supported by backend '{backend}'"):
-                torch.autograd.grad(loss, x, create_graph=True)
-    finally:
-        dist.destroy_process_group()
+    logits, target, ignore_index = _inputs(False)
+    for backend in _backends():
+        x = logits.detach().clone().requires_grad_(True)
+        options = dict(batch=True, ignore_index=ignore_index, backend=backend, dist_sync=True)
+        loss = F.unified_focal_loss(x, target, **options)
+        if backend == "reference":
+            (grad,) = torch.autograd.grad(loss, x, create_graph=True)
+            assert grad.requires_grad
+            continue
+        with pytest.raises(RuntimeError, match=f"double backward is not supported by backend '{backend}'"):
+            torch.autograd.grad(loss, x, create_graph=True)
 
 
-def test_single_rank_group_nonfinite_logit_gives_nan_loss():
+def test_single_rank_group_nonfinite_logit_gives_nan_loss(single_rank_group):
     """The non-finite logits policy holds on the synced path too (Triton applies it in its statistics pass)."""
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-        timeout=datetime.timedelta(seconds=30),
-    )  # fmt: skip
-    try:
-        logits, target, ignore_index = _inputs(False)
-        logits[1, 2, 0, 0, 0] = float("-inf")  # finite softmax: only the policy makes the loss NaN
-        for backend in _backends():
-            for name in ("unified", "dice"):
-                for batch in (False, True):
-                    options = dict(batch=batch, ignore_index=ignore_index, backend=backend, dist_sync=True)
-                    assert LOSSES[name](logits, target, **options).isnan(), f"{backend} {name} batch={batch}"
-                    per_image = LOSSES[name](logits, target, reduction="none", **options)
-                    assert per_image[1].isnan() and per_image[[0, 2]].isfinite().all(), f"{backend} {name} {batch}"
-    finally:
-        dist.destroy_process_group()
+    logits, target, ignore_index = _inputs(False)
+    logits[1, 2, 0, 0, 0] = float("-inf")  # finite softmax: only the policy makes the loss NaN
+    for backend in _backends():
+        for name in ("unified", "dice"):
+            for batch in (False, True):
+                options = dict(batch=batch, ignore_index=ignore_index, backend=backend, dist_sync=True)
+                assert LOSSES[name](logits, target, **options).isnan(), f"{backend} {name} batch={batch}"
+                per_image = LOSSES[name](logits, target, reduction="none", **options)
+                assert per_image[1].isnan() and per_image[[0, 2]].isfinite().all(), f"{backend} {name} {batch}"
