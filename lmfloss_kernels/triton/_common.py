@@ -23,8 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-# Fixed when the kernels are decorated: triton.jit reads TRITON_INTERPRET at import.
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from ._fastmath import INTERPRETED
 
 # Elements of one tile. The interpreter costs about 1 ms per program whatever its size, so it gets
 # big tiles. On a GPU, 2048 elements over 8 warps (8 per thread) keep ptxas at 48-110 registers
