@@ -73,6 +73,7 @@ def test_nonfinite_logits_give_nan_loss(device, backend, loss, clip, bad):
     assert per_item[0].isfinite().all(), "a non-finite logit must not poison the other rows / images"
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels' in-kernel probe needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(("loss", "clip"), NONFINITE_CASES)
