@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -250,37 +251,44 @@ def write(
     stamp = meta["date"][:19].replace(":", "").replace("-", "")
     stem = directory / f"{meta['device_type']}_{_slug(meta['device'])}_{stamp}"
     paths = [stem.with_suffix(".csv"), stem.with_suffix(".json"), stem.with_suffix(".md")]
-    with open(paths[0], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*COLUMNS, *[k for k in meta if k != "method"]], extrasaction="ignore")
-        writer.writeheader()
-        flat_meta = {k: v for k, v in meta.items() if k != "method"}
-        for row in rows:
-            # Below the memory resolution, the CSV cell says so ("<0.0625") instead of a number.
-            bounds = {
-                key: f"<{_memory_bound(row, key, meta['memory_floor_mb']):.4g}"
-                for key in ("peak_extra_mb", "peak_over_grad")
-                if _below_floor(row, key)
-            }
-            writer.writerow({**row, **bounds, **flat_meta})
-    with open(paths[1], "w") as f:
-        f.write(_json(meta, notes, skipped, rows))
-    with open(paths[2], "w") as f:
-        sections = [
-            "## Headline: fwd+bwd at the largest size of each case",
-            "",
-            *table_lines(headline_rows(rows), markdown=True, floor_mb=meta["memory_floor_mb"]),
-            "",
-            *_context_lines(notes, skipped, meta),
-            "",
-            "## All rows",
-            "",
-            *table_lines(rows, markdown=True, floor_mb=meta["memory_floor_mb"]),
-            "",
-        ]
-        f.write("\n".join(sections))
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[*COLUMNS, *[k for k in meta if k != "method"]], extrasaction="ignore")
+    writer.writeheader()
+    flat_meta = {k: v for k, v in meta.items() if k != "method"}
+    for row in rows:
+        # Below the memory resolution, the CSV cell says so ("<0.0625") instead of a number.
+        bounds = {
+            key: f"<{_memory_bound(row, key, meta['memory_floor_mb']):.4g}"
+            for key in ("peak_extra_mb", "peak_over_grad")
+            if _below_floor(row, key)
+        }
+        writer.writerow({**row, **bounds, **flat_meta})
+    _replace(paths[0], table.getvalue())
+    _replace(paths[1], _json(meta, notes, skipped, rows))
+    sections = [
+        "## Headline: fwd+bwd at the largest size of each case",
+        "",
+        *table_lines(headline_rows(rows), markdown=True, floor_mb=meta["memory_floor_mb"]),
+        "",
+        *_context_lines(notes, skipped, meta),
+        "",
+        "## All rows",
+        "",
+        *table_lines(rows, markdown=True, floor_mb=meta["memory_floor_mb"]),
+        "",
+    ]
+    _replace(paths[2], "\n".join(sections))
     if plots:
         paths += plot(rows, stem, meta["memory_floor_mb"])
     return paths
+
+
+def _replace(path: Path, text: str) -> None:
+    # Written beside and renamed over: a run killed mid-write (a time limit) leaves the previous
+    # complete file, never a truncated one.
+    partial = path.with_name(path.name + ".part")
+    partial.write_text(text, newline="" if path.suffix == ".csv" else None)
+    os.replace(partial, path)
 
 
 def _json(meta, notes, skipped, rows) -> str:

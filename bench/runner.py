@@ -223,7 +223,10 @@ def mode_runner(mode: str, fn: Callable, inputs) -> tuple[Callable[[int], object
 # Running
 
 
-def run_case(case: Case, settings: Settings, copy_bw: float) -> list[dict]:
+def run_case(
+    case: Case, settings: Settings, copy_bw: float, on_row: Callable[[dict], None] | None = None
+) -> list[dict]:
+    """The rows of one case, sorted by mode and provider; ``on_row(row)`` sees each as soon as it is measured."""
     workload = WORKLOADS[case.loss]
     device = settings.device
     dtype = DTYPES[case.dtype]
@@ -280,6 +283,8 @@ def run_case(case: Case, settings: Settings, copy_bw: float) -> list[dict]:
                     "bandwidth_frac": moved / median / copy_bw,
                 }
             )
+            if on_row is not None:
+                on_row(rows[-1])
     order = {name: index for index, name in enumerate(settings.providers)}
     return sorted(rows, key=lambda row: (MODES.index(row["mode"]), order[row["provider"]]))
 
@@ -417,12 +422,26 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     started = time.time()
     copy_bw = measure.copy_bandwidth(device)
-    rows: list[dict] = []
+    command = sys.argv if argv is None else argv
+    # The files are named after the start, and rewritten (atomically) after every measured row with
+    # complete=False: a run stopped by a time limit keeps every row it finished.
+    meta = report.metadata(device, copy_bw, 0.0, command)
+    rows: list[dict] = []  # the finished cases
+    pending: list[dict] = []  # the rows of the case being measured
+
+    def record(row: dict) -> None:
+        pending.append(row)
+        partial = rows + pending
+        add_speedups(partial)
+        partial_meta = {**meta, "run_seconds": round(time.time() - started, 1), "complete": False}
+        report.write(partial, partial_meta, settings.notes, settings.skipped, args.out, plots=False)
+
     with lmfloss_kernels.options(check_backend=False):
         for case in report.progress(cases, desc="bench"):
-            rows.extend(run_case(case, settings, copy_bw))
+            rows.extend(run_case(case, settings, copy_bw, on_row=record))
+            pending.clear()
     add_speedups(rows)
-    meta = report.metadata(device, copy_bw, time.time() - started, sys.argv if argv is None else argv)
+    meta = {**report.metadata(device, copy_bw, time.time() - started, command), "date": meta["date"], "complete": True}
     print(report.format_table(rows, settings.notes, settings.skipped, meta))
     paths = report.write(rows, meta, settings.notes, settings.skipped, args.out, plots=not args.no_plots)
     for path in paths:

@@ -277,3 +277,33 @@ def test_quick_run_times_the_compiled_reference(tmp_path):
     by_provider = {row["provider"]: row for row in data["rows"]}
     assert by_provider["compile"]["vs_compile"] == 1.0
     assert by_provider["eager"]["vs_compile"] > 0
+
+
+def test_a_stopped_run_keeps_every_row_it_finished(tmp_path, monkeypatch):
+    # A time limit kills the benchmark mid-plan: the rows measured before that must already be in
+    # the CSV and JSON (marked incomplete), not only written at the end.
+    measured = []
+    real_runner = runner.mode_runner
+
+    def stop_at_the_fourth_row(mode, fn, inputs):
+        if len(measured) == 3:
+            raise KeyboardInterrupt  # not an Exception: the runner must not swallow it
+        measured.append(mode)
+        return real_runner(mode, fn, inputs)
+
+    monkeypatch.setattr(runner, "mode_runner", stop_at_the_fourth_row)
+    monkeypatch.setattr(runner.gc, "freeze", lambda: None)
+    flags = ["--quick", "--device", "cpu", "--providers", "eager", "--losses", "lmf_rows", "--no-plots"]
+    with pytest.raises(KeyboardInterrupt):
+        runner.main([*flags, "--modes", "forward,nograd", "--dtypes", "fp32,bf16", "--out", str(tmp_path)])
+    (csv_path,) = tmp_path.glob("*.csv")
+    (json_path,) = tmp_path.glob("*.json")
+    assert not list(tmp_path.glob("*.part"))
+    data = json.loads(json_path.read_text())
+    with open(csv_path) as f:
+        csv_rows = list(csv.DictReader(f))
+    assert data["meta"]["complete"] is False
+    assert [row["mode"] for row in data["rows"]] == measured == ["forward", "nograd", "forward"]
+    assert [row["dtype"] for row in data["rows"]] == ["fp32", "fp32", "bf16"]
+    assert [(row["mode"], row["complete"]) for row in csv_rows] == [(m, "False") for m in measured]
+    assert all(row["median_ms"] > 0 for row in data["rows"])
