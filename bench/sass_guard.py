@@ -336,8 +336,9 @@ def _inputs(spec: dict):
     return logits, onehot.scatter_(1, labels.long().unsqueeze(1), 1)
 
 
-def capture(workloads: dict[str, dict], gates: list[str], arch: int) -> list[Launch]:
-    """Compile every Triton launch of each workload's forward and backward."""
+@contextlib.contextmanager
+def compiling(arch: int):
+    """A :class:`Compiler` that stands in for every ``JITFunction.run`` (kernel launch) inside."""
     if os.environ.pop("TRITON_INTERPRET", None) and "triton" in sys.modules:
         raise RuntimeError("triton was imported with TRITON_INTERPRET set: run the guard in a process without it")
     from triton.runtime import jit
@@ -345,8 +346,21 @@ def capture(workloads: dict[str, dict], gates: list[str], arch: int) -> list[Lau
     compiler = Compiler(arch)
     original_run = jit.JITFunction.run
     jit.JITFunction.run = lambda fn, *a, grid, warmup, **kw: compiler.run(fn, *a, grid=grid, warmup=warmup, **kw)
-    _open_gates(gates, arch)
     try:
+        yield compiler
+    finally:
+        jit.JITFunction.run = original_run
+        seen: collections.Counter = collections.Counter()
+        for launch in compiler.launches:
+            base = f"{launch.phase}:{launch.kernel}"
+            launch.key = f"{base}#{seen[(launch.workload, base)]}"
+            seen[(launch.workload, base)] += 1
+
+
+def capture(workloads: dict[str, dict], gates: list[str], arch: int) -> list[Launch]:
+    """Compile every Triton launch of each workload's forward and backward."""
+    with compiling(arch) as compiler:
+        _open_gates(gates, arch)
         for name, spec in workloads.items():
             module_name, _, function = spec["call"].rpartition(".")
             call = getattr(importlib.import_module(f"lmfloss_kernels.{module_name}"), function)
@@ -360,17 +374,8 @@ def capture(workloads: dict[str, dict], gates: list[str], arch: int) -> list[Lau
             loss.backward()
             if len(compiler.launches) == before:
                 raise RuntimeError(f"{name}: {spec['call']} launched no Triton kernel")
-            print(
-                f"[guard] {name}: {len(compiler.launches) - before} launches, {time.time() - begin:.1f} s",
-                file=sys.stderr,
-            )
-    finally:
-        jit.JITFunction.run = original_run
-    seen: collections.Counter = collections.Counter()
-    for launch in compiler.launches:
-        base = f"{launch.phase}:{launch.kernel}"
-        launch.key = f"{base}#{seen[(launch.workload, base)]}"
-        seen[(launch.workload, base)] += 1
+            print(f"[guard] {name}: {len(compiler.launches) - before} launches, {time.time() - begin:.1f} s",
+                  file=sys.stderr)  # fmt: skip
     return compiler.launches
 
 
