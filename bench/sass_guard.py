@@ -1,13 +1,15 @@
 """Static guard of the Triton kernels: what they compile to for sm_90, checked without a GPU.
 
 The public API is called at headline shapes on CPU tensors, with the Triton backends' availability
-checks answered as for a CUDA device. No kernel runs: each launch (``JITFunction.run``) is compiled
-with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` exactly as the launcher specialised it
-(its constexprs, divisibility attributes, ``num_warps``), and the binaries Triton bundles
-(``cuobjdump``, from ``triton/backends/nvidia/bin``) read the result. Per launch:
+checks answered as for a CUDA device and torch.cuda's device queries (capability, properties) as
+for an sm_90 GPU of 132 SMs (a launcher that asks Triton's driver itself is not covered). No
+kernel runs: each launch (``JITFunction.run``) is compiled with ``triton.compile`` for
+``GPUTarget("cuda", 90, 32)`` exactly as the launcher specialised it (its constexprs, divisibility
+attributes, ``num_warps``), and the ``cuobjdump`` Triton bundles (``triton/backends/nvidia/bin``)
+reads the result. Per launch:
 
 * **spills**: local-memory stores / loads (``STL`` / ``LDL``) in the SASS and the stack frame
-  (``cuobjdump --dump-resource-usage``); a Triton kernel has no local arrays, so these are spills;
+  (``cuobjdump -res-usage``); a Triton kernel has no local arrays, so these are spills;
 * **logit load widths**: the ``ld.global`` instructions of the PTX whose address derives from the
   logits pointer parameter (a data-flow pass from ``ld.param``), in bits per thread: on a
   contiguous layout a vectorised kernel loads 128 bits, a scalar one the element's 16 or 32;
@@ -258,8 +260,11 @@ class Compiler:
 
 
 @contextlib.contextmanager
-def _cuda_answers(arch: int):
-    """torch.cuda as a launcher on an sm_``arch`` GPU sees it (is_available, capability, properties)."""
+def _cuda_answers(arch: int, available: bool):
+    """torch.cuda as a launcher on an sm_``arch`` H100-like GPU sees it (capability, properties, the
+    current device; ``is_available()`` too when ``available``). The guard's whole capture answers
+    the device queries (a launcher sizing a persistent grid asks for the SM count); only the
+    availability checks are told that CUDA is available."""
     import torch
 
     class Properties:
@@ -269,12 +274,16 @@ def _cuda_answers(arch: int):
         total_memory = 80 << 30
         warp_size = 32
 
-    saved = {name: getattr(torch.cuda, name) for name in ("is_available", "get_device_capability",
-                                                          "get_device_properties", "current_device")}  # fmt: skip
-    torch.cuda.is_available = lambda: True
-    torch.cuda.get_device_capability = lambda device=None: divmod(arch, 10)
-    torch.cuda.get_device_properties = lambda device=None: Properties()
-    torch.cuda.current_device = lambda: 0
+    answers = {
+        "get_device_capability": lambda device=None: divmod(arch, 10),
+        "get_device_properties": lambda device=None: Properties(),
+        "current_device": lambda: 0,
+    }
+    if available:
+        answers["is_available"] = lambda: True
+    saved = {name: getattr(torch.cuda, name) for name in answers}
+    for name, answer in answers.items():
+        setattr(torch.cuda, name, answer)
     try:
         yield
     finally:
@@ -291,9 +300,13 @@ def _open_gates(gates: list[str], arch: int) -> list[str]:
     cuda = torch.device("cuda")
 
     def wrap(original):
+        def as_cuda(value):
+            return cuda if isinstance(value, torch.device) and value.type == "cpu" else value
+
         def gate(*args, **kwargs):
-            args = [cuda if isinstance(a, torch.device) and a.type == "cpu" else a for a in args]
-            with _cuda_answers(arch):
+            args = [as_cuda(a) for a in args]
+            kwargs = {k: as_cuda(v) for k, v in kwargs.items()}
+            with _cuda_answers(arch, available=True):
                 return original(*args, **kwargs)
 
         return gate
@@ -301,10 +314,15 @@ def _open_gates(gates: list[str], arch: int) -> list[str]:
     opened = []
     for gate in gates:
         module_name, _, path = gate.partition(":")
-        module = importlib.import_module(module_name)
         owner_name, _, attribute = path.rpartition(".")
-        owner = getattr(module, owner_name) if owner_name else module
-        original = getattr(owner, attribute)
+        try:
+            module = importlib.import_module(module_name)
+            owner = getattr(module, owner_name) if owner_name else module
+            original = getattr(owner, attribute)
+        except (ImportError, AttributeError) as error:
+            raise RuntimeError(
+                f"Triton availability check {gate!r} not found ({error}): update 'gates' in {BUDGET_FILE.name}"
+            ) from error
         wrapped = wrap(original)
         setattr(owner, attribute, wrapped)
         for value in list(vars(module).values()):
@@ -359,7 +377,7 @@ def compiling(arch: int):
 
 def capture(workloads: dict[str, dict], gates: list[str], arch: int) -> list[Launch]:
     """Compile every Triton launch of each workload's forward and backward."""
-    with compiling(arch) as compiler:
+    with compiling(arch) as compiler, _cuda_answers(arch, available=False):
         _open_gates(gates, arch)
         for name, spec in workloads.items():
             module_name, _, function = spec["call"].rpartition(".")
