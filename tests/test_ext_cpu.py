@@ -341,6 +341,22 @@ def test_saturated_voxels_match_the_float64_definition():
         assert_close(actual, truth, "loss", 1e-5)
 
 
+def test_rows_mean_and_sum_allocate_no_per_row_buffer():
+    """Reductions "mean" and "sum" need only four sums: the label-sized float32 per-row losses are made for
+    "none" alone (the profiler's memory count of the forward op; "none" shows what it would be)."""
+    logits, labels, *vectors = _row_inputs((1 << 16, 2))
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100)
+    per_row_bytes = labels.numel() * 4
+    allocated = {}
+    for reduction in ("mean", "sum", "none"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            CPU_BACKEND.row_loss(logits, labels, *vectors, reduction=reduction, **kwargs)
+        (event,) = [e for e in prof.events() if e.name == "lmfloss_ext::row_loss_forward"]
+        allocated[reduction] = event.cpu_memory_usage
+    assert allocated["none"] >= per_row_bytes, allocated
+    assert allocated["mean"] < per_row_bytes // 4 and allocated["sum"] < per_row_bytes // 4, allocated
+
+
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])
 def test_native_label_dtypes_are_read_without_a_copy(label_dtype):
     """uint8, int32 and int64 label maps go to the kernels as they are: no widened copy (an int64

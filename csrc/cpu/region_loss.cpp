@@ -184,7 +184,8 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             // Branch-free so that it vectorises: a skipped term has zero coefficients here.
             math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
             // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
-            // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite).
+            // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
+            // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
             if constexpr (Target::kSoft) {
               const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
               d -= yt != math_t(0) ? focal : math_t(0);
