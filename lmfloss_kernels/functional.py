@@ -161,7 +161,7 @@ def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
 # load anyway (a probe added to each row's / image's loss): for them _propagate_nonfinite would
 # be a second full read of the logits (two for reduction="none"), some 30% more memory traffic
 # for a kernel bound by it.
-_NONFINITE_IN_KERNEL = frozenset({"triton"})
+_NONFINITE_IN_KERNEL = frozenset({"triton", "cuda"})
 
 
 def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_ext_helpers import assert_close, compare_with_reference, loss_and_grad, requires_ext
+from test_ext_helpers import RTOL, assert_close, compare_with_reference, loss_and_grad, requires_ext
 
 from lmfloss_kernels import functional as F
 from lmfloss_kernels import reference
@@ -232,6 +232,28 @@ def test_regions_strided_layouts():
     assert channels_last.grad.is_contiguous(memory_format=torch.channels_last_3d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "one_hot"])
+def test_minus_inf_logit_without_clip_keeps_the_references_finite_gradient(soft, dtype):
+    """clip=False and a -inf logit on a class the voxel is not labelled with, whose focal gamma is 0
+    (the asymmetric Unified Focal's foreground classes): there log q = -inf, and the reference's
+    gradient stays finite (pow's derivative at exponent 0 is 0). A kernel that forms y * term gets
+    0 * inf = NaN instead; a select on y keeps the reference's values. (The loss itself is NaN by
+    the non-finite logits policy, applied outside the backend.)"""
+    logits, labels, weight, _, exponent = _region_inputs((2, 4, 5, 6), dtype=dtype, label_dtype=torch.int64)
+    gamma = torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=weight.dtype)
+    labels[0, 1, 2], logits[0, 2, 1, 2] = 0, float("-inf")
+    labels[1, 4, 5], logits[1, 1, 4, 5] = 3, float("-inf")
+    target = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).to(dtype) if soft else labels
+    options = _region_options(clip=False, reduction="sum")
+    grad_output = _grad_output(())
+    args = (logits, target, weight, gamma, exponent)
+    _, expected = loss_and_grad(reference.region_loss, *args, grad_output=grad_output, **options)
+    _, actual = loss_and_grad(CPU_BACKEND.region_loss, *args, grad_output=grad_output, **options)
+    assert bool(torch.isfinite(expected).all()), "premise: the reference's gradient is finite here"
+    assert_close(actual, expected, "gradient", RTOL[dtype])
+
+
 def test_clip_dead_zone_of_confidently_wrong_and_saturated_voxels():
     logits, target, *vectors = _region_inputs((1, 3, 4, 5))
     logits[0, :, 0, 0] = torch.tensor([20.0, -20.0, 0.0])  # label forced to 1 below: p_t ~ 1e-18 < eps
@@ -317,6 +339,22 @@ def test_saturated_voxels_match_the_float64_definition():
         truth = loss_fn(logits.double(), labels, backend="reference", **kwargs)
         actual = loss_fn(logits, labels, backend="cpu", **kwargs)
         assert_close(actual, truth, "loss", 1e-5)
+
+
+def test_rows_mean_and_sum_allocate_no_per_row_buffer():
+    """Reductions "mean" and "sum" need only four sums: the label-sized float32 per-row losses are made for
+    "none" alone (the profiler's memory count of the forward op; "none" shows what it would be)."""
+    logits, labels, *vectors = _row_inputs((1 << 16, 2))
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100)
+    per_row_bytes = labels.numel() * 4
+    allocated = {}
+    for reduction in ("mean", "sum", "none"):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            CPU_BACKEND.row_loss(logits, labels, *vectors, reduction=reduction, **kwargs)
+        (event,) = [e for e in prof.events() if e.name == "lmfloss_ext::row_loss_forward"]
+        allocated[reduction] = event.cpu_memory_usage
+    assert allocated["none"] >= per_row_bytes, allocated
+    assert allocated["mean"] < per_row_bytes // 4 and allocated["sum"] < per_row_bytes // 4, allocated
 
 
 @pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int32, torch.int64])

@@ -116,3 +116,145 @@ def test_opcheck_cuda():
     logits, target, *vectors = _region_inputs((2, 3, 5, 6))
     args = (logits.requires_grad_(), target, *vectors, 0.6, 0.5, 0.5, 1e-5, 1e-5, 1e-7, True, False, 1, "mean")
     torch.library.opcheck(ops.region_loss_op, args)
+
+
+# Issue 12 kernels: staged (N, C) rows, class capacities 4 / 8 / 16 and several passes beyond,
+# batch sums computed once, native bf16 one-hot maps, the in-kernel non-finite probe.
+
+CLASS_COUNTS = [2, 5, 8, 14, 33]  # capacities 4, 8, 8, 16 and 3 passes of 16; rows: staged up to 32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+def test_rows_every_class_count_staged_and_strided(num_classes, reduction, dtype):
+    """(N, C) rows with contiguous classes go through the shared-memory tile (C <= 32, N not a
+    multiple of the tile), class-strided rows and C = 33 are read in place."""
+    logits, labels, *vectors = _row_inputs((1000, num_classes), dtype)
+    grad_output = torch.randn(labels.shape if reduction == "none" else (), device="cuda")
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)
+    strided = logits.t().contiguous().t()  # class stride N: not staged
+    for x in (logits, strided, logits[::2]):  # logits[::2]: row stride 2C, classes still contiguous
+        y = labels[::2] if x.shape[0] != logits.shape[0] else labels
+        out = grad_output[::2] if reduction == "none" and x.shape[0] != logits.shape[0] else grad_output
+        compare_with_reference(reference.row_loss, CUDA_BACKEND.row_loss, x, y, *vectors, grad_output=out, **kwargs)
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("num_classes", CLASS_COUNTS)
+def test_regions_every_class_count(num_classes, soft):
+    for case in (dict(), dict(clip=False, batch=True, reduction="none"), dict(ignore_index=1, reduction="sum")):
+        if soft and "ignore_index" in case:
+            continue
+        options = _region_options(**case)
+        logits, target, *vectors = _region_inputs((3, num_classes, 9, 10, 7), soft=soft)
+        grad_output = torch.randn((3,) if options["reduction"] == "none" else (), device="cuda")
+        compare_with_reference(
+            reference.region_loss, CUDA_BACKEND.region_loss, logits, target, *vectors, grad_output=grad_output,
+            **options,
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_regions_batch_sums_many_images(reduction):
+    """batch=True shares one set of Tversky sums over 37 images (summed once in the finalize)."""
+    options = _region_options(batch=True, reduction=reduction, focal_coef=0.3, tversky_coef=0.7)
+    logits, target, *vectors = _region_inputs((37, 4, 6, 5, 3))
+    grad_output = torch.randn((37,) if reduction == "none" else (), device="cuda")
+    compare_with_reference(
+        reference.region_loss, CUDA_BACKEND.region_loss, logits, target, *vectors, grad_output=grad_output, **options
+    )
+
+
+def test_bf16_one_hot_is_read_without_a_copy():
+    logits, labels, *vectors = _region_inputs((2, 4, 9, 10, 11), dtype=torch.bfloat16)
+    one_hot = torch.nn.functional.one_hot(labels.long(), 4).movedim(-1, 1).to(torch.bfloat16)
+    options = _region_options()
+    compare_with_reference(reference.region_loss, CUDA_BACKEND.region_loss, logits, one_hot, *vectors, **options)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss_and_grad(CUDA_BACKEND.region_loss, logits, one_hot, *vectors, **options)
+    copies = [e.name for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[*one_hot.shape]]]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "one_hot"])
+def test_minus_inf_logit_without_clip_keeps_the_references_finite_gradient(soft):
+    """As the CPU test: a -inf logit off the label, focal gamma 0 there, clip=False."""
+    logits, labels, weight, _, exponent = _region_inputs((2, 4, 5, 6))
+    labels = labels.long()
+    gamma = torch.tensor([0.5, 0.0, 0.0, 0.0], device="cuda")
+    labels[0, 1, 2], logits[0, 2, 1, 2] = 0, float("-inf")
+    labels[1, 4, 5], logits[1, 1, 4, 5] = 3, float("-inf")
+    target = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1).float() if soft else labels
+    options = _region_options(clip=False, reduction="sum")
+    args = (logits, target, weight, gamma, exponent)
+    _, expected = loss_and_grad(reference.region_loss, *args, **options)
+    _, actual = loss_and_grad(CUDA_BACKEND.region_loss, *args, **options)
+    assert bool(torch.isfinite(expected).all())
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nonfinite_policy_is_applied_in_kernel(bad, dtype, monkeypatch):
+    """The CUDA kernels carry the policy (functional._NONFINITE_IN_KERNEL): no second read of the
+    logits, and still NaN for exactly the row / image with the bad logit, ignored or not, for every
+    reduction and with either term alone."""
+    from lmfloss_kernels import functional as F
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cuda backend must not need _propagate_nonfinite")
+
+    monkeypatch.setattr(F, "_propagate_nonfinite", fail)
+    rows = torch.randn(40, 8, device="cuda", dtype=dtype)
+    row_labels = torch.randint(0, 8, (40,), device="cuda")
+    rows[3, 5], row_labels[3] = bad, -100  # an ignored row
+    rows[7, 0] = bad
+    counts = [10, 20, 30, 40, 50, 60, 70, 80]
+    for kw in (dict(), dict(beta=0.0), dict(alpha=0.0)):
+        per_row = F.lmf_loss(rows, row_labels, counts, backend="cuda", reduction="none", **kw)
+        bad_rows = torch.zeros(40, dtype=torch.bool, device="cuda")
+        bad_rows[[3, 7]] = True
+        assert bool(per_row[bad_rows].isnan().all()) and bool(per_row[~bad_rows].isfinite().all()), kw
+        for reduction in ("mean", "sum"):
+            assert F.lmf_loss(rows, row_labels, counts, backend="cuda", reduction=reduction, **kw).isnan(), kw
+    volume = torch.randn(3, 4, 5, 6, 7, device="cuda", dtype=dtype)
+    labels = torch.randint(0, 4, (3, 5, 6, 7), device="cuda")
+    volume[1, 2, 0, 0, 0] = bad
+    labels[1, 0, 0, 0] = 3  # ignored below
+    for loss_fn in (F.unified_focal_loss, F.tversky_loss):  # both terms; the Tversky term alone
+        for batch in (False, True):
+            kw = dict(ignore_index=3, batch=batch)
+            per_image = loss_fn(volume, labels, backend="cuda", reduction="none", **kw)
+            assert bool(per_image[1].isnan()), (loss_fn, kw)
+            # batch=True shares the batch's Tversky sums, which a NaN or +inf logit poisons for every
+            # image (as in the reference); without it the other images stay finite.
+            assert batch or bool(per_image[[0, 2]].isfinite().all()), (loss_fn, kw)
+            assert loss_fn(volume, labels, backend="cuda", **kw).isnan(), (loss_fn, kw)
+
+
+def test_row_mean_allocates_no_per_row_buffer():
+    """'mean' / 'sum' need only the four sums: no label-sized float32 per-row buffer (4 MB here)."""
+    logits, labels, *vectors = _row_inputs((1 << 20, 2), torch.bfloat16)
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction="mean")
+    CUDA_BACKEND.row_loss(logits, labels, *vectors, **kwargs)  # warm-up
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    CUDA_BACKEND.row_loss(logits, labels, *vectors, **kwargs)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before < labels.numel() * 4 // 2
+
+
+def test_bitwise_deterministic_staged_rows_and_capacities():
+    for num_classes in (8, 14, 33):
+        logits, labels, *vectors = _row_inputs((300_000, num_classes), torch.bfloat16)
+        kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction="mean")
+        first = loss_and_grad(CUDA_BACKEND.row_loss, logits, labels, *vectors, **kwargs)
+        second = loss_and_grad(CUDA_BACKEND.row_loss, logits, labels, *vectors, **kwargs)
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+        logits, target, *vectors = _region_inputs((2, num_classes, 48, 48, 32), dtype=torch.bfloat16)
+        options = _region_options(batch=True)
+        first = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+        second = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+        assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -120,7 +120,10 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
               for (int64_t t = 0; t < kTile; ++t) {
                 const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-                focal += a * tile.target_of(c, t) * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
+                // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
+                const math_t yt = tile.target_of(c, t);
+                const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
+                focal += yt != math_t(0) ? term : math_t(0);
               }
             }
           } else {
@@ -180,7 +183,13 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             const math_t yt = tile.target_of(c, t);
             // Branch-free so that it vectorises: a skipped term has zero coefficients here.
             math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
-            if constexpr (Target::kSoft) d -= a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
+            // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
+            // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
+            // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
+            if constexpr (Target::kSoft) {
+              const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
+              d -= yt != math_t(0) ? focal : math_t(0);
+            }
             hc[t] = d;
           }
         }

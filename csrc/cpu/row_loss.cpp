@@ -187,7 +187,9 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits, co
   const at::Tensor m = class_vector(margins, logits, "margins");
   const at::Tensor lw = class_vector(ldam_weight, logits, "ldam_weight");
   const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  at::Tensor per_row = debug_poison(at::empty(labels_in.sizes(), logits.options().dtype(mt)));
+  // The label-sized per-row losses only for reduction="none": "mean" and "sum" need the 4 sums alone.
+  at::Tensor per_row =
+      reduction == kNone ? debug_poison(at::empty(labels_in.sizes(), logits.options().dtype(mt))) : at::Tensor();
   std::vector<double> partials;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "row_loss_forward_cpu", [&] {
     const auto P = row_params<math_of<scalar_t>>(m, lw, fw, alpha, beta, gamma, s, ignore_index);

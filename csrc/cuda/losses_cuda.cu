@@ -1,17 +1,25 @@
 // CUDA kernels of the two loss families, from the same math header as the CPU kernels (with its
 // LibmMath policy: CUDA's own expf / logf / powf).
 //
-// One thread per voxel (row) in grid-stride loops over one image (blockIdx.y = image); the
-// classes of a voxel are class-strided, so each class loop reads consecutive voxels across a
-// warp: coalesced for the usual (B, C, *S) layout. Loss math in float (double for float64),
-// int64 offsets, everything on the current stream, no host synchronisation.
+// One thread per voxel (row) in grid-stride loops over one image (blockIdx.y = image). Dense
+// (B, C, *S) logits are class-strided, so each class load reads consecutive voxels across a warp;
+// (N, C) rows with contiguous classes are staged through shared memory (see Rows). Loss math in
+// float (double for float64), int64 offsets, everything on the current stream, no host
+// synchronisation.
 //
-// Reductions are deterministic: each block reduces its threads' partial sums with a fixed
-// shuffle tree and writes them to its own slot; a one-block kernel adds the slots in block order
-// (in double) and finalizes the loss. No atomics.
+// Reductions are deterministic (bitwise identical results run to run): each block reduces its
+// threads' partial sums with a fixed shuffle tree and writes them to its own slot of each column;
+// column_sums_kernel then adds each column's slots with a fixed tree (a block per column: every
+// thread adds 4 of up to 1024 slots in order, then block_sum), in double. No atomics. The slot
+// count is a function of the shape only (blocks_per_image).
 //
-//   rows    : row_forward (partials) -> row_finalize (loss, norms); row_backward (recomputes)
-//   regions : region_forward (partials) -> region_finalize (stats, loss);
+// Non-finite logits policy (functional.py, _NONFINITE_IN_KERNEL): the kernels add the probe
+// sum_c 0 * z_c of every row / voxel (0, or NaN when a logit is NaN or +-inf; ignored ones too) to
+// the row's loss and the sums of a row loss, and to the focal column of a region image, which every
+// finalize adds to the image's loss (as 0 * column without a focal term) and no backward reads.
+//
+//   rows    : row_forward (partials) -> column_sums -> row_finalize (loss, norms); row_backward
+//   regions : region_forward (partials) -> column_sums (stats) -> region_finalize (loss);
 //             region_coefficients (d loss / d TP, FN, FP; focal scale) -> region_backward
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -32,7 +40,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kGroup = 8;  // classes whose region sums a thread keeps in registers per pass
 constexpr int64_t kMaxBlocksPerImage = 1024;
 
 template <typename scalar_t>
@@ -63,18 +70,36 @@ __device__ T block_sum(T v, T* shared) {
   return r;
 }
 
-// Integer label map (B, V): label() is the class or -1 (ignored or out of [0, C): masked for
-// memory safety; validation rejects such labels before the call when asked to).
-template <typename label_t>
+// out[col] = sum of partials[col * slots + s] over the slots s, one block per column: thread i
+// adds slots i, i + kThreads, ... in order (4 dependent adds for 1024 slots, instead of 1024 in
+// one thread), then block_sum's fixed tree. Same order on every run.
+__global__ void __launch_bounds__(kThreads) column_sums_kernel(const double* partials, int64_t slots, double* out) {
+  __shared__ double shared[kWarps];
+  const double* column = partials + int64_t(blockIdx.x) * slots;
+  double sum = 0.0;
+  for (int64_t s = threadIdx.x; s < slots; s += kThreads) sum += column[s];
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) out[blockIdx.x] = sum;
+}
+
+// Integer label map (B, V) in its native dtype (uint8, int32 or int64: native_labels). label() is
+// the class or -1 (ignored or out of [0, C): masked for memory safety; validation rejects such
+// labels before the call when asked to). The width is a runtime field: a uniform branch per label,
+// where a template parameter would triple the kernels (and the build time) once more.
 struct LabelMap {
-  const label_t* ptr;
+  static constexpr bool kSoft = false;
+  const void* ptr;
+  int bytes;
   Geometry g;
   int64_t classes;
   bool has_ignore;
   int64_t ignore;
 
   __device__ int64_t label(int64_t b, int64_t v) const {
-    const int64_t l = static_cast<int64_t>(ptr[b * g.sb + v * g.sv]);
+    const int64_t i = b * g.sb + v * g.sv;
+    const int64_t l = bytes == 1   ? int64_t(static_cast<const uint8_t*>(ptr)[i])
+                      : bytes == 4 ? int64_t(static_cast<const int32_t*>(ptr)[i])
+                                   : static_cast<const int64_t*>(ptr)[i];
     return ((has_ignore && l == ignore) || l < 0 || l >= classes) ? -1 : l;
   }
   template <typename T>
@@ -83,27 +108,41 @@ struct LabelMap {
   }
 };
 
-// Float one-hot / soft map (B, C, V) in the math type; every voxel is valid (label() = 0).
-template <typename math_t>
+// Float one-hot / soft map (B, C, V), read in its own dtype (target_t: the logits' dtype or the
+// math type) and converted to the math type per element; every voxel is valid (label() = 0).
+template <typename target_t>
 struct SoftMap {
-  const math_t* ptr;
+  static constexpr bool kSoft = true;
+  const target_t* ptr;
   Geometry g;
 
   __device__ int64_t label(int64_t, int64_t) const { return 0; }
   template <typename T>
   __device__ T y(int64_t b, int64_t c, int64_t v, int64_t) const {
-    return ptr[b * g.sb + c * g.sc + v * g.sv];
+    return static_cast<T>(ptr[b * g.sb + c * g.sc + v * g.sv]);
   }
 };
 
-template <typename math_t, typename scalar_t>
-__device__ SoftmaxStats<math_t> softmax_of(const scalar_t* row, int64_t classes, int64_t sc) {
+template <typename math_t, typename T>
+__device__ SoftmaxStats<math_t> softmax_of(const T* row, int64_t classes, int64_t sc) {
   SoftmaxStats<math_t> st = softmax_init<math_t>();
   for (int64_t c = 0; c < classes; ++c) softmax_push<LibmMath>(st, static_cast<math_t>(row[c * sc]));
   return st;
 }
 
 // Rows --------------------------------------------------------------------------------------
+//
+// One thread per row. (N, C) rows with contiguous classes (class stride 1) are staged through
+// shared memory a tile of kThreads rows at a time (RowTile): the block loads (and, in the backward,
+// stores) the tile's n * C consecutive elements with consecutive threads on consecutive addresses,
+// so a warp's load or store covers whole 32-byte sectors; reading its own row from its own
+// class-strided address instead would touch a sector per thread and class (8x the store sectors for
+// bf16 C = 8). The tile's row stride is odd (C | 1), so the threads' rows fall in distinct banks.
+// Class-strided layouts ((B, C, *S) dense rows) are read in place: consecutive threads already read
+// consecutive voxels. Rows with C > kStageMaxC (long-tailed classification, C ~ 1000) are read in
+// place too: their per-thread rows are long enough for L1 to serve the sectors a warp shares.
+
+constexpr int kStageMaxC = 32;  // a float tile of 256 x 33: 33 KB of shared memory
 
 template <typename math_t>
 struct RowParams {
@@ -113,8 +152,8 @@ struct RowParams {
   math_t alpha, beta, gamma, s;
 };
 
-template <typename math_t, typename scalar_t>
-__device__ SoftmaxStats<math_t> ldam_softmax_of(const scalar_t* row, int64_t classes, int64_t sc, int64_t t,
+template <typename math_t, typename T>
+__device__ SoftmaxStats<math_t> ldam_softmax_of(const T* row, int64_t classes, int64_t sc, int64_t t,
                                                 const RowParams<math_t>& P) {
   SoftmaxStats<math_t> st = softmax_init<math_t>();
   for (int64_t c = 0; c < classes; ++c) {
@@ -123,104 +162,200 @@ __device__ SoftmaxStats<math_t> ldam_softmax_of(const scalar_t* row, int64_t cla
   return st;
 }
 
-template <typename scalar_t, typename label_t>
-__global__ void row_forward_kernel(const scalar_t* x, Geometry g, LabelMap<label_t> target, RowParams<math_of<scalar_t>> P,
-                                   math_of<scalar_t>* per_row, double* partials) {
+// Staging of rows [r0, r0 + n) of class-contiguous rows (element (r, c) at base[r * sv + c]) as
+// tile[r * stride + c]: thread i of the block handles elements i, i + kThreads, ... of the n * C
+// in row-major order, stepping its (row, class) by (kThreads / C, kThreads % C) without a division.
+struct RowTile {
+  int classes, stride;
+
+  template <typename F>
+  __device__ void for_elements(int n, F&& f) const {
+    const int step_r = kThreads / classes, step_c = kThreads % classes;
+    int r = threadIdx.x / classes, c = threadIdx.x % classes;
+    while (r < n) {
+      f(r, c);
+      r += step_r;
+      c += step_c;
+      if (c >= classes) {
+        c -= classes;
+        ++r;
+      }
+    }
+  }
+  template <typename math_t, typename scalar_t>
+  __device__ void load(const scalar_t* base, int64_t sv, int n, math_t* tile) const {
+    for_elements(n, [&](int r, int c) { tile[r * stride + c] = static_cast<math_t>(base[r * sv + c]); });
+  }
+  template <typename math_t, typename scalar_t>
+  __device__ void store(const math_t* tile, int n, scalar_t* base, int64_t sv) const {
+    for_elements(n, [&](int r, int c) { base[r * sv + c] = static_cast<scalar_t>(tile[r * stride + c]); });
+  }
+};
+
+// Loss of one row (row[c * sc]) with label l (-1: ignored): adds [w l_LDAM, w, a l_F, valid] to acc
+// and returns the row's alpha w l_LDAM + beta a l_F. probe = sum_c 0 * z_c (0, or NaN when a logit
+// is NaN or +-inf) goes into the row's loss and into both weighted sums (a sum leaves out a term
+// whose coefficient is 0): the non-finite policy without a second read of the logits.
+template <typename math_t, typename T>
+__device__ math_t row_loss_terms(const T* row, int64_t C, int64_t sc, int64_t l, const RowParams<math_t>& P,
+                                 math_t (&acc)[4]) {
+  const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+  const int64_t t = l >= 0 ? l : 0;
+  const math_t zt = static_cast<math_t>(row[t * sc]);
+  math_t probe = 0, value = 0;
+  for (int64_t c = 0; c < C; ++c) probe += math_t(0) * static_cast<math_t>(row[c * sc]);
+  if (P.alpha != math_t(0)) {
+    const SoftmaxStats<math_t> st = ldam_softmax_of(row, C, sc, t, P);
+    const math_t w = P.ldam_weight[t] * valid;
+    const math_t wce = -w * log_softmax<LibmMath>(st).at(ldam_logit(zt, P.s, P.margins[t], true));
+    acc[0] += wce;
+    acc[1] += w;
+    value += P.alpha * wce;
+  }
+  if (P.beta != math_t(0)) {
+    const math_t log_p = log_softmax<LibmMath>(softmax_of<math_t>(row, C, sc)).at(zt);
+    const math_t fl = P.focal_weight[t] * valid * focal_modulation<LibmMath>(-math_expm1(log_p), P.gamma) * (-log_p);
+    acc[2] += fl;
+    value += P.beta * fl;
+  }
+  acc[0] += probe;
+  acc[2] += probe;
+  acc[3] += valid;
+  return value + probe;
+}
+
+// Blocks of image b walk tiles of kThreads rows; the loop bound is uniform over the block, as the
+// staged tiles' barriers need. partials: column k (of 4), slot b * gridDim.x + blockIdx.x.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    row_forward_kernel(const scalar_t* x, Geometry g, LabelMap target, RowParams<math_of<scalar_t>> P,
+                       RowTile stage, bool staged, math_of<scalar_t>* per_row, double* partials) {
   using math_t = math_of<scalar_t>;
+  extern __shared__ unsigned char stage_bytes[];
+  math_t* tile = reinterpret_cast<math_t*>(stage_bytes);
   __shared__ math_t shared[kWarps];
   const int64_t b = blockIdx.y;
-  math_t acc[4] = {0, 0, 0, 0};  // LDAM weighted sum, LDAM weights, focal weighted sum, valid rows
-  for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < g.voxels; v += int64_t(gridDim.x) * kThreads) {
-    const int64_t l = target.label(b, v);
-    const math_t valid = l >= 0 ? math_t(1) : math_t(0);
-    const int64_t t = l >= 0 ? l : 0;
-    const scalar_t* row = x + b * g.sb + v * g.sv;
-    const math_t zt = static_cast<math_t>(row[t * g.sc]);
-    math_t value = 0;
-    if (P.alpha != math_t(0)) {
-      const SoftmaxStats<math_t> st = ldam_softmax_of(row, g.classes, g.sc, t, P);
-      const math_t w = P.ldam_weight[t] * valid;
-      const math_t wce = -w * log_softmax<LibmMath>(st).at(ldam_logit(zt, P.s, P.margins[t], true));
-      acc[0] += wce;
-      acc[1] += w;
-      value += P.alpha * wce;
+  math_t acc[4] = {0, 0, 0, 0};
+  for (int64_t v0 = blockIdx.x * int64_t(kThreads); v0 < g.voxels; v0 += int64_t(gridDim.x) * kThreads) {
+    const int n = g.voxels - v0 < kThreads ? static_cast<int>(g.voxels - v0) : kThreads;
+    const int64_t v = v0 + threadIdx.x;
+    if (staged) {
+      __syncthreads();  // the previous tile is consumed
+      stage.load(x + b * g.sb + v0 * g.sv, g.sv, n, tile);
+      __syncthreads();
     }
-    if (P.beta != math_t(0)) {
-      const math_t log_p = log_softmax<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc)).at(zt);
-      const math_t fl = P.focal_weight[t] * valid * focal_modulation<LibmMath>(-math_expm1(log_p), P.gamma) * (-log_p);
-      acc[2] += fl;
-      value += P.beta * fl;
+    if (threadIdx.x < n) {
+      const int64_t l = target.label(b, v);
+      const math_t value = staged ? row_loss_terms(tile + threadIdx.x * stage.stride, g.classes, 1, l, P, acc)
+                                  : row_loss_terms(x + b * g.sb + v * g.sv, g.classes, g.sc, l, P, acc);
+      if (per_row != nullptr) per_row[b * g.voxels + v] = value;
     }
-    acc[3] += valid;
-    if (per_row != nullptr) per_row[b * g.voxels + v] = value;
   }
+  const int64_t slots = int64_t(gridDim.x) * gridDim.y;
   for (int k = 0; k < 4; ++k) {
     const math_t total = block_sum(acc[k], shared);
-    if (threadIdx.x == 0) partials[(b * gridDim.x + blockIdx.x) * 4 + k] = total;
+    if (threadIdx.x == 0) partials[k * slots + b * gridDim.x + blockIdx.x] = total;
   }
 }
 
+// totals: [sum w l_LDAM, sum w, sum a l_F, valid rows] (column_sums_kernel of the partials).
 template <typename math_t>
-__global__ void row_finalize_kernel(const double* partials, int64_t slots, double alpha, double beta,
-                                    int64_t reduction, math_t* loss, double* norms) {
-  __shared__ double total[4];
-  if (threadIdx.x < 4) {
-    double sum = 0.0;
-    for (int64_t i = 0; i < slots; ++i) sum += partials[i * 4 + threadIdx.x];
-    total[threadIdx.x] = sum;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    norms[0] = total[1];
-    norms[1] = total[3];
-    if (reduction == kSum) *loss = math_t(alpha * total[0] + beta * total[2]);
-    // A term with coefficient 0 is not evaluated (no 0 * NaN when every row is ignored).
-    if (reduction == kMean) {
-      *loss = math_t((alpha != 0.0 ? alpha * (total[0] / total[1]) : 0.0) +
-                     (beta != 0.0 ? beta * (total[2] / total[3]) : 0.0));
-    }
+__global__ void row_finalize_kernel(const double* totals, double alpha, double beta, int64_t reduction, math_t* loss,
+                                    double* norms) {
+  norms[0] = totals[1];
+  norms[1] = totals[3];
+  if (reduction == kSum) *loss = math_t(alpha * totals[0] + beta * totals[2]);
+  // A term with coefficient 0 is not evaluated (no 0 * NaN when every row is ignored).
+  if (reduction == kMean) {
+    *loss = math_t((alpha != 0.0 ? alpha * (totals[0] / totals[1]) : 0.0) +
+                   (beta != 0.0 ? beta * (totals[2] / totals[3]) : 0.0));
   }
 }
 
-template <typename scalar_t, typename label_t>
-__global__ void row_backward_kernel(const scalar_t* x, Geometry g, LabelMap<label_t> target,
-                                    RowParams<math_of<scalar_t>> P, const math_of<scalar_t>* grad_out,
-                                    const double* norms, int64_t reduction, scalar_t* dx, Geometry gg) {
+// Gradient of one row (row[c * sc] -> out[c * oc]; out may alias row: each logit is read before
+// its gradient is written).
+template <typename math_t, typename T, typename O>
+__device__ void row_gradient(const T* row, int64_t C, int64_t sc, int64_t l, math_t g_row, const RowParams<math_t>& P,
+                             math_t ldam_scale, math_t focal_scale, O* out, int64_t oc) {
+  const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+  const int64_t t = l >= 0 ? l : 0;
+  g_row *= valid;
+  const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, C, sc));
+  LogSoftmax<math_t> lse_ldam{0, 0};
+  math_t c_ldam = 0, c_focal = 0;
+  if (P.alpha != math_t(0)) {
+    lse_ldam = log_softmax<LibmMath>(ldam_softmax_of(row, C, sc, t, P));
+    c_ldam = ldam_scale * P.ldam_weight[t] * g_row;
+  }
+  if (P.beta != math_t(0)) {
+    const math_t log_p = lse.at(static_cast<math_t>(row[t * sc]));
+    const ClippedProb<math_t> cp{math_exp(log_p), -math_expm1(log_p), log_p, 1, 1, 1};
+    c_focal = focal_scale * P.focal_weight[t] * g_row * focal_factor<LibmMath>(cp, cp.q, P.gamma);
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const math_t z = static_cast<math_t>(row[c * sc]);
+    const math_t hot = c == t ? math_t(1) : math_t(0);
+    math_t d = c_focal * (math_exp(lse.at(z)) - hot);
+    if (P.alpha != math_t(0)) d += c_ldam * (math_exp(lse_ldam.at(ldam_logit(z, P.s, P.margins[t], c == t))) - hot);
+    out[c * oc] = static_cast<O>(d);
+  }
+}
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    row_backward_kernel(const scalar_t* x, Geometry g, LabelMap target, RowParams<math_of<scalar_t>> P,
+                        RowTile stage, bool staged, const math_of<scalar_t>* grad_out, const double* norms,
+                        int64_t reduction, scalar_t* dx, Geometry gg) {
   using math_t = math_of<scalar_t>;
+  extern __shared__ unsigned char stage_bytes[];
+  math_t* tile = reinterpret_cast<math_t*>(stage_bytes);
   const int64_t b = blockIdx.y;
   const bool mean = reduction == kMean;
   const math_t ldam_scale = P.alpha * P.s * (mean ? math_t(1.0 / norms[0]) : math_t(1));
   const math_t focal_scale = P.beta * (mean ? math_t(1.0 / norms[1]) : math_t(1));
-  for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < g.voxels; v += int64_t(gridDim.x) * kThreads) {
-    const int64_t l = target.label(b, v);
-    const math_t valid = l >= 0 ? math_t(1) : math_t(0);
-    const int64_t t = l >= 0 ? l : 0;
-    const scalar_t* row = x + b * g.sb + v * g.sv;
-    const math_t g_row = (reduction == kNone ? grad_out[b * g.voxels + v] : grad_out[0]) * valid;
-    const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, g.classes, g.sc));
-    LogSoftmax<math_t> lse_ldam{0, 0};
-    math_t c_ldam = 0, c_focal = 0;
-    if (P.alpha != math_t(0)) {
-      lse_ldam = log_softmax<LibmMath>(ldam_softmax_of(row, g.classes, g.sc, t, P));
-      c_ldam = ldam_scale * P.ldam_weight[t] * g_row;
+  for (int64_t v0 = blockIdx.x * int64_t(kThreads); v0 < g.voxels; v0 += int64_t(gridDim.x) * kThreads) {
+    const int n = g.voxels - v0 < kThreads ? static_cast<int>(g.voxels - v0) : kThreads;
+    const int64_t v = v0 + threadIdx.x;
+    if (staged) {
+      __syncthreads();  // the previous tile is stored
+      stage.load(x + b * g.sb + v0 * g.sv, g.sv, n, tile);
+      __syncthreads();
     }
-    if (P.beta != math_t(0)) {
-      const math_t log_p = lse.at(static_cast<math_t>(row[t * g.sc]));
-      const ClippedProb<math_t> cp{math_exp(log_p), -math_expm1(log_p), log_p, 1, 1, 1};
-      c_focal = focal_scale * P.focal_weight[t] * g_row * focal_factor<LibmMath>(cp, cp.q, P.gamma);
+    if (threadIdx.x < n) {
+      const int64_t l = target.label(b, v);
+      const math_t g_row = reduction == kNone ? grad_out[b * g.voxels + v] : grad_out[0];
+      if (staged) {
+        math_t* row = tile + threadIdx.x * stage.stride;
+        row_gradient(row, g.classes, 1, l, g_row, P, ldam_scale, focal_scale, row, 1);
+      } else {
+        row_gradient(x + b * g.sb + v * g.sv, g.classes, g.sc, l, g_row, P, ldam_scale, focal_scale,
+                     dx + b * gg.sb + v * gg.sv, gg.sc);
+      }
     }
-    scalar_t* out = dx + b * gg.sb + v * gg.sv;
-    for (int64_t c = 0; c < g.classes; ++c) {
-      const math_t z = static_cast<math_t>(row[c * g.sc]);
-      const math_t hot = c == t ? math_t(1) : math_t(0);
-      math_t d = c_focal * (math_exp(lse.at(z)) - hot);
-      if (P.alpha != math_t(0)) d += c_ldam * (math_exp(lse_ldam.at(ldam_logit(z, P.s, P.margins[t], c == t))) - hot);
-      out[c * gg.sc] = static_cast<scalar_t>(d);
+    if (staged) {
+      __syncthreads();
+      stage.store(tile, n, dx + b * gg.sb + v0 * gg.sv, gg.sv);
     }
   }
 }
 
 // Regions -----------------------------------------------------------------------------------
+//
+// The classes of a voxel live in registers: each kernel is instantiated for a class capacity
+// kMaxC (dispatch_capacity: the smallest of 4, 8, 16 that holds C; 4 for float64, a test
+// precision), so each logit is read once, the softmax is computed once and every per-class term
+// (exp, expm1, pow) is evaluated once per voxel in the forward and once in the backward; slots
+// beyond C cost a uniform branch. Only C > kMaxC (C > 16; C > 4 in float64) takes ceil(C / kMaxC)
+// passes over the classes, each re-reading the voxel's logits for its softmax (the backward twice:
+// sum_c h_c first). Why not a larger capacity: the forward keeps 5 values per class in registers
+// (TP, FN, FP sums, log p, p); measured with ptxas for sm_90 (table at the end of this file),
+// kMaxC = 16 takes 128 registers (25% occupancy) and kMaxC = 32 took 255 (12.5%), which leaves
+// too few loads in flight per SM to cover DRAM latency, for a gain only at C > 16.
+
+// The largest class capacity of a math type (dispatch_capacity): only its kernels meet C > kMaxC,
+// the others compile without the multi-pass code.
+template <typename math_t>
+constexpr int kLargestCapacity = std::is_same_v<math_t, double> ? 4 : 16;
 
 template <typename math_t>
 struct RegionParams {
@@ -230,75 +365,121 @@ struct RegionParams {
   bool with_focal, with_tversky;
 };
 
-// Clipped q, 1 - q, log q of one class from its logit and the voxel's log softmax; p = softmax(z) in `p`.
+// log p and p of the classes [c0, c0 + kMaxC) of one voxel (0 beyond C), and the voxel's
+// non-finite probe sum_c 0 * z_c over all its classes (0, or NaN when a logit is NaN or +-inf).
+template <int kMaxC, typename math_t, typename scalar_t>
+__device__ void voxel_probs(const scalar_t* row, int64_t C, int64_t sc, int64_t c0, math_t (&log_p)[kMaxC],
+                            math_t (&p)[kMaxC], math_t& probe) {
+  SoftmaxStats<math_t> st = softmax_init<math_t>();
+  probe = 0;
+  if (C <= kMaxC || kMaxC < kLargestCapacity<math_t>) {  // each logit read once, into registers
+#pragma unroll
+    for (int j = 0; j < kMaxC; ++j) {
+      log_p[j] = j < C ? static_cast<math_t>(row[j * sc]) : math_t(0);
+      probe += math_t(0) * log_p[j];
+      if (j < C) softmax_max(st, log_p[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < kMaxC; ++j) {
+      log_p[j] -= st.max;
+      p[j] = j < C ? math_exp(log_p[j]) : math_t(0);
+      st.sum += p[j];
+    }
+    const math_t log_sum = math_log(st.sum), inv = math_t(1) / st.sum;
+#pragma unroll
+    for (int j = 0; j < kMaxC; ++j) {
+      log_p[j] -= log_sum;
+      p[j] *= inv;
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const math_t z = static_cast<math_t>(row[c * sc]);
+    probe += math_t(0) * z;
+    softmax_push<LibmMath>(st, z);
+  }
+  const LogSoftmax<math_t> lse = log_softmax<LibmMath>(st);
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) {
+    const int64_t c = c0 + j;
+    log_p[j] = c < C ? lse.at(static_cast<math_t>(row[c * sc])) : math_t(0);
+    p[j] = c < C ? math_exp(log_p[j]) : math_t(0);
+  }
+}
+
 template <typename math_t>
-__device__ ClippedProb<math_t> clipped_at(math_t z, const LogSoftmax<math_t>& lse, const ClipBounds<math_t>& bounds,
-                                          math_t& p) {
-  const math_t log_p = lse.at(z);
-  p = math_exp(log_p);
+__device__ ClippedProb<math_t> clipped(math_t log_p, math_t p, const ClipBounds<math_t>& bounds) {
   return clip_prob(log_p, p, -math_expm1(log_p), bounds);
 }
 
-template <typename scalar_t, typename Target>
-__global__ void region_forward_kernel(const scalar_t* x, Geometry g, Target target, RegionParams<math_of<scalar_t>> P,
-                                      double* partials) {
+template <typename scalar_t, typename Target, int kMaxC>
+__global__ void __launch_bounds__(kThreads) region_forward_kernel(const scalar_t* x, Geometry g, Target target,
+                                                                  RegionParams<math_of<scalar_t>> P,
+                                                                  double* partials) {
   using math_t = math_of<scalar_t>;
   __shared__ math_t shared[kWarps];
   const int64_t b = blockIdx.y;
   const int64_t C = g.classes;
   const int64_t width = RegionStats<double>::width(C);
-  double* slot = partials + (b * gridDim.x + blockIdx.x) * width;
+  // Column k of image b; each block owns one slot of it (the layout column_sums_kernel reads).
+  auto put = [&](int64_t k, math_t value) {
+    const math_t total = block_sum(value, shared);
+    if (threadIdx.x == 0) partials[(b * width + k) * gridDim.x + blockIdx.x] = total;
+  };
   math_t focal = 0, count = 0;
-  for (int64_t c0 = 0; c0 < C; c0 += kGroup) {
-    math_t tp[kGroup], fn[kGroup], fp[kGroup];
+  for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {  // one pass unless C > kMaxC
+    math_t tp[kMaxC], fn[kMaxC], fp[kMaxC];
 #pragma unroll
-    for (int j = 0; j < kGroup; ++j) tp[j] = fn[j] = fp[j] = math_t(0);
+    for (int j = 0; j < kMaxC; ++j) tp[j] = fn[j] = fp[j] = math_t(0);
     for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < g.voxels; v += int64_t(gridDim.x) * kThreads) {
       const int64_t l = target.label(b, v);
       const math_t valid = l >= 0 ? math_t(1) : math_t(0);
-      const scalar_t* row = x + b * g.sb + v * g.sv;
-      const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, C, g.sc));
+      math_t log_p[kMaxC], p[kMaxC], probe;
+      voxel_probs<kMaxC>(x + b * g.sb + v * g.sv, C, g.sc, c0, log_p, p, probe);
+      math_t u_l = 1, log_q_l = 0;  // label maps: 1 - q and log q of class l, picked by selects
 #pragma unroll
-      for (int j = 0; j < kGroup; ++j) {
+      for (int j = 0; j < kMaxC; ++j) {
         const int64_t c = c0 + j;
         if (c >= C) break;
-        math_t p;
-        const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
+        const ClippedProb<math_t> cp = clipped(log_p[j], p[j], P.bounds);
         const math_t y = valid * target.template y<math_t>(b, c, v, l);
         tp[j] += y * cp.q;
         fn[j] += y * cp.u;
         fp[j] += (valid - y) * cp.q;
-        if (P.with_focal) {
-          focal += P.focal_weight[c] * y * focal_modulation<LibmMath>(cp.u, P.focal_gamma[c]) * (-cp.log_q);
+        if constexpr (Target::kSoft) {
+          // A select, not y * term: without the clip a -inf logit has log q = -inf and 0 * inf = NaN.
+          if (P.with_focal) {
+            const math_t modulation = focal_modulation<LibmMath>(cp.u, P.focal_gamma[c]);
+            const math_t term = P.focal_weight[c] * y * modulation * (-cp.log_q);
+            focal += y != math_t(0) ? term : math_t(0);
+          }
+        } else {
+          u_l = c == l ? cp.u : u_l;
+          log_q_l = c == l ? cp.log_q : log_q_l;
         }
       }
-      if (c0 == 0) count += valid;
+      if constexpr (!Target::kSoft) {
+        // Only class l has y = 1: one pow per voxel (selects above, no divergent branch per class).
+        if (P.with_focal && l >= c0 && l < c0 + kMaxC) {
+          focal += P.focal_weight[l] * focal_modulation<LibmMath>(u_l, P.focal_gamma[l]) * (-log_q_l);
+        }
+      }
+      if (c0 == 0) {
+        count += valid;
+        focal += probe;  // the non-finite policy: the focal column of an image with a bad logit is NaN
+      }
     }
-    for (int j = 0; j < kGroup && c0 + j < C; ++j) {
-      const math_t s_tp = block_sum(tp[j], shared);
-      const math_t s_fn = block_sum(fn[j], shared);
-      const math_t s_fp = block_sum(fp[j], shared);
-      if (threadIdx.x == 0) {
-        slot[c0 + j] = s_tp;
-        slot[C + c0 + j] = s_fn;
-        slot[2 * C + c0 + j] = s_fp;
+#pragma unroll
+    for (int j = 0; j < kMaxC; ++j) {
+      if (c0 + j < C) {
+        put(c0 + j, tp[j]);
+        put(C + c0 + j, fn[j]);
+        put(2 * C + c0 + j, fp[j]);
       }
     }
   }
-  const math_t s_focal = block_sum(focal, shared);
-  const math_t s_count = block_sum(count, shared);
-  if (threadIdx.x == 0) {
-    slot[RegionStats<double>::focal(C)] = s_focal;
-    slot[RegionStats<double>::count(C)] = s_count;
-  }
-}
-
-// Sums of (b, c) over the batch (batch = true) or of image b alone.
-__device__ double tversky_sum(const double* stats, int64_t b, int64_t k, int64_t batch, int64_t width, bool batch_sum) {
-  if (!batch_sum) return stats[b * width + k];
-  double sum = 0.0;
-  for (int64_t i = 0; i < batch; ++i) sum += stats[i * width + k];
-  return sum;
+  put(RegionStats<double>::focal(C), focal);
+  put(RegionStats<double>::count(C), count);
 }
 
 struct RegionScalars {
@@ -307,117 +488,177 @@ struct RegionScalars {
   int64_t reduction;
 };
 
-template <typename math_t>
-__global__ void region_finalize_kernel(const double* partials, int64_t slots_per_image, int64_t batch, int64_t C,
-                                       const double* exponent, RegionScalars S, double* stats, double* image_loss,
-                                       math_t* loss) {
+// TP, FN, FP of class c for Tversky row r: image r's own sums, or (batch = true, r = 0) the sums
+// over the batch, added in image order.
+struct TverskySums {
+  double tp, fn, fp;
+};
+
+__device__ TverskySums tversky_sums(const double* stats, int64_t r, int64_t c, int64_t batch, int64_t C,
+                                    bool batch_sum) {
   const int64_t width = RegionStats<double>::width(C);
-  for (int64_t i = threadIdx.x; i < batch * width; i += blockDim.x) {
-    const int64_t b = i / width, k = i % width;
-    double sum = 0.0;
-    for (int64_t s = 0; s < slots_per_image; ++s) sum += partials[(b * slots_per_image + s) * width + k];
-    stats[i] = sum;
+  TverskySums s{0.0, 0.0, 0.0};
+  for (int64_t b = batch_sum ? 0 : r; b < (batch_sum ? batch : r + 1); ++b) {
+    s.tp += stats[b * width + c];
+    s.fn += stats[b * width + C + c];
+    s.fp += stats[b * width + 2 * C + c];
   }
-  __syncthreads();
-  for (int64_t b = threadIdx.x; b < batch; b += blockDim.x) {
-    double value = 0.0;
-    if (S.focal_coef != 0.0) {
-      const double* st = stats + b * width;
-      value += S.focal_coef * st[RegionStats<double>::focal(C)] * region_focal_scale(st, C);
-    }
-    if (S.tversky_coef != 0.0) {
-      double sum = 0.0;
-      for (int64_t c = 0; c < C; ++c) {
-        const double tp = tversky_sum(stats, b, c, batch, width, S.batch);
-        const double fn = tversky_sum(stats, b, C + c, batch, width, S.batch);
-        const double fp = tversky_sum(stats, b, 2 * C + c, batch, width, S.batch);
-        sum += tversky_term(tp, fn, fp, S.delta, S.smooth_nr, S.smooth_dr, exponent[c]).value;
-      }
-      value += S.tversky_coef * sum / double(C);
-    }
-    image_loss[b] = value;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (S.reduction == kNone) {
-      for (int64_t b = 0; b < batch; ++b) loss[b] = math_t(image_loss[b]);
-    } else {
-      double total = 0.0;
-      for (int64_t b = 0; b < batch; ++b) total += image_loss[b];
-      loss[0] = math_t(S.reduction == kMean ? total / double(batch) : total);
-    }
-  }
+  return s;
 }
 
-// coef: per image [dTP_c, dFN_c, dFP_c (3C), focal scale], already times d loss / d L_b.
+__device__ TverskyTerm<double> tversky_of(const double* stats, int64_t r, int64_t c, int64_t batch, int64_t C,
+                                          const double* exponent, const RegionScalars& S) {
+  const TverskySums s = tversky_sums(stats, r, c, batch, C, S.batch);
+  return tversky_term(s.tp, s.fn, s.fp, S.delta, S.smooth_nr, S.smooth_dr, exponent[c]);
+}
+
+// One block. Tversky rows: R = 1 with batch = true (the batch's sums, computed once and shared by
+// every image), else R = B. work: R * C terms, then R class means.
+template <typename math_t>
+__global__ void region_finalize_kernel(const double* stats, int64_t batch, int64_t C, const double* exponent,
+                                       RegionScalars S, double* work, math_t* loss) {
+  __shared__ double shared[kWarps];
+  const int64_t width = RegionStats<double>::width(C);
+  const int64_t rows = S.batch ? 1 : batch;
+  double* terms = work;
+  double* region = work + rows * C;
+  if (S.tversky_coef != 0.0) {
+    for (int64_t i = threadIdx.x; i < rows * C; i += kThreads) {
+      terms[i] = tversky_of(stats, i / C, i % C, batch, C, exponent, S).value;
+    }
+    __syncthreads();
+    for (int64_t r = threadIdx.x; r < rows; r += kThreads) {
+      double sum = 0.0;
+      for (int64_t c = 0; c < C; ++c) sum += terms[r * C + c];
+      region[r] = sum / double(C);
+    }
+    __syncthreads();
+  }
+  double part = 0.0;  // this thread's images, in order; then a fixed tree over the threads
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
+    const double* st = stats + b * width;
+    const double focal = st[RegionStats<double>::focal(C)];  // carries the non-finite probe
+    double value = S.focal_coef != 0.0 ? S.focal_coef * focal * region_focal_scale(st, C) : 0.0 * focal;
+    if (S.tversky_coef != 0.0) value += S.tversky_coef * region[S.batch ? 0 : b];
+    if (S.reduction == kNone) loss[b] = math_t(value);
+    part += value;
+  }
+  const double total = block_sum(part, shared);
+  if (threadIdx.x == 0 && S.reduction != kNone) loss[0] = math_t(S.reduction == kMean ? total / double(batch) : total);
+}
+
+// coef: per image [dTP_c, dFN_c, dFP_c (3C), focal scale], already times d loss / d L_b. One block.
 template <typename math_t>
 __global__ void region_coefficients_kernel(const double* stats, const double* grad, int64_t batch, int64_t C,
                                            const double* exponent, RegionScalars S, math_t* coef) {
+  __shared__ double shared[kWarps];
   const int64_t width = RegionStats<double>::width(C);
   auto weight = [&](int64_t b) {  // d loss / d L_b
     return S.reduction == kNone ? grad[b] : (S.reduction == kMean ? grad[0] / double(batch) : grad[0]);
   };
-  double w_total = 0.0;
-  for (int64_t b = 0; b < batch; ++b) w_total += weight(b);
-  for (int64_t i = threadIdx.x; i < batch * C; i += blockDim.x) {
-    const int64_t b = i / C, c = i % C;
+  double part = 0.0;
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) part += weight(b);
+  const double w_total = block_sum(part, shared);  // in thread 0
+  __syncthreads();
+  if (threadIdx.x == 0) shared[0] = w_total;
+  __syncthreads();
+  const double w_batch = shared[0];
+  for (int64_t b = threadIdx.x; b < batch; b += kThreads) {
     math_t* k = coef + b * (3 * C + 1);
-    k[c] = k[C + c] = k[2 * C + c] = math_t(0);
-    if (S.tversky_coef != 0.0) {
-      // With batch = true the shared index enters every image's loss: its weight is sum_b w_b.
-      const double scale = S.tversky_coef * (S.batch ? w_total : weight(b)) / double(C);
-      const auto term = tversky_term(tversky_sum(stats, b, c, batch, width, S.batch),
-                                     tversky_sum(stats, b, C + c, batch, width, S.batch),
-                                     tversky_sum(stats, b, 2 * C + c, batch, width, S.batch), S.delta, S.smooth_nr,
-                                     S.smooth_dr, exponent[c]);
+    k[3 * C] = S.focal_coef != 0.0 ? math_t(S.focal_coef * weight(b) * region_focal_scale(stats + b * width, C))
+                                   : math_t(0);
+  }
+  const int64_t rows = S.batch ? 1 : batch;
+  for (int64_t i = threadIdx.x; i < rows * C; i += kThreads) {
+    const int64_t r = i / C, c = i % C;
+    TverskyTerm<double> term{0.0, 0.0, 0.0, 0.0};
+    if (S.tversky_coef != 0.0) term = tversky_of(stats, r, c, batch, C, exponent, S);
+    // With batch = true the shared index enters every image's loss: its weight is sum_b w_b, and the
+    // one term of the batch is written to every image's coefficients.
+    for (int64_t b = S.batch ? 0 : r; b < (S.batch ? batch : r + 1); ++b) {
+      const double scale = S.tversky_coef * (S.batch ? w_batch : weight(b)) / double(C);
+      math_t* k = coef + b * (3 * C + 1);
       k[c] = math_t(scale * term.d_tp);
       k[C + c] = math_t(scale * term.d_fn);
       k[2 * C + c] = math_t(scale * term.d_fp);
     }
-    if (c == 0) {
-      k[3 * C] = S.focal_coef != 0.0
-                     ? math_t(S.focal_coef * weight(b) * region_focal_scale(stats + b * width, C))
-                     : math_t(0);
+  }
+}
+
+// h_c = d loss / d log p_c (clip masks included) of the classes [c0, c0 + kMaxC) of one voxel (0
+// beyond C), and their p_c.
+template <int kMaxC, typename math_t, typename scalar_t, typename Target>
+__device__ void voxel_h(const scalar_t* row, const Target& target, int64_t b, int64_t v, int64_t l, int64_t C,
+                        int64_t sc, int64_t c0, const math_t* k, const RegionParams<math_t>& P, math_t (&h)[kMaxC],
+                        math_t (&p)[kMaxC]) {
+  const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+  math_t log_p[kMaxC], probe;
+  voxel_probs<kMaxC>(row, C, sc, c0, log_p, p, probe);
+  ClippedProb<math_t> cp_l{0, 1, 0, 1, 1, 1};  // label maps: class l's, picked by selects
+  math_t p_l = 0;
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) {
+    const int64_t c = c0 + j;
+    h[j] = 0;
+    if (c >= C) continue;
+    const ClippedProb<math_t> cp = clipped(log_p[j], p[j], P.bounds);
+    const math_t y = valid * target.template y<math_t>(b, c, v, l);
+    if (P.with_tversky) h[j] = p[j] * (cp.mask_q * (k[c] * y + k[2 * C + c] * (valid - y)) - cp.mask_u * k[C + c] * y);
+    if constexpr (Target::kSoft) {
+      if (P.with_focal) {
+        // A select, not y * factor: without the clip a -inf logit gives 0 * NaN (r = log q / u = -inf).
+        const math_t d = k[3 * C] * P.focal_weight[c] * y * focal_factor<LibmMath>(cp, p[j], P.focal_gamma[c]);
+        h[j] -= y != math_t(0) ? d : math_t(0);
+      }
+    } else {
+      cp_l = c == l ? cp : cp_l;
+      p_l = c == l ? p[j] : p_l;
+    }
+  }
+  if constexpr (!Target::kSoft) {
+    if (P.with_focal && l >= c0 && l < c0 + kMaxC) {  // one focal factor (pow) per voxel
+      const math_t d = k[3 * C] * P.focal_weight[l] * focal_factor<LibmMath>(cp_l, p_l, P.focal_gamma[l]);
+#pragma unroll
+      for (int j = 0; j < kMaxC; ++j) h[j] -= c0 + j == l ? d : math_t(0);
     }
   }
 }
 
-// Gradient of the loss with respect to log p_c at one voxel (clip masks included).
-template <typename math_t, typename Target>
-__device__ math_t region_h(const ClippedProb<math_t>& cp, math_t p, math_t y, math_t valid, const math_t* k,
-                           int64_t c, int64_t C, const RegionParams<math_t>& P) {
-  math_t d = 0;
-  if (P.with_tversky) d = p * (cp.mask_q * (k[c] * y + k[2 * C + c] * (valid - y)) - cp.mask_u * k[C + c] * y);
-  if (P.with_focal) d -= k[3 * C] * P.focal_weight[c] * y * focal_factor<LibmMath>(cp, p, P.focal_gamma[c]);
-  return d;
-}
-
-template <typename scalar_t, typename Target>
-__global__ void region_backward_kernel(const scalar_t* x, Geometry g, Target target, RegionParams<math_of<scalar_t>> P,
-                                       const math_of<scalar_t>* coef, scalar_t* dx, Geometry gg) {
+template <typename scalar_t, typename Target, int kMaxC>
+__global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_t* x, Geometry g, Target target,
+                                                                   RegionParams<math_of<scalar_t>> P,
+                                                                   const math_of<scalar_t>* coef, scalar_t* dx,
+                                                                   Geometry gg) {
   using math_t = math_of<scalar_t>;
   const int64_t b = blockIdx.y;
   const int64_t C = g.classes;
   const math_t* k = coef + b * (3 * C + 1);
   for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < g.voxels; v += int64_t(gridDim.x) * kThreads) {
     const int64_t l = target.label(b, v);
-    const math_t valid = l >= 0 ? math_t(1) : math_t(0);
     const scalar_t* row = x + b * g.sb + v * g.sv;
-    const LogSoftmax<math_t> lse = log_softmax<LibmMath>(softmax_of<math_t>(row, C, g.sc));
-    // Two passes over the classes: the sum of h first, then h_j - p_j sum (h recomputed: no
-    // per-voxel arrays of runtime length).
-    math_t hsum = 0;
-    for (int64_t c = 0; c < C; ++c) {
-      math_t p;
-      const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
-      hsum += region_h<math_t, Target>(cp, p, valid * target.template y<math_t>(b, c, v, l), valid, k, c, C, P);
-    }
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
-    for (int64_t c = 0; c < C; ++c) {
-      math_t p;
-      const ClippedProb<math_t> cp = clipped_at(static_cast<math_t>(row[c * g.sc]), lse, P.bounds, p);
-      const math_t h = region_h<math_t, Target>(cp, p, valid * target.template y<math_t>(b, c, v, l), valid, k, c, C, P);
-      out[c * gg.sc] = static_cast<scalar_t>(h - p * hsum);
+    math_t h[kMaxC], p[kMaxC], hsum = 0;
+    if (C <= kMaxC || kMaxC < kLargestCapacity<math_t>) {  // every class in registers, each term once
+      voxel_h<kMaxC>(row, target, b, v, l, C, g.sc, 0, k, P, h, p);
+#pragma unroll
+      for (int j = 0; j < kMaxC; ++j) hsum += h[j];
+#pragma unroll
+      for (int j = 0; j < kMaxC; ++j) {
+        if (j < C) out[j * gg.sc] = static_cast<scalar_t>(h[j] - p[j] * hsum);
+      }
+    } else {  // more classes than registers: a first pass for sum_c h_c, then h recomputed and written
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {
+        voxel_h<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, h, p);
+#pragma unroll
+        for (int j = 0; j < kMaxC; ++j) hsum += h[j];
+      }
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {
+        voxel_h<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, h, p);
+#pragma unroll
+        for (int j = 0; j < kMaxC; ++j) {
+          if (c0 + j < C) out[(c0 + j) * gg.sc] = static_cast<scalar_t>(h[j] - p[j] * hsum);
+        }
+      }
     }
   }
 }
@@ -430,6 +671,11 @@ void check_cuda(const at::Tensor& logits, const at::Tensor& target, const char* 
               " (CUDA): logits and target must be on the same CUDA device");
 }
 
+// labels: what native_labels returned (uint8, int32 or int64).
+LabelMap label_map(const at::Tensor& labels, const Geometry& lg, int64_t classes, std::optional<int64_t> ignore_index) {
+  return {labels.const_data_ptr(), static_cast<int>(labels.element_size()), lg, classes, ignore_index.has_value(),
+          ignore_index.value_or(0)};
+}
 
 dim3 grid_for(int64_t voxels, int64_t batch) {
   TORCH_CHECK(batch <= 65535, "lmfloss_ext (CUDA): at most 65535 images per call, got ", batch);
@@ -441,6 +687,21 @@ RowParams<math_t> row_params(const at::Tensor& m, const at::Tensor& lw, const at
                              double gamma, double s) {
   return {m.data_ptr<math_t>(), lw.data_ptr<math_t>(), fw.data_ptr<math_t>(), math_t(alpha), math_t(beta),
           math_t(gamma), math_t(s)};
+}
+
+// Shared-memory bytes of a staged row tile, or 0 where rows are read in place: classes not
+// contiguous (class stride != 1 in the logits or the gradient), or C > kStageMaxC, or a tile over
+// the default 48 KB (float64 beyond C = 23).
+template <typename math_t>
+size_t row_stage_bytes(const Geometry& g, const Geometry* gg, const RowTile& stage) {
+  const bool contiguous = g.sc == 1 && (gg == nullptr || gg->sc == 1);
+  const size_t bytes = size_t(kThreads) * stage.stride * sizeof(math_t);
+  return contiguous && g.classes <= kStageMaxC && bytes <= 48 * 1024 ? bytes : 0;
+}
+
+RowTile row_tile(const Geometry& g) {
+  const int classes = static_cast<int>(std::min<int64_t>(g.classes, kStageMaxC));
+  return {classes, classes | 1};
 }
 
 std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits_in, const at::Tensor& labels_in,
@@ -458,25 +719,29 @@ std::tuple<at::Tensor, at::Tensor> row_loss_forward(const at::Tensor& logits_in,
   const at::Tensor lw = class_vector(ldam_weight, logits, "ldam_weight");
   const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
   const dim3 grid = grid_for(g.voxels, g.batch);
+  const int64_t slots = int64_t(grid.x) * grid.y;
   const auto options = logits.options();
-  at::Tensor per_row = debug_poison(at::empty(labels_in.sizes(), options.dtype(mt)));
-  at::Tensor partials = at::empty({int64_t(grid.x) * grid.y, 4}, options.dtype(at::kDouble));
+  // The label-sized per-row losses only for reduction="none": "mean" and "sum" need the 4 sums alone.
+  at::Tensor per_row =
+      reduction == kNone ? debug_poison(at::empty(labels_in.sizes(), options.dtype(mt))) : at::Tensor();
+  at::Tensor partials = at::empty({4, slots}, options.dtype(at::kDouble));
+  at::Tensor totals = at::empty({4}, options.dtype(at::kDouble));
   at::Tensor loss = debug_poison(at::empty({}, options.dtype(mt)));
   at::Tensor norms = debug_poison(at::empty({2}, options.dtype(at::kDouble)));
+  const RowTile stage = row_tile(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "row_loss_forward_cuda", [&] {
     using math_t = math_of<scalar_t>;
     const auto P = row_params<math_t>(m, lw, fw, alpha, beta, gamma, s);
-    dispatch_labels(labels, [&](auto tag) {
-      using label_t = decltype(tag);
-      const LabelMap<label_t> target{labels.data_ptr<label_t>(), lg, g.classes, true, ignore_index};
-      row_forward_kernel<scalar_t, label_t><<<grid, kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), g, target, P, reduction == kNone ? per_row.data_ptr<math_t>() : nullptr,
-          partials.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    row_finalize_kernel<math_t><<<1, 32, 0, stream>>>(partials.data_ptr<double>(), partials.size(0), alpha, beta,
-                                                      reduction, loss.data_ptr<math_t>(), norms.data_ptr<double>());
+    const size_t smem = row_stage_bytes<math_t>(g, nullptr, stage);
+    row_forward_kernel<scalar_t><<<grid, kThreads, smem, stream>>>(
+        logits.data_ptr<scalar_t>(), g, label_map(labels, lg, g.classes, ignore_index), P, stage, smem > 0,
+        reduction == kNone ? per_row.data_ptr<math_t>() : nullptr, partials.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    column_sums_kernel<<<4, kThreads, 0, stream>>>(partials.data_ptr<double>(), slots, totals.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    row_finalize_kernel<math_t><<<1, 1, 0, stream>>>(totals.data_ptr<double>(), alpha, beta, reduction,
+                                                     loss.data_ptr<math_t>(), norms.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {reduction == kNone ? per_row : loss, norms};
@@ -500,27 +765,36 @@ at::Tensor row_loss_backward(const at::Tensor& grad, const at::Tensor& logits_in
   at::Tensor grad_in = gradient_like(logits_in);
   at::Tensor grad_view = grad_in;
   const Geometry gg = class_geometry(grad_view);
+  const RowTile stage = row_tile(g);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "row_loss_backward_cuda", [&] {
     using math_t = math_of<scalar_t>;
     const auto P = row_params<math_t>(m, lw, fw, alpha, beta, gamma, s);
-    dispatch_labels(labels, [&](auto tag) {
-      using label_t = decltype(tag);
-      const LabelMap<label_t> target{labels.data_ptr<label_t>(), lg, g.classes, true, ignore_index};
-      row_backward_kernel<scalar_t, label_t><<<grid_for(g.voxels, g.batch), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), g, target, P, go.data_ptr<math_t>(), nm.data_ptr<double>(), reduction,
-          grad_view.data_ptr<scalar_t>(), gg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    const size_t smem = row_stage_bytes<math_t>(g, &gg, stage);
+    row_backward_kernel<scalar_t><<<grid_for(g.voxels, g.batch), kThreads, smem, stream>>>(
+        logits.data_ptr<scalar_t>(), g, label_map(labels, lg, g.classes, ignore_index), P, stage, smem > 0,
+        go.data_ptr<math_t>(), nm.data_ptr<double>(), reduction, grad_view.data_ptr<scalar_t>(), gg);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad_in;
 }
 
+// Calls fn(target accessor): a label map in its native integer dtype, or a float map read in the
+// logits' dtype (a bf16 / fp16 one-hot next to bf16 / fp16 logits: no copy) or in the math type
+// (other float dtypes are converted to it once).
 template <typename scalar_t, typename Fn>
 void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std::optional<int64_t> ignore_index,
                      Fn&& fn) {
   using math_t = math_of<scalar_t>;
   if (target_in.is_floating_point()) {
+    if constexpr (!std::is_same_v<scalar_t, math_t>) {
+      if (target_in.scalar_type() == logits.scalar_type()) {
+        at::Tensor target = target_in;
+        const Geometry tg = class_geometry(target);
+        fn(SoftMap<scalar_t>{target.data_ptr<scalar_t>(), tg});
+        return;
+      }
+    }
     at::Tensor target = target_in.to(c10::CppTypeToScalarType<math_t>());
     const Geometry tg = class_geometry(target);
     fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
@@ -529,11 +803,20 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
   at::Tensor labels = native_labels(target_in);
   if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
   const Geometry lg = label_geometry(labels, logits.dim());
-  dispatch_labels(labels, [&](auto tag) {
-    using label_t = decltype(tag);
-    fn(LabelMap<label_t>{labels.data_ptr<label_t>(), lg, logits.size(1), ignore_index.has_value(),
-                         ignore_index.value_or(0)});
-  });
+  fn(label_map(labels, lg, logits.size(1), ignore_index));
+}
+
+// Calls fn(std::integral_constant<int, kMaxC>) with the class capacity of the region kernels:
+// the smallest of 4, 8, 16 that holds C (16 beyond: several passes); 4 for float64.
+template <typename math_t, typename Fn>
+void dispatch_capacity(int64_t classes, Fn&& fn) {
+  if constexpr (std::is_same_v<math_t, double>) {
+    fn(std::integral_constant<int, kLargestCapacity<double>>{});
+  } else {
+    if (classes <= 4) return fn(std::integral_constant<int, 4>{});
+    if (classes <= 8) return fn(std::integral_constant<int, 8>{});
+    fn(std::integral_constant<int, kLargestCapacity<float>>{});
+  }
 }
 
 template <typename math_t>
@@ -562,23 +845,29 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits_
   const int64_t B = g.batch, C = g.classes, width = RegionStats<double>::width(C);
   const dim3 grid = grid_for(g.voxels, B);
   const auto options = logits.options();
-  at::Tensor partials = at::empty({int64_t(grid.x) * B, width}, options.dtype(at::kDouble));
+  at::Tensor partials = at::empty({B * width, int64_t(grid.x)}, options.dtype(at::kDouble));
   at::Tensor stats = debug_poison(at::empty({B, width}, options.dtype(at::kDouble)));
-  at::Tensor image_loss = at::empty({B}, options.dtype(at::kDouble));
-  at::Tensor loss = debug_poison(at::empty(reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, options.dtype(mt)));
+  const int64_t tversky_rows = batch ? 1 : B;
+  at::Tensor work = at::empty({tversky_rows * (C + 1)}, options.dtype(at::kDouble));
+  at::Tensor loss =
+      debug_poison(at::empty(reduction == kNone ? at::IntArrayRef{B} : at::IntArrayRef{}, options.dtype(mt)));
   const RegionScalars S{delta, focal_coef, tversky_coef, smooth_nr, smooth_dr, batch, reduction};
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cuda", [&] {
     using math_t = math_of<scalar_t>;
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      region_forward_kernel<<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P,
-                                                           partials.data_ptr<double>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_capacity<math_t>(C, [&](auto capacity) {
+        region_forward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value>
+            <<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P, partials.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
-    region_finalize_kernel<math_t><<<1, kThreads, 0, stream>>>(partials.data_ptr<double>(), grid.x, B, C,
-                                                               ex.data_ptr<double>(), S, stats.data_ptr<double>(),
-                                                               image_loss.data_ptr<double>(), loss.data_ptr<math_t>());
+    column_sums_kernel<<<static_cast<unsigned>(B * width), kThreads, 0, stream>>>(partials.data_ptr<double>(), grid.x,
+                                                                                   stats.data_ptr<double>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    region_finalize_kernel<math_t><<<1, kThreads, 0, stream>>>(stats.data_ptr<double>(), B, C, ex.data_ptr<double>(),
+                                                               S, work.data_ptr<double>(), loss.data_ptr<math_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, stats};
@@ -612,9 +901,13 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      region_backward_kernel<<<grid_for(g.voxels, B), kThreads, 0, stream>>>(
-          logits.data_ptr<scalar_t>(), g, acc, P, coef.data_ptr<math_t>(), grad_view.data_ptr<scalar_t>(), gg);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_capacity<math_t>(C, [&](auto capacity) {
+        region_backward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value>
+            <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P,
+                                                             coef.data_ptr<math_t>(),
+                                                             grad_view.data_ptr<scalar_t>(), gg);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return grad_in;
@@ -629,3 +922,23 @@ TORCH_LIBRARY_IMPL(lmfloss_ext, CUDA, m) {
   m.impl("region_loss_forward", &lmfloss::cuda::region_loss_forward);
   m.impl("region_loss_backward", &lmfloss::cuda::region_loss_backward);
 }
+
+// Resources, from ptxas -v for sm_90 (CUDA 13.0, -O3), 256 threads per block; occupancy from the
+// registers alone (resident warps of 64). Before issue 12 -> now:
+//   row_forward       64 registers (50%)          -> 48 (62%), plus the staged tile: 256 x (C | 1)
+//                                                    floats of shared memory (3 KB at C = 2, 33 KB at 32)
+//   row_backward      48 (62%)                    -> 48 (62%)
+//   region_forward    71 (37%), every C in passes -> kMaxC 4: 47-48 (62%; float labels 64, 50%),
+//                     of 8 classes                   8: 79 (37%), 16: 127-128 (25%)
+//   region_backward   47-48 (62%)                 -> kMaxC 4: 34-35 (75%; float soft 60, 50%),
+//                                                    8: 45-48 (62%), 16: 80 soft (37%), 128 labels (25%)
+//   float64           forward 122-128 (25%), backward 64-66 -> forward 94-106 (25%), backward 76-92
+//   column_sums 30, region_finalize 54, region_coefficients 58 (one block each, or one per column)
+// At kMaxC = 16 a warp issues the loads of all 16 logits of its voxels before their first use: 16
+// resident warps per SM keep 16 x 32 x 16 x 2 B = 16 KB (bf16) in flight, about what 3 TB/s needs
+// over ~600 ns of DRAM latency on 132 SMs (14 KB per SM). Spills: none, except
+// region_backward<*, SoftMap, 16> (soft targets with 9 to 16 classes): 32 bytes of stack, a kernel
+// argument reloaded from L1 once per class after each call of the precise division's slow path
+// (the call's ABI leaves too few registers across it at 80 live values).
+// Build cost: 67 kernels, about 2 CPU-minutes per architecture (before: 62 kernels, 46 s); one
+// template parameter per label dtype and a capacity of 32 had made it 151 kernels and 4 minutes.
