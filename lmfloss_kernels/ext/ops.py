@@ -5,7 +5,7 @@ or CUDA implementation by the logits' device), has a fake implementation for tra
 the forward ops, an autograd formula that calls the matching backward op. So
 ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces through them.
 The formulas are first order only: backward with ``create_graph=True`` raises
-(:func:`.._backends.refuse_double_backward`).
+(:func:`.._autograd.refuse_double_backward`).
 
 * ``ext_row_loss(...) -> (loss, norms)``, ``ext_row_loss_backward(...) -> grad``: the row family;
   ``norms`` = [sum of the valid rows' LDAM weights, number of valid rows] (float64), the two
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import refuse_double_backward
+from .._autograd import refuse_double_backward
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
