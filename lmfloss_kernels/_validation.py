@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._config import get_options
 
@@ -146,15 +147,20 @@ def check_label_range(
 
     ``name``: how the error message names the tensor (the caller's argument name).
 
-    One :func:`_value_range` on the labels' own dtype; ignored labels are replaced by 0 (always
-    in range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
+    One :func:`value_range` on the labels' own dtype. Only when that range is not inside
+    ``[0, num_classes)`` (an ignored label, or a bad one) is a second one taken with the ignored
+    labels replaced by 0 (always in range) instead of filtered out, so no int64 copy or
+    boolean-indexed temporary is made.
     """
     if labels.numel() == 0:
         return
     values = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
+    low, high = value_range(values)
+    if 0 <= low and high < num_classes:
+        return  # the usual case, whatever ignore_index: one pass, no temporary
     if ignore_index is not None and _representable(ignore_index, values.dtype):
         values = torch.where(values == ignore_index, torch.zeros((), dtype=values.dtype), values)
-    low, high = _value_range(values)
+        low, high = value_range(values)
     if low < 0 or high >= num_classes:
         # Error path only: the range of the labels that are not ignored, for the message.
         kept = labels.long()
@@ -164,14 +170,16 @@ def check_label_range(
         raise ValueError(f"{name} must be in {allowed}, got values in [{low}, {high}]")
 
 
-def _value_range(values: torch.Tensor) -> list:
-    """``[min, max]`` of a non-empty tensor with one host sync; NaN propagates into both.
+def value_range(values: torch.Tensor) -> list:
+    """``[min, max]`` of a non-empty tensor as Python numbers, with one host sync; NaN propagates into both.
 
     ``torch.aminmax`` reads a contiguous tensor in one pass but first copies any other layout
     (an expanded or channels-last map would be materialised in full), so other layouts get
     ``amin`` and ``amax``: two passes, no temporary.
     """
     ends = torch.aminmax(values) if values.is_contiguous() else (values.amin(), values.amax())
+    if values.device.type == "cpu":
+        return [end.item() for end in ends]  # nothing to wait for on the host: skip the stack
     return torch.stack(ends).tolist()
 
 
@@ -211,11 +219,11 @@ def check_soft_range(target: torch.Tensor) -> None:
     """Raise ``ValueError`` unless every entry of a one-hot / soft map is finite and in ``[0, 1]``.
 
     Outside that range the losses lose their meaning without failing (a negative entry can make
-    the loss negative). One :func:`_value_range` on the target's own dtype: NaN propagates into
+    the loss negative). One :func:`value_range` on the target's own dtype: NaN propagates into
     both ends and +-inf lies outside ``[0, 1]``, so the one comparison covers non-finite entries
     too. Rows are not required to sum to 1.
     """
-    low, high = _value_range(target)
+    low, high = value_range(target)
     if not (0.0 <= low and high <= 1.0):
         found = f"values in [{low:g}, {high:g}]"
         if math.isnan(low):
@@ -278,9 +286,16 @@ def class_vector(
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
     exact = vector.dtype == torch.float64 or not vector.is_floating_point()
     vector = per_class_on(name, vector, device, torch.float64 if exact else torch.float32)
-    if _can_inspect(vector):
+    if _can_inspect(vector) and _checked.get(vector) != (vector._version, positive):
         _check_class_values(name, vector.tolist(), positive)
+        _checked[vector] = (vector._version, positive)
     return vector
+
+
+# Per-class tensors whose values passed _check_class_values, with their version counter then: a
+# criterion's buffer (or a weight tensor passed at every call) is read on the host once, not at
+# every call, and again after any in-place change.
+_checked = WeakIdKeyDictionary()
 
 
 def per_class_on(name: str, vector: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -4,7 +4,8 @@ Each module takes the keywords of the function of the same name in
 :mod:`lmfloss_kernels.functional` (see there for formulas, defaults and sources) and checks
 them when it is built, so a bad hyper-parameter fails at construction, not in the first
 training step. Per-class tensors (margins, class weights, ``alpha``) are registered as
-buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them.
+buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them; they keep their
+dtype under ``criterion.to(dtype)`` (see :class:`_Criterion`).
 """
 
 from __future__ import annotations
@@ -54,11 +55,55 @@ def _check_backend(backend: object) -> str:
     return backend
 
 
-class _KeywordLoss(nn.Module):
+class _Criterion(nn.Module):
+    """Base of the criteria: per-class buffers keep their dtype and are served to each call cached.
+
+    ``criterion.to(torch.bfloat16)`` (or ``.half()``, ``.double()``) would round floating-point
+    buffers; per-class constants (margins, class weights, ``alpha``) are not activations, so they
+    keep the dtype they were built in (float64 or float32) and follow device moves only. Each
+    call needs them on the logits' device in the loss's math dtype: that copy is made once per
+    (buffer, device, dtype) and reused until the buffer is replaced or changed in place
+    (``load_state_dict``, a DDP buffer broadcast), so a training step makes no per-class copies.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._served: dict = {}
+
+    def _apply(self, fn, recurse=True):
+        before = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in before.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(device=moved.device)
+        return self
+
+    def _served_buffer(self, name: str, logits: torch.Tensor, label: str) -> torch.Tensor | None:
+        """Buffer ``name`` on the logits' device in their math dtype; ``label`` names it in errors."""
+        buffer = getattr(self, name)
+        if buffer is None:
+            return None
+        dtype = F._vector_dtype(logits)
+        if torch.compiler.is_compiling():
+            return per_class_on(label, buffer, logits.device, dtype)
+        key = (name, logits.device, dtype)
+        hit = self._served.get(key)
+        if hit is not None and hit[0] is buffer and hit[1] == buffer._version:
+            return hit[2]
+        # A copy made under inference_mode would be an inference tensor, which autograd refuses
+        # to save in a later training step.
+        with torch.inference_mode(False):
+            value = per_class_on(label, buffer, logits.device, dtype)
+        self._served[key] = (buffer, buffer._version, value)
+        return value
+
+
+class _KeywordLoss(_Criterion):
     """A criterion that forwards fixed keywords to one function of :mod:`functional`.
 
-    Construction runs the function once on shape-only ``meta`` tensors with the eager
-    reference: every hyper-parameter check runs, no memory is touched.
+    Construction runs the function once on shape-only ``meta`` tensors under
+    :func:`functional.checks_only`: every hyper-parameter check runs, nothing is computed.
     """
 
     _function = None
@@ -81,13 +126,19 @@ class _KeywordLoss(nn.Module):
             # checks the keyword's type only.
             check_bool("dist_sync", dry_kwargs["dist_sync"])
             dry_kwargs.update(dist_sync=False, process_group=None)
-        type(self)._function(dry_logits, dry_target, **dry_kwargs, backend="reference")
+        with F.checks_only():
+            type(self)._function(dry_logits, dry_target, **dry_kwargs, backend="reference")
 
-    def _call_kwargs(self) -> dict:
-        return {**self.kwargs, **{name: getattr(self, name) for name in self._tensor_names}}
+    def _call_kwargs(self, logits: torch.Tensor | None = None) -> dict:
+        tensors = {
+            name: getattr(self, name) if logits is None else self._served_buffer(name, logits, name)
+            for name in self._tensor_names
+        }
+        return {**self.kwargs, **tensors}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return type(self)._function(logits, target, **self._call_kwargs(), backend=self.backend)
+        served = self._call_kwargs(logits) if isinstance(logits, torch.Tensor) else self._call_kwargs()
+        return type(self)._function(logits, target, **served, backend=self.backend)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor) and k != "process_group"}
@@ -270,7 +321,7 @@ class MixedFocalLoss(_AlphaLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
-class _MarginLoss(nn.Module):
+class _MarginLoss(_Criterion):
     """LDAM-style criterion: margins and class weights computed once from ``class_counts``."""
 
     def __init__(self, class_counts, *, max_m, s, weight, alpha, beta, gamma, reduction, ignore_index, backend):
@@ -293,8 +344,9 @@ class _MarginLoss(nn.Module):
         self.register_buffer("class_counts", counts)
         self.register_buffer("margins", margins)
         self.register_buffer("class_weight", class_weight.clone())
-        # Validate every remaining keyword now, on a one-row dry run.
-        self._call(dry_logits, torch.zeros(1, dtype=torch.long), backend="reference")
+        # Validate every remaining keyword now, on a one-row dry run that computes nothing.
+        with F.checks_only():
+            self._call(dry_logits, torch.zeros(1, dtype=torch.long), backend="reference")
 
     def _call(self, logits, target, backend):
         opts = self.options
@@ -307,8 +359,7 @@ class _MarginLoss(nn.Module):
         # The fused kernels take the buffers' pointers as they are, so a criterion left on another
         # device has them moved, as the functional API moves per-class tensors (meta ones raise).
         margins, class_weight = (
-            per_class_on(f"{type(self).__name__}.{name}", getattr(self, name), logits.device, F._vector_dtype(logits))
-            for name in ("margins", "class_weight")
+            self._served_buffer(name, logits, f"{type(self).__name__}.{name}") for name in ("margins", "class_weight")
         )
         return F._row_family(
             logits,
