@@ -99,8 +99,15 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     return backend.unavailable_reason(device, dtype)
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can serve tensors of this device and dtype."""
+def available_backends(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can serve tensors of this device and dtype.
+
+    ``device=None``: the backends that can serve some device present here (the CPU, and CUDA when
+    a device is visible), in the registry's order.
+    """
+    if device is None:
+        present = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        return [name for name in BACKEND_NAMES[1:] if any(_reason(name, d, dtype) is None for d in present)]
     device = torch.device(device)
     return [name for name in BACKEND_NAMES[1:] if _reason(name, device, dtype) is None]
 

@@ -120,6 +120,16 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     ``ignore_index``; that is verified on CPU tensors always and on other devices when the
     ``check_labels`` option is on (it needs a device-to-host sync).
     """
+    return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
+
+
+def check_labels_coverage(
+    logits: torch.Tensor, target: object, *, ignore_index: int | None
+) -> tuple[torch.Tensor, bool]:
+    """:func:`check_labels`, and whether every label is known to equal ``ignore_index`` (from the same range check).
+
+    ``False`` when some label is not ignored, and whenever the values were not inspected.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex():
@@ -136,16 +146,17 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
             f"{tuple(logits.shape)}, got {tuple(target.shape)}"
         )
     if _can_inspect(labels):
-        check_label_range(labels, logits.shape[1], ignore_index)
-    return labels
+        return labels, check_label_range(labels, logits.shape[1], ignore_index)
+    return labels, False
 
 
 def check_label_range(
     labels: torch.Tensor, num_classes: int, ignore_index: int | None, *, name: str = "target labels"
-) -> None:
+) -> bool:
     """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``.
 
-    ``name``: how the error message names the tensor (the caller's argument name).
+    Returns whether every label equals ``ignore_index``. ``name``: how the error message names
+    the tensor (the caller's argument name).
 
     One :func:`value_range` on the labels' own dtype. Only when that range is not inside
     ``[0, num_classes)`` (an ignored label, or a bad one) is a second one taken with the ignored
@@ -153,11 +164,13 @@ def check_label_range(
     boolean-indexed temporary is made.
     """
     if labels.numel() == 0:
-        return
+        return False
     values = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
     low, high = value_range(values)
+    if low == high == ignore_index:
+        return True
     if 0 <= low and high < num_classes:
-        return  # the usual case, whatever ignore_index: one pass, no temporary
+        return False  # the usual case, whatever ignore_index: one pass, no temporary
     if ignore_index is not None and _representable(ignore_index, values.dtype):
         values = torch.where(values == ignore_index, torch.zeros((), dtype=values.dtype), values)
         low, high = value_range(values)
@@ -168,6 +181,7 @@ def check_label_range(
         low, high = int(kept.min()), int(kept.max())
         allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name} must be in {allowed}, got values in [{low}, {high}]")
+    return False
 
 
 def value_range(values: torch.Tensor) -> list:
@@ -261,6 +275,13 @@ def is_sequence(value: object) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
+def as_class_values(value: object) -> object:
+    """A NumPy array (any object with ``__array__``: ``np.bincount``'s result) as a tensor; else ``value``."""
+    if not isinstance(value, torch.Tensor) and hasattr(value, "__array__") and not is_sequence(value):
+        return torch.as_tensor(value)
+    return value
+
+
 def class_vector(
     name: str,
     value: object,
@@ -272,13 +293,17 @@ def class_vector(
     """A per-class vector of length ``num_classes`` on ``device``.
 
     float64 for Python sequences, integer tensors and float64 tensors (all exact), float32 for
-    other floating-point tensors; callers round it once to the dtype their logits need.
+    other floating-point tensors; callers round it once to the dtype their logits need. NumPy
+    arrays are taken as tensors (:func:`as_class_values`).
     """
+    value = as_class_values(value)
     if is_sequence(value):
         values = class_sequence(name, value, num_classes, positive=positive)
         return torch.tensor(values, dtype=torch.float64, device=device)
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or a sequence of {num_classes} numbers, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a tensor, an array or a sequence of {num_classes} numbers, got {type(value).__name__}"
+        )
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
     vector = value.detach()

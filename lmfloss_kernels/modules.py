@@ -17,7 +17,7 @@ from torch import nn
 
 from . import functional as F
 from ._backends import BACKEND_NAMES, preload
-from ._validation import check_bool, check_class_counts, check_number, class_vector, per_class_on
+from ._validation import as_class_values, check_bool, check_class_counts, check_number, class_vector, per_class_on
 
 __all__ = [
     "AsymmetricFocalLoss",
@@ -270,9 +270,12 @@ class _AlphaLoss(_KeywordLoss):
     """A keyword loss whose optional per-class ``alpha`` is kept as a buffer."""
 
     def __init__(self, *, alpha, **kwargs) -> None:
+        alpha = as_class_values(alpha)
         if alpha is not None:
             if not isinstance(alpha, (torch.Tensor, list, tuple)):
-                raise TypeError(f"alpha must be None, a tensor or a sequence of numbers, got {type(alpha).__name__}")
+                raise TypeError(
+                    f"alpha must be None, a tensor, an array or a sequence of numbers, got {type(alpha).__name__}"
+                )
             count = alpha.numel() if isinstance(alpha, torch.Tensor) else len(alpha)
             alpha = class_vector("alpha", alpha, count, torch.device("cpu"))
         super().__init__(tensors={"alpha": alpha}, **kwargs)
@@ -290,7 +293,7 @@ class FocalLoss(_AlphaLoss):
         gamma: float = 2.0,
         alpha=None,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -326,6 +329,7 @@ class _MarginLoss(_Criterion):
 
     def __init__(self, class_counts, *, max_m, s, weight, alpha, beta, gamma, reduction, ignore_index, backend):
         super().__init__()
+        class_counts = as_class_values(class_counts)
         if isinstance(class_counts, torch.Tensor):
             num_classes = class_counts.numel()
         else:
@@ -399,7 +403,7 @@ class LMFLoss(_MarginLoss):
         max_m: float = 0.5,
         weight="margins",
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -428,7 +432,7 @@ class LDAMLoss(_MarginLoss):
         s: float = 30.0,
         weight=None,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(
