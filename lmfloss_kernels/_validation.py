@@ -8,6 +8,7 @@ it (``check_labels``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
@@ -191,10 +192,30 @@ def value_range(values: torch.Tensor) -> list:
     (an expanded or channels-last map would be materialised in full), so other layouts get
     ``amin`` and ``amax``: two passes, no temporary.
     """
+    if values.device.type == "cpu" and _ATEN_GRAIN < values.numel() <= SERIAL_ELEMENTS and values.dtype in _NUMPY:
+        # Between ATen's grain and the kernels' one, ATen's reductions would wake an OpenMP team
+        # that the kernels do not, which on a loaded machine costs milliseconds; NumPy reduces
+        # serially, on a view of the same memory (any strides, no copy).
+        array = values.detach().numpy()
+        return [array.min().item(), array.max().item()]
     ends = torch.aminmax(values) if values.is_contiguous() else (values.amin(), values.amax())
     if values.device.type == "cpu":
         return [end.item() for end in ends]  # nothing to wait for on the host: skip the stack
     return torch.stack(ends).tolist()
+
+
+# Host checks of tensors up to this many elements run on the calling thread, as the CPU kernels
+# do (csrc/cpu/tile.h kMinTaskElements): a small problem never pays for starting threads.
+SERIAL_ELEMENTS = 1 << 20
+_ATEN_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller reductions run serially in ATen already
+# Dtypes NumPy reduces (not bfloat16); none when NumPy is not installed.
+_NUMPY = (
+    frozenset(
+        {torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    )
+    if importlib.util.find_spec("numpy") is not None
+    else frozenset()
+)
 
 
 def _representable(value: int, dtype: torch.dtype) -> bool:
