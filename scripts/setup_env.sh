@@ -36,16 +36,21 @@ pip_install() {
 fingerprint() {
   local extra="$1"
   shift
-  { printf '%s\n' "$extra"; find "$@" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum; } | sha256sum | cut -d' ' -f1
+  {
+    printf '%s\n' "$extra"
+    find "$@" -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  } | sha256sum | cut -d' ' -f1
 }
 stamp_matches() { [ "${LMFLOSS_REBUILD:-0}" != 1 ] && [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
 
 torch_wanted="${LMFLOSS_TORCH:-2.14.1}"
-if python -c "import torch; assert torch.__version__.startswith('$torch_wanted')" 2>/dev/null; then
-  step "torch $torch_wanted: already installed"
+torch_version=$(python -c "import torch; print(torch.__version__)" 2>/dev/null || true)
+if [[ "$torch_version" == "$torch_wanted"* ]]; then
+  step "torch $torch_version: already installed"
 else
   step "installing torch==$torch_wanted (a download of a few GB the first time)"
   pip_install "torch==$torch_wanted"
+  torch_version=$(python -c "import torch; print(torch.__version__)")
 fi
 
 tools_stamp="$venv/.lmfloss-tools.stamp"
@@ -65,21 +70,22 @@ if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
 fi
 
 build_stamp="$venv/.lmfloss-build.stamp"
-torch_version=$(python -c "import torch; print(torch.__version__)")
 switches="torch=$torch_version FORCE_CUDA=${FORCE_CUDA:-} FORCE_ONLY_CPU=${FORCE_ONLY_CPU:-} \
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-} LMFLOSS_CPU_ARCH=${LMFLOSS_CPU_ARCH:-} CUDA_HOME=${CUDA_HOME:-}"
 build_print=$(fingerprint "$switches" "$root/csrc" "$root/setup.py" "$root/pyproject.toml")
-loads() { python -c "import sys, lmfloss_kernels.ext as e; sys.exit(1 if e.LOAD_ERROR else 0)" 2>/dev/null; }
-if stamp_matches "$build_stamp" "$build_print" && (cd "$root" && loads); then
+# The build must also load: a library that builds but does not load would turn the cpu-backend
+# tests into skips.
+check_load() {
+  python -c "import sys, lmfloss_kernels.ext as e; sys.exit(e.LOAD_ERROR and f'C++ extension not loaded: {e.LOAD_ERROR}')"
+}
+if stamp_matches "$build_stamp" "$build_print" && (cd "$root" && check_load 2>/dev/null); then
   step "C++ extension: sources, torch and build switches unchanged since the last build, skipped"
 else
   step "installing this package in editable mode and compiling the C++ extension (a few minutes)"
   rm -f "$build_stamp"
   (cd "$root" && pip_install --no-build-isolation --no-deps -e .)
+  check_load
   echo "$build_print" >"$build_stamp"
 fi
-# The build must also load: a library that builds but does not load would turn the cpu-backend
-# tests into skips.
-python -c "import sys, lmfloss_kernels.ext as e; sys.exit(e.LOAD_ERROR and f'C++ extension not loaded: {e.LOAD_ERROR}')"
 step "ready"
 set +euo pipefail
