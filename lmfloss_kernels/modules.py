@@ -87,15 +87,17 @@ class _Criterion(nn.Module):
         dtype = F._vector_dtype(logits)
         if torch.compiler.is_compiling():
             return per_class_on(label, buffer, logits.device, dtype)
+        # A criterion pickled before this cache existed has no _served until its first call.
+        served = self.__dict__.setdefault("_served", {})
         key = (name, logits.device, dtype)
-        hit = self._served.get(key)
+        hit = served.get(key)
         if hit is not None and hit[0] is buffer and hit[1] == buffer._version:
             return hit[2]
         # A copy made under inference_mode would be an inference tensor, which autograd refuses
         # to save in a later training step.
         with torch.inference_mode(False):
             value = per_class_on(label, buffer, logits.device, dtype)
-        self._served[key] = (buffer, buffer._version, value)
+        served[key] = (buffer, buffer._version, value)
         return value
 
 
