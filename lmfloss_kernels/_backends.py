@@ -24,6 +24,7 @@ from typing import Protocol
 import torch
 
 from . import reference
+from ._autograd import refuse_double_backward as refuse_double_backward  # re-exported for the backends
 
 
 class Backend(Protocol):
@@ -69,27 +70,6 @@ def announce(reason: str) -> None:
     _announced.add(reason)
 
 
-def refuse_double_backward(name: str) -> None:
-    """Raise when backend ``name``'s backward is asked to build a graph of the gradient.
-
-    Fused backends compute the gradient in kernels that have no derivative of their own: a
-    ``create_graph=True`` backward would either fail deep inside torch or, worse, treat the
-    gradient as a constant and give wrong second derivatives. The autograd engine runs backward
-    with grad mode on exactly when ``create_graph=True``; AOTAutograd (torch.compile, and
-    opcheck's ``test_aot_dispatch_dynamic``) traces the backward of a first-order gradient with
-    grad mode off (checked with torch 2.14 by tests/test_triton_ops.py, tests/test_ext_ops.py and
-    tests/test_compile_fresh.py), so the grad mode alone tells the two apart. (grad_output's
-    ``requires_grad`` would not: ``autograd.grad(loss, x, create_graph=True)`` seeds with a
-    constant 1.)
-    """
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            f"double backward is not supported by backend '{name}' (create_graph=True builds a graph of a "
-            "gradient that its fused kernels compute without one); use backend='reference' for "
-            "higher-order gradients"
-        )
-
-
 def _load(name: str) -> Backend | str:
     """The backend object, or a string saying why it could not be imported."""
     if name not in _loaded:
@@ -119,8 +99,15 @@ def _reason(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
     return backend.unavailable_reason(device, dtype)
 
 
-def available_backends(device: torch.device | str, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Names of the backends that can serve tensors of this device and dtype."""
+def available_backends(device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Names of the backends that can serve tensors of this device and dtype.
+
+    ``device=None``: the backends that can serve some device present here (the CPU, and CUDA when
+    a device is visible), in the registry's order.
+    """
+    if device is None:
+        present = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+        return [name for name in BACKEND_NAMES[1:] if any(_reason(name, d, dtype) is None for d in present)]
     device = torch.device(device)
     return [name for name in BACKEND_NAMES[1:] if _reason(name, device, dtype) is None]
 

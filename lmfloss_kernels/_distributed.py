@@ -32,6 +32,8 @@ from collections.abc import Callable
 
 import torch
 
+from ._autograd import refuse_double_backward
+
 
 class DistSync:
     """Which process group to sum the statistics over (``None``: the default group)."""
@@ -171,9 +173,6 @@ class SyncedRegion(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        # Imported here: the registry imports the reference, which imports this module.
-        from ._backends import refuse_double_backward
-
         kernels = ctx.kernels
         refuse_double_backward(kernels.backend)  # the gradient pass is a fused kernel
         logits, stats, totals = ctx.saved_tensors

@@ -8,10 +8,12 @@ it (``check_labels``).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ._config import get_options
 
@@ -119,6 +121,16 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     ``ignore_index``; that is verified on CPU tensors always and on other devices when the
     ``check_labels`` option is on (it needs a device-to-host sync).
     """
+    return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
+
+
+def check_labels_coverage(
+    logits: torch.Tensor, target: object, *, ignore_index: int | None
+) -> tuple[torch.Tensor, bool]:
+    """:func:`check_labels`, and whether every label is known to equal ``ignore_index`` (from the same range check).
+
+    ``False`` when some label is not ignored, and whenever the values were not inspected.
+    """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex():
@@ -135,26 +147,34 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
             f"{tuple(logits.shape)}, got {tuple(target.shape)}"
         )
     if _can_inspect(labels):
-        check_label_range(labels, logits.shape[1], ignore_index)
-    return labels
+        return labels, check_label_range(labels, logits.shape[1], ignore_index)
+    return labels, False
 
 
 def check_label_range(
     labels: torch.Tensor, num_classes: int, ignore_index: int | None, *, name: str = "target labels"
-) -> None:
+) -> bool:
     """Raise ``ValueError`` if a label is outside ``[0, num_classes)`` and not ``ignore_index``.
 
-    ``name``: how the error message names the tensor (the caller's argument name).
+    Returns whether every label equals ``ignore_index``. ``name``: how the error message names
+    the tensor (the caller's argument name).
 
-    One :func:`_value_range` on the labels' own dtype; ignored labels are replaced by 0 (always
-    in range) instead of being filtered out, so no int64 copy or boolean-indexed temporary is made.
+    One :func:`value_range` on the labels' own dtype. Only when that range is not inside
+    ``[0, num_classes)`` (an ignored label, or a bad one) is a second one taken with the ignored
+    labels replaced by 0 (always in range) instead of filtered out, so no int64 copy or
+    boolean-indexed temporary is made.
     """
     if labels.numel() == 0:
-        return
+        return False
     values = labels.view(torch.uint8) if labels.dtype == torch.bool else labels
+    low, high = value_range(values)
+    if low == high == ignore_index:
+        return True
+    if 0 <= low and high < num_classes:
+        return False  # the usual case, whatever ignore_index: one pass, no temporary
     if ignore_index is not None and _representable(ignore_index, values.dtype):
         values = torch.where(values == ignore_index, torch.zeros((), dtype=values.dtype), values)
-    low, high = _value_range(values)
+        low, high = value_range(values)
     if low < 0 or high >= num_classes:
         # Error path only: the range of the labels that are not ignored, for the message.
         kept = labels.long()
@@ -162,17 +182,40 @@ def check_label_range(
         low, high = int(kept.min()), int(kept.max())
         allowed = f"[0, {num_classes - 1}]" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
         raise ValueError(f"{name} must be in {allowed}, got values in [{low}, {high}]")
+    return False
 
 
-def _value_range(values: torch.Tensor) -> list:
-    """``[min, max]`` of a non-empty tensor with one host sync; NaN propagates into both.
+def value_range(values: torch.Tensor) -> list:
+    """``[min, max]`` of a non-empty tensor as Python numbers, with one host sync; NaN propagates into both.
 
     ``torch.aminmax`` reads a contiguous tensor in one pass but first copies any other layout
     (an expanded or channels-last map would be materialised in full), so other layouts get
     ``amin`` and ``amax``: two passes, no temporary.
     """
+    if values.device.type == "cpu" and _ATEN_GRAIN < values.numel() <= SERIAL_ELEMENTS and values.dtype in _NUMPY:
+        # Between ATen's grain and the kernels' one, ATen's reductions would wake an OpenMP team
+        # that the kernels do not, which on a loaded machine costs milliseconds; NumPy reduces
+        # serially, on a view of the same memory (any strides, no copy).
+        array = values.detach().numpy()
+        return [array.min().item(), array.max().item()]
     ends = torch.aminmax(values) if values.is_contiguous() else (values.amin(), values.amax())
+    if values.device.type == "cpu":
+        return [end.item() for end in ends]  # nothing to wait for on the host: skip the stack
     return torch.stack(ends).tolist()
+
+
+# Host checks of tensors up to this many elements run on the calling thread, as the CPU kernels
+# do (csrc/cpu/tile.h kMinTaskElements): a small problem never pays for starting threads.
+SERIAL_ELEMENTS = 1 << 20
+_ATEN_GRAIN = 32768  # at::internal::GRAIN_SIZE: smaller reductions run serially in ATen already
+# Dtypes NumPy reduces (not bfloat16); none when NumPy is not installed.
+_NUMPY = (
+    frozenset(
+        {torch.float16, torch.float32, torch.float64, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64}
+    )
+    if importlib.util.find_spec("numpy") is not None
+    else frozenset()
+)
 
 
 def _representable(value: int, dtype: torch.dtype) -> bool:
@@ -211,11 +254,11 @@ def check_soft_range(target: torch.Tensor) -> None:
     """Raise ``ValueError`` unless every entry of a one-hot / soft map is finite and in ``[0, 1]``.
 
     Outside that range the losses lose their meaning without failing (a negative entry can make
-    the loss negative). One :func:`_value_range` on the target's own dtype: NaN propagates into
+    the loss negative). One :func:`value_range` on the target's own dtype: NaN propagates into
     both ends and +-inf lies outside ``[0, 1]``, so the one comparison covers non-finite entries
     too. Rows are not required to sum to 1.
     """
-    low, high = _value_range(target)
+    low, high = value_range(target)
     if not (0.0 <= low and high <= 1.0):
         found = f"values in [{low:g}, {high:g}]"
         if math.isnan(low):
@@ -253,6 +296,13 @@ def is_sequence(value: object) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
+def as_class_values(value: object) -> object:
+    """A NumPy array (any object with ``__array__``: ``np.bincount``'s result) as a tensor; else ``value``."""
+    if not isinstance(value, torch.Tensor) and hasattr(value, "__array__") and not is_sequence(value):
+        return torch.as_tensor(value)
+    return value
+
+
 def class_vector(
     name: str,
     value: object,
@@ -264,13 +314,17 @@ def class_vector(
     """A per-class vector of length ``num_classes`` on ``device``.
 
     float64 for Python sequences, integer tensors and float64 tensors (all exact), float32 for
-    other floating-point tensors; callers round it once to the dtype their logits need.
+    other floating-point tensors; callers round it once to the dtype their logits need. NumPy
+    arrays are taken as tensors (:func:`as_class_values`).
     """
+    value = as_class_values(value)
     if is_sequence(value):
         values = class_sequence(name, value, num_classes, positive=positive)
         return torch.tensor(values, dtype=torch.float64, device=device)
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or a sequence of {num_classes} numbers, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a tensor, an array or a sequence of {num_classes} numbers, got {type(value).__name__}"
+        )
     if value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must be a real tensor, got dtype {value.dtype}")
     vector = value.detach()
@@ -278,9 +332,16 @@ def class_vector(
         raise ValueError(f"{name} must have one entry per class ({num_classes}), got shape {tuple(vector.shape)}")
     exact = vector.dtype == torch.float64 or not vector.is_floating_point()
     vector = per_class_on(name, vector, device, torch.float64 if exact else torch.float32)
-    if _can_inspect(vector):
+    if _can_inspect(vector) and _checked.get(vector) != (vector._version, positive):
         _check_class_values(name, vector.tolist(), positive)
+        _checked[vector] = (vector._version, positive)
     return vector
+
+
+# Per-class tensors whose values passed _check_class_values, with their version counter then: a
+# criterion's buffer (or a weight tensor passed at every call) is read on the host once, not at
+# every call, and again after any in-place change.
+_checked = WeakIdKeyDictionary()
 
 
 def per_class_on(name: str, vector: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

@@ -27,13 +27,19 @@ Common conventions
   ``reduction="none"`` the loss of its row / image), on every backend; NaN and +inf also give NaN
   gradients. Unlike :func:`torch.nn.functional.cross_entropy`, a -inf logit is not read as
   "probability 0": masking classes by -inf is not supported.
+* Every label equal to ``ignore_index``: the loss is 0 with a zero gradient, for every loss and
+  reduction (row losses' ``"mean"``: decided from the labels read on the host, so on GPU tensors
+  only with ``check_labels``; otherwise the fused kernels give 0 / 0 = NaN there).
 * Fused backends give first-order gradients only: a backward with ``create_graph=True`` raises
   a ``RuntimeError``; use ``backend="reference"`` for higher-order gradients.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+import math
 
 import torch
 
@@ -42,10 +48,11 @@ from ._backends import resolve_backend
 from ._config import get_options
 from ._distributed import make_sync
 from ._validation import (
+    as_class_values,
     check_bool,
     check_class_counts,
     check_ignore_index,
-    check_labels,
+    check_labels_coverage,
     check_logits,
     check_number,
     check_reduction,
@@ -53,6 +60,7 @@ from ._validation import (
     class_sequence,
     class_vector,
     is_sequence,
+    value_range,
 )
 
 __all__ = [
@@ -104,10 +112,12 @@ def drw_weights(class_counts, beta: float = 0.9999) -> torch.Tensor:
 
 
 def _is_float64(value) -> bool:
+    value = as_class_values(value)
     return isinstance(value, torch.Tensor) and value.dtype == torch.float64
 
 
 def _counts_tensor(class_counts) -> torch.Tensor:
+    class_counts = as_class_values(class_counts)
     if isinstance(class_counts, torch.Tensor):
         length = class_counts.numel()
         if class_counts.dim() != 1:
@@ -115,7 +125,7 @@ def _counts_tensor(class_counts) -> torch.Tensor:
     elif isinstance(class_counts, (list, tuple)):
         length = len(class_counts)
     else:
-        raise TypeError(f"class_counts must be a 1-D tensor or a sequence, got {type(class_counts).__name__}")
+        raise TypeError(f"class_counts must be a 1-D tensor, array or sequence, got {type(class_counts).__name__}")
     if length < 2:
         raise ValueError(f"class_counts must have at least 2 entries, got {length}")
     return check_class_counts(class_counts, length, torch.device("cpu"))
@@ -142,7 +152,7 @@ def _per_class(values, logits: torch.Tensor) -> torch.Tensor:
     # Under torch.compile the constant becomes part of the graph; the cache would only be
     # traced through (with a warning), so it is bypassed there.
     build = _constant.__wrapped__ if torch.compiler.is_compiling() else _constant
-    return build(tuple(float(v) for v in values), logits.device, _vector_dtype(logits))
+    return build(tuple(values), logits.device, _vector_dtype(logits))
 
 
 def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
@@ -164,7 +174,27 @@ def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
 _NONFINITE_IN_KERNEL = frozenset({"triton", "cuda"})
 
 
+# Set while a criterion validates its keywords at construction (:func:`checks_only`).
+_CHECKS_ONLY = contextvars.ContextVar("lmfloss_kernels_checks_only", default=False)
+
+
+@contextlib.contextmanager
+def checks_only():
+    """Within this context a loss function validates every argument, then returns ``None`` uncomputed.
+
+    The criteria validate their keywords this way when they are built, without evaluating a loss
+    (a dry run of the reference on meta tensors took some 17 ms). Per thread and per task.
+    """
+    token = _CHECKS_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CHECKS_ONLY.reset(token)
+
+
 def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    if _CHECKS_ONLY.get():
+        return None
     implementation = resolve_backend(backend, logits)
     function = getattr(implementation, family)
     if get_options().check_backend and implementation.name != "reference":
@@ -183,9 +213,16 @@ def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, 
     ``min + max`` (in float64, so finite logits never overflow) is non-finite exactly when a
     logit is, and ``0 * inf`` and ``0 * nan`` are NaN. One read of the logits with no
     temporary (about 2% of a CPU fwd+bwd), no host sync, nothing added to the gradient. The
-    Triton kernels apply the same policy in-kernel (``_NONFINITE_IN_KERNEL``).
+    Triton kernels apply the same policy in-kernel (``_NONFINITE_IN_KERNEL``). CPU logits are
+    first checked on the host (one min/max read), and finite ones skip the addition.
     """
     signal = logits.detach()
+    if signal.device.type == "cpu" and not torch.compiler.is_compiling():
+        # On the host the range is read for free: finite logits (the usual case) leave the loss
+        # untouched, with no extra autograd node.
+        low, high = value_range(signal)
+        if math.isfinite(low) and math.isfinite(high):
+            return loss
     if reduction != "none":
         # aminmax copies a non-contiguous tensor first (an expanded view in full): amin + amax do not.
         low, high = torch.aminmax(signal) if signal.is_contiguous() else (signal.amin(), signal.amax())
@@ -291,10 +328,20 @@ def _row_family(
     ignore_index,
     backend,
 ) -> torch.Tensor:
-    """Checks shared by every row loss, then the row family on the chosen backend."""
+    """Checks shared by every row loss, then the row family on the chosen backend.
+
+    ``ignore_index=None`` ignores no label; the kernels, which take an integer, get -1, which no
+    valid label equals. When the labels were read on the host (CPU tensors) and every one is
+    ignored, ``"mean"`` is 0 with a zero gradient without running a kernel (the rule of
+    :func:`reference.row_loss`; see the README's Guarantees).
+    """
     reduction = check_reduction(reduction)
-    ignore_index = check_ignore_index(ignore_index, optional=False)
-    labels = check_labels(logits, target, ignore_index=ignore_index)
+    ignore_index = check_ignore_index(ignore_index, optional=True)
+    labels, every_ignored = check_labels_coverage(logits, target, ignore_index=ignore_index)
+    if every_ignored and reduction == "mean" and not _CHECKS_ONLY.get():
+        # No valid row: the loss is the constant 0; multiplying the logits keeps the graph (zero
+        # gradient) and the non-finite policy (a NaN or inf logit still gives NaN).
+        return torch.mul(logits, 0).sum(dtype=_vector_dtype(logits))
     return _run(
         "row_loss",
         backend,
@@ -307,7 +354,7 @@ def _row_family(
         beta=beta,
         gamma=gamma,
         s=s,
-        ignore_index=ignore_index,
+        ignore_index=-1 if ignore_index is None else ignore_index,
         reduction=reduction,
     )
 
@@ -324,7 +371,7 @@ def lmf_loss(
     max_m: float = 0.5,
     weight="margins",
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""LMF loss (Sadi et al., arXiv 2212.12741): ``alpha * LDAM + beta * focal``.
@@ -389,7 +436,7 @@ def ldam_loss(
     s: float = 30.0,
     weight=None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""LDAM loss (Cao et al. 2019): cross-entropy of ``s (z - m_t e_t)``.
@@ -433,7 +480,7 @@ def focal_loss(
     gamma: float = 2.0,
     alpha=None,
     reduction: str = "mean",
-    ignore_index: int = -100,
+    ignore_index: int | None = -100,
     backend: str = "auto",
 ) -> torch.Tensor:
     r"""Softmax focal loss (Lin et al. 2017) with optional per-class ``alpha``.

@@ -4,7 +4,8 @@ Each module takes the keywords of the function of the same name in
 :mod:`lmfloss_kernels.functional` (see there for formulas, defaults and sources) and checks
 them when it is built, so a bad hyper-parameter fails at construction, not in the first
 training step. Per-class tensors (margins, class weights, ``alpha``) are registered as
-buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them.
+buffers, so ``criterion.to(device)`` moves them and ``state_dict`` saves them; they keep their
+dtype under ``criterion.to(dtype)`` (see :class:`_Criterion`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 
 from . import functional as F
 from ._backends import BACKEND_NAMES, preload
-from ._validation import check_bool, check_class_counts, check_number, class_vector, per_class_on
+from ._validation import as_class_values, check_bool, check_class_counts, check_number, class_vector, per_class_on
 
 __all__ = [
     "AsymmetricFocalLoss",
@@ -54,11 +55,57 @@ def _check_backend(backend: object) -> str:
     return backend
 
 
-class _KeywordLoss(nn.Module):
+class _Criterion(nn.Module):
+    """Base of the criteria: per-class buffers keep their dtype and are served to each call cached.
+
+    ``criterion.to(torch.bfloat16)`` (or ``.half()``, ``.double()``) would round floating-point
+    buffers; per-class constants (margins, class weights, ``alpha``) are not activations, so they
+    keep the dtype they were built in (float64 or float32) and follow device moves only. Each
+    call needs them on the logits' device in the loss's math dtype: that copy is made once per
+    (buffer, device, dtype) and reused until the buffer is replaced or changed in place
+    (``load_state_dict``, a DDP buffer broadcast), so a training step makes no per-class copies.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._served: dict = {}
+
+    def _apply(self, fn, recurse=True):
+        before = {name: buffer for name, buffer in self._buffers.items() if buffer is not None}
+        super()._apply(fn, recurse)
+        for name, buffer in before.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(device=moved.device)
+        return self
+
+    def _served_buffer(self, name: str, logits: torch.Tensor, label: str) -> torch.Tensor | None:
+        """Buffer ``name`` on the logits' device in their math dtype; ``label`` names it in errors."""
+        buffer = getattr(self, name)
+        if buffer is None:
+            return None
+        dtype = F._vector_dtype(logits)
+        if torch.compiler.is_compiling():
+            return per_class_on(label, buffer, logits.device, dtype)
+        # A criterion pickled before this cache existed has no _served until its first call.
+        served = self.__dict__.setdefault("_served", {})
+        key = (name, logits.device, dtype)
+        hit = served.get(key)
+        if hit is not None and hit[0] is buffer and hit[1] == buffer._version:
+            return hit[2]
+        # A copy made under inference_mode would be an inference tensor, which autograd refuses
+        # to save in a later training step.
+        with torch.inference_mode(False):
+            value = per_class_on(label, buffer, logits.device, dtype)
+        served[key] = (buffer, buffer._version, value)
+        return value
+
+
+class _KeywordLoss(_Criterion):
     """A criterion that forwards fixed keywords to one function of :mod:`functional`.
 
-    Construction runs the function once on shape-only ``meta`` tensors with the eager
-    reference: every hyper-parameter check runs, no memory is touched.
+    Construction runs the function once on shape-only ``meta`` tensors under
+    :func:`functional.checks_only`: every hyper-parameter check runs, nothing is computed.
     """
 
     _function = None
@@ -81,13 +128,19 @@ class _KeywordLoss(nn.Module):
             # checks the keyword's type only.
             check_bool("dist_sync", dry_kwargs["dist_sync"])
             dry_kwargs.update(dist_sync=False, process_group=None)
-        type(self)._function(dry_logits, dry_target, **dry_kwargs, backend="reference")
+        with F.checks_only():
+            type(self)._function(dry_logits, dry_target, **dry_kwargs, backend="reference")
 
-    def _call_kwargs(self) -> dict:
-        return {**self.kwargs, **{name: getattr(self, name) for name in self._tensor_names}}
+    def _call_kwargs(self, logits: torch.Tensor | None = None) -> dict:
+        tensors = {
+            name: getattr(self, name) if logits is None else self._served_buffer(name, logits, name)
+            for name in self._tensor_names
+        }
+        return {**self.kwargs, **tensors}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return type(self)._function(logits, target, **self._call_kwargs(), backend=self.backend)
+        served = self._call_kwargs(logits) if isinstance(logits, torch.Tensor) else self._call_kwargs()
+        return type(self)._function(logits, target, **served, backend=self.backend)
 
     def extra_repr(self) -> str:
         shown = {k: v for k, v in self.kwargs.items() if not isinstance(v, torch.Tensor) and k != "process_group"}
@@ -219,9 +272,12 @@ class _AlphaLoss(_KeywordLoss):
     """A keyword loss whose optional per-class ``alpha`` is kept as a buffer."""
 
     def __init__(self, *, alpha, **kwargs) -> None:
+        alpha = as_class_values(alpha)
         if alpha is not None:
             if not isinstance(alpha, (torch.Tensor, list, tuple)):
-                raise TypeError(f"alpha must be None, a tensor or a sequence of numbers, got {type(alpha).__name__}")
+                raise TypeError(
+                    f"alpha must be None, a tensor, an array or a sequence of numbers, got {type(alpha).__name__}"
+                )
             count = alpha.numel() if isinstance(alpha, torch.Tensor) else len(alpha)
             alpha = class_vector("alpha", alpha, count, torch.device("cpu"))
         super().__init__(tensors={"alpha": alpha}, **kwargs)
@@ -239,7 +295,7 @@ class FocalLoss(_AlphaLoss):
         gamma: float = 2.0,
         alpha=None,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
@@ -270,11 +326,12 @@ class MixedFocalLoss(_AlphaLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
-class _MarginLoss(nn.Module):
+class _MarginLoss(_Criterion):
     """LDAM-style criterion: margins and class weights computed once from ``class_counts``."""
 
     def __init__(self, class_counts, *, max_m, s, weight, alpha, beta, gamma, reduction, ignore_index, backend):
         super().__init__()
+        class_counts = as_class_values(class_counts)
         if isinstance(class_counts, torch.Tensor):
             num_classes = class_counts.numel()
         else:
@@ -293,8 +350,9 @@ class _MarginLoss(nn.Module):
         self.register_buffer("class_counts", counts)
         self.register_buffer("margins", margins)
         self.register_buffer("class_weight", class_weight.clone())
-        # Validate every remaining keyword now, on a one-row dry run.
-        self._call(dry_logits, torch.zeros(1, dtype=torch.long), backend="reference")
+        # Validate every remaining keyword now, on a one-row dry run that computes nothing.
+        with F.checks_only():
+            self._call(dry_logits, torch.zeros(1, dtype=torch.long), backend="reference")
 
     def _call(self, logits, target, backend):
         opts = self.options
@@ -307,8 +365,7 @@ class _MarginLoss(nn.Module):
         # The fused kernels take the buffers' pointers as they are, so a criterion left on another
         # device has them moved, as the functional API moves per-class tensors (meta ones raise).
         margins, class_weight = (
-            per_class_on(f"{type(self).__name__}.{name}", getattr(self, name), logits.device, F._vector_dtype(logits))
-            for name in ("margins", "class_weight")
+            self._served_buffer(name, logits, f"{type(self).__name__}.{name}") for name in ("margins", "class_weight")
         )
         return F._row_family(
             logits,
@@ -348,7 +405,7 @@ class LMFLoss(_MarginLoss):
         max_m: float = 0.5,
         weight="margins",
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(
@@ -377,7 +434,7 @@ class LDAMLoss(_MarginLoss):
         s: float = 30.0,
         weight=None,
         reduction: str = "mean",
-        ignore_index: int = -100,
+        ignore_index: int | None = -100,
         backend: str = "auto",
     ) -> None:
         super().__init__(

@@ -103,8 +103,9 @@ def row_loss(
     ``"none"`` returns ``alpha * w^L_t * l^LDAM_i + beta * w^F_t * l^F_i`` per row (0 for
     ignored rows) in the labels' shape; ``"sum"`` is its sum. As with
     :func:`torch.nn.functional.cross_entropy`, ``"mean"`` divides the weighted LDAM sum by the
-    sum of weights, not by N, and is NaN when every row is ignored. A term whose coefficient is
-    0 is not evaluated.
+    sum of weights, not by N, and is NaN when every row is ignored (the kernels' contract too; the
+    public functions turn that case into 0 with a zero gradient, see
+    :func:`lmfloss_kernels.functional._row_family`). A term whose coefficient is 0 is not evaluated.
     """
     z = _math_dtype(logits, upcast)
     num_classes = z.shape[1]

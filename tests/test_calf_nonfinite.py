@@ -47,23 +47,42 @@ def _run(backend, z, target, transform, transform_coef, dice_coef, reduction):
     return value.detach().cpu(), grad.cpu()
 
 
+WHERE = {"y=1": (0, 0), "y=0": (0, 1), "ignored": (4, 6)}  # voxels of _inputs: label 1, label 0, ignored
+
+
+def _one_image_per_case(z, target):
+    """(clean batch, batch, its target, cases): image 0 of ``z``, then one copy of image 1 per
+    (position, bad value) case, which ``batch`` has with that logit set."""
+    cases = [(name, where, bad) for name, where in WHERE.items() for bad in BAD]
+    clean = torch.cat([z[:1]] + [z[1:2]] * len(cases))
+    batch = clean.clone()
+    for image, (_, where, bad) in enumerate(cases, start=1):
+        batch[image, 0, where[0], where[1]] = bad
+    return clean, batch, torch.cat([target[:1]] + [target[1:2]] * len(cases)), cases
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("transform", TRANSFORMS)
 @pytest.mark.parametrize("transform_coef, dice_coef", TERMS)
-@pytest.mark.parametrize("bad", BAD)
-@pytest.mark.parametrize("where", [(0, 0), (0, 1), (4, 6)], ids=["y=1", "y=0", "ignored"])
-def test_nonfinite_logit_gives_nan_loss_of_its_image(backend, transform, transform_coef, dice_coef, bad, where):
+def test_nonfinite_logit_gives_nan_loss_of_its_image(backend, transform, transform_coef, dice_coef):
     z, target = _inputs()
-    clean = _run(backend, z, target, transform, transform_coef, dice_coef, "none")[0]
+    # Every (position, bad value) case in its own image of one batch: one pass per backend checks them
+    # all ("none" losses are per image), the clean image 0 showing that the others stay untouched.
+    clean_batch, batch, batch_target, cases = _one_image_per_case(z, target)
+    clean = _run(backend, clean_batch, batch_target, transform, transform_coef, dice_coef, "none")[0]
     assert clean.isfinite().all()
-    z[1, 0, where[0], where[1]] = bad
-    per_image, grad = _run(backend, z, target, transform, transform_coef, dice_coef, "none")
-    assert per_image[1].isnan(), f"{backend} {transform}: logit {bad} gave the finite loss {float(per_image[1])}"
-    # The other images are untouched (same values as without the bad logit), and so is their gradient.
-    assert torch.equal(per_image[[0, 2]], clean[[0, 2]])
-    assert grad[[0, 2]].isfinite().all()
-    for reduction in ("mean", "sum"):
-        assert _run(backend, z, target, transform, transform_coef, dice_coef, reduction)[0].isnan()
+    per_image, grad = _run(backend, batch, batch_target, transform, transform_coef, dice_coef, "none")
+    for image, (name, _, bad) in enumerate(cases, start=1):
+        assert per_image[image].isnan(), f"{backend} {transform} {name}: logit {bad} gave {float(per_image[image])}"
+    # The clean image keeps its value and its gradient.
+    assert torch.equal(per_image[0], clean[0])
+    assert grad[0].isfinite().all()
+    # One bad logit among clean images makes "mean" and "sum" NaN: each position, each bad value.
+    for (name, where), bad in zip(WHERE.items(), BAD, strict=True):
+        single = z.clone()
+        single[1, 0, where[0], where[1]] = bad
+        for reduction in ("mean", "sum"):
+            assert _run(backend, single, target, transform, transform_coef, dice_coef, reduction)[0].isnan(), name
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])

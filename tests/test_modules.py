@@ -183,7 +183,7 @@ def test_construction_works_with_the_check_labels_option(case_id):
         (lambda: lk.MixedFocalLoss(gamma_fd=0.0), "gamma_fd must be in"),
         (lambda: lk.FocalLoss(gamma=-1.0), "gamma must be in"),
         (lambda: lk.FocalLoss(alpha=torch.tensor(0.5)), r"alpha must have one entry per class \(1\), got shape \(\)"),
-        (lambda: lk.FocalLoss(alpha=0.5), "alpha must be None, a tensor or a sequence of numbers, got float"),
+        (lambda: lk.FocalLoss(alpha=0.5), "alpha must be None, a tensor, an array or a sequence of numbers, got float"),
         (lambda: lk.TverskyLoss(smooth=-1.0), "smooth must be in"),
         (lambda: lk.DiceLoss(backend="nope"), "backend must be one of"),
         (lambda: lk.LMFLoss([3, 0, 1]), "class_counts must be positive"),

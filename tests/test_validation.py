@@ -112,7 +112,7 @@ def test_row_losses_take_integer_labels_only(name):
         lambda: ROW_FUNCTIONS[name](XR, YR.float()),
     )
     _raises(
-        TypeError, "ignore_index must be an int, got NoneType", lambda: ROW_FUNCTIONS[name](XR, YR, ignore_index=None)
+        TypeError, "ignore_index must be an int or None, got str", lambda: ROW_FUNCTIONS[name](XR, YR, ignore_index="1")
     )
 
 
@@ -234,7 +234,13 @@ BAD_HYPER_PARAMETERS = [
     ),
     (F.mixed_focal_loss, "alpha", [1.0, -2.0, 1.0], ValueError, r"alpha must be non-negative, got \[1.0, -2.0, 1.0\]"),
     (F.mixed_focal_loss, "alpha", [1.0, NAN, 1.0], ValueError, "alpha must be finite"),
-    (F.mixed_focal_loss, "alpha", 0.5, TypeError, "alpha must be a tensor or a sequence of 3 numbers, got float"),
+    (
+        F.mixed_focal_loss,
+        "alpha",
+        0.5,
+        TypeError,
+        "alpha must be a tensor, an array or a sequence of 3 numbers, got float",
+    ),
     (F.mixed_focal_loss, "alpha", ["a", "b", "c"], TypeError, "alpha must be a sequence of numbers"),
     (
         F.mixed_focal_loss,
@@ -275,7 +281,7 @@ BAD_ROW_HYPER_PARAMETERS = [
         "weight must be 'margins', None or a per-class tensor, got 'balanced'",
     ),
     (F.lmf_loss, "weight", torch.ones(4), ValueError, r"weight must have one entry per class \(3\), got shape \(4,\)"),
-    (F.lmf_loss, "weight", 2.0, TypeError, "weight must be a tensor or a sequence of 3 numbers, got float"),
+    (F.lmf_loss, "weight", 2.0, TypeError, "weight must be a tensor, an array or a sequence of 3 numbers, got float"),
     (F.lmf_loss, "weight", torch.tensor([1.0, -1.0, 1.0]), ValueError, "weight must be non-negative"),
     (F.ldam_loss, "s", NAN, ValueError, "s must be finite"),
     (F.ldam_loss, "max_m", -1.0, ValueError, r"max_m must be in \[0, inf\), got -1"),
@@ -322,7 +328,7 @@ def test_focal_loss_hyper_parameters(name):
         ([10, -5, 2], ValueError, "class_counts must be positive"),
         ([10, NAN, 2], ValueError, "class_counts must be finite"),
         (None, TypeError, "class_counts is required"),
-        ("10,5,2", TypeError, "class_counts must be a tensor or a sequence of 3 numbers, got str"),
+        ("10,5,2", TypeError, "class_counts must be a tensor, an array or a sequence of 3 numbers, got str"),
         (torch.ones(3, 1), ValueError, r"class_counts must have one entry per class \(3\), got shape \(3, 1\)"),
     ],
 )
@@ -334,7 +340,7 @@ def test_bad_class_counts(fn, counts, error, match):
 def test_margin_and_drw_helpers_validate():
     _raises(ValueError, "class_counts must have at least 2 entries, got 1", lambda: F.ldam_margins([5]))
     _raises(ValueError, r"class_counts must be 1-D, got shape \(2, 2\)", lambda: F.ldam_margins(torch.ones(2, 2)))
-    _raises(TypeError, "class_counts must be a 1-D tensor or a sequence, got int", lambda: F.drw_weights(5))
+    _raises(TypeError, "class_counts must be a 1-D tensor, array or sequence, got int", lambda: F.drw_weights(5))
     _raises(ValueError, "class_counts must be positive", lambda: F.drw_weights([3, 0]))
     _raises(ValueError, r"beta must be in \[0, 1\), got 1", lambda: F.drw_weights([3, 2], beta=1.0))
     _raises(ValueError, r"max_m must be in \[0, inf\), got -0.1", lambda: F.ldam_margins([3, 2], max_m=-0.1))

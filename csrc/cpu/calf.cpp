@@ -79,7 +79,7 @@ void calf_forward_impl(const scalar_t* x, const Geometry& g, const Target& targe
   const int64_t per_image = chunks_per_image(g.voxels);
   std::vector<double> partials(g.batch * per_image * kCalfWidth, 0.0);
 
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     math_t z[kTile], y[kTile], valid[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * kCalfWidth;
@@ -138,7 +138,7 @@ void calf_backward_impl(const scalar_t* x, const Geometry& g, const Target& targ
                         scalar_t* dx, const Geometry& gg) {
   using math_t = math_of<scalar_t>;
   const int64_t per_image = chunks_per_image(g.voxels);
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     math_t z[kTile], y[kTile], valid[kTile], d[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
@@ -364,7 +364,7 @@ void count_impl(const label_t* ptr, const Geometry& g, int64_t C, std::optional<
   }
   const int64_t per_image = (g.voxels + kCountChunk - 1) / kCountChunk;
   std::mutex mutex;
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kCountChunk), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> hist(kLanes * width, 0);
     int64_t image = -1;
     const auto flush = [&] {

@@ -90,7 +90,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
   const int64_t per_image = chunks_per_image(g.voxels);
   std::vector<double> partials(g.batch * per_image * width, 0.0);
 
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * width;
@@ -165,7 +165,7 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
   const int64_t C = g.classes;
   const int64_t per_image = chunks_per_image(g.voxels);
 
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
     math_t hsum[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {

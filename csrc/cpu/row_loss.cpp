@@ -82,7 +82,7 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
   partials.assign(g.batch * per_image * 4, 0.0);
   math_t* out = per_row_out ? per_row.data_ptr<math_t>() : nullptr;
 
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, label_t> tile(logits.data_ptr<scalar_t>(), g, target, P);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * 4;
@@ -134,7 +134,7 @@ void row_backward_impl(const at::Tensor& grad_out, const at::Tensor& logits_in, 
   const math_t focal_scale = P.beta * (reduction == kMean ? math_t(1.0 / norms[1]) : math_t(1));
   const int64_t per_image = chunks_per_image(g.voxels);
 
-  at::parallel_for(0, g.batch * per_image, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, label_t> tile(logits.data_ptr<scalar_t>(), g, target, P);
     math_t c_ldam[kTile], c_focal[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {

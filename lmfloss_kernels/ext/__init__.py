@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .. import _distributed
+from .._autograd import call_op
 from . import _loader, ops
 
 BUILD_INFO, LOAD_ERROR = _loader.load()
@@ -55,9 +56,9 @@ class ExtensionBackend:
     def row_loss(
         self, logits, labels, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction
     ) -> torch.Tensor:
-        loss, _ = ops.row_loss_op(
-            logits, labels, margins, ldam_weight, focal_weight, float(alpha), float(beta), float(gamma), float(s),
-            int(ignore_index), reduction,
+        loss, _ = call_op(
+            ops.row_loss_op, logits, labels, margins, ldam_weight, focal_weight, float(alpha), float(beta),
+            float(gamma), float(s), int(ignore_index), reduction,
         )  # fmt: skip
         return loss
 
@@ -98,7 +99,7 @@ class ExtensionBackend:
                 smooth_dr=smooth_dr, batch=batch, reduction=reduction,
             )  # fmt: skip
             return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = ops.region_loss_op(logits, target, *vectors, *scalars, reduction)
+        loss, _ = call_op(ops.region_loss_op, logits, target, *vectors, *scalars, reduction)
         return loss
 
 

@@ -5,7 +5,7 @@ or CUDA implementation by the logits' device), has a fake implementation for tra
 the forward ops, an autograd formula that calls the matching backward op. So
 ``torch.library.opcheck`` passes and ``torch.compile(fullgraph=True)`` traces through them.
 The formulas are first order only: backward with ``create_graph=True`` raises
-(:func:`.._backends.refuse_double_backward`).
+(:func:`.._autograd.refuse_double_backward`).
 
 * ``ext_row_loss(...) -> (loss, norms)``, ``ext_row_loss_backward(...) -> grad``: the row family;
   ``norms`` = [sum of the valid rows' LDAM weights, number of valid rows] (float64), the two
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .._backends import refuse_double_backward
+from .._autograd import call_op, refuse_double_backward
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
@@ -91,7 +91,9 @@ def _row_setup(ctx, inputs, output):
 def _row_backward(ctx, grad_loss, _grad_norms):
     logits, labels, margins, ldam_weight, focal_weight, norms = ctx.saved_tensors
     refuse_double_backward(logits.device.type)  # the backends are named "cpu" and "cuda"
-    grad = row_loss_backward_op(grad_loss, logits, labels, margins, ldam_weight, focal_weight, norms, *ctx.options)
+    grad = call_op(
+        row_loss_backward_op, grad_loss, logits, labels, margins, ldam_weight, focal_weight, norms, *ctx.options
+    )
     return (grad,) + (None,) * 10
 
 
@@ -171,8 +173,16 @@ def _region_setup(ctx, inputs, output):
 def _region_backward(ctx, grad_loss, _grad_stats):
     logits, target, focal_weight, focal_gamma, tversky_exponent, stats = ctx.saved_tensors
     refuse_double_backward(logits.device.type)
-    grad = region_loss_backward_op(
-        grad_loss, logits, target, focal_weight, focal_gamma, tversky_exponent, stats, *ctx.options
+    grad = call_op(
+        region_loss_backward_op,
+        grad_loss,
+        logits,
+        target,
+        focal_weight,
+        focal_gamma,
+        tversky_exponent,
+        stats,
+        *ctx.options,
     )
     return (grad,) + (None,) * 14
 

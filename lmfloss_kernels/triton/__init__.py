@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from .. import _distributed
+from .._autograd import call_op
 from . import ops
 from ._common import unavailable_reason
 
@@ -52,7 +53,8 @@ class TritonBackend:
         reduction,
     ) -> torch.Tensor:
         compute_grad = logits.requires_grad and torch.is_grad_enabled()
-        loss, *_ = ops.row_loss_op(
+        loss, *_ = call_op(
+            ops.row_loss_op,
             logits,
             labels,
             _vector(margins),
@@ -105,7 +107,7 @@ class TritonBackend:
                 smooth_dr=smooth_dr, batch=batch, reduction=reduction,
             )  # fmt: skip
             return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = ops.region_forward_op(logits, target, *vectors, *scalars, reduction)
+        loss, _ = call_op(ops.region_forward_op, logits, target, *vectors, *scalars, reduction)
         return loss
 
 
