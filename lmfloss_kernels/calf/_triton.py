@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from .._backends import refuse_double_backward
-from .transforms import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
+from ._definitions import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
 
 __all__ = ["calf_foreground_sizes", "calf_transform_backward", "calf_transform_loss"]
 
