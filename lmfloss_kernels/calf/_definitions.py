@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["CLIPPED_TRANSFORMS", "TRANSFORMS", "clip_limit"]
+__all__ = ["CLIPPED_TRANSFORMS", "TRANSFORMS", "TRANSFORM_SCALE", "clip_limit"]
 
 TRANSFORMS = ("ln", "log10", "fisher", "logit", "arcsine")
 CLIPPED_TRANSFORMS = ("fisher", "logit")
+
+# ℓ_T = TRANSFORM_SCALE[T] * (the per-voxel term the fused kernels sum): log10 is BCE / ln 10, and
+# fisher is -½ (softplus(z̃ + ln 2) for y = 1, softplus(-z̃ + ln 2) for y = 0), see calf/_voxel_math.py.
+TRANSFORM_SCALE = {"ln": 1.0, "log10": 1.0 / math.log(10.0), "fisher": -0.5, "logit": 1.0, "arcsine": 1.0}
 
 
 def clip_limit(eps: float) -> float:
