@@ -33,6 +33,17 @@ for transform in range(5):
         signature = {**pointers, "y_ptr": "*fp16" if soft else "*u8", **scalars, **{k: "constexpr" for k in const}}
         source = ASTSource(fn=K._calf_voxel_kernel, signature=signature, constexprs=const)
         assert triton.compile(source, target=target, options={"num_warps": 8}).asm["cubin"]
+# A GPU launch specialises integer arguments equal to 1 into constants: one voxel per image, one image,
+# one program per image of one tile, unit strides.
+ones = {"num_voxels": 1, "z_voxel_stride": 1, "y_voxel_stride": 1, "programs_per_image": 1, "tiles_per_program": 1,
+        "num_images": 1}
+for backward in (False, True):
+    const = {**ones, "TRANSFORM": 2, "HAS_TRANSFORM": True, "HAS_DICE": True, "SOFT_TARGET": False,
+             "HAS_IGNORE": True, "BATCH": True, "BACKWARD": backward, "BLOCK": 128, "BLOCK_B": 1}
+    signature = {**pointers, "y_ptr": "*u8", **{k: v for k, v in scalars.items() if k not in ones},
+                 **{k: "constexpr" for k in const}}
+    source = ASTSource(fn=K._calf_voxel_kernel, signature=signature, constexprs=const)
+    assert triton.compile(source, target=target, options={"num_warps": 1}).asm["cubin"]
 for batch in (False, True):
     const = {"HAS_DICE": True, "SOFT_TARGET": batch, "HAS_IGNORE": not batch, "BATCH": batch, "BLOCK_B": 4,
              "BLOCK_P": 64}

@@ -17,25 +17,29 @@ from lmfloss_kernels.calf import _triton
 
 # (batch, voxels): several full tiles per program with a partial last tile; one program per image
 # over many tiles without a tail; more programs than images, the last owning only the tail.
-CASES = [(2, 5 * _triton._MAX_BLOCK + 37), (3, 4 * _triton._MAX_BLOCK), (1, 6 * _triton._MAX_BLOCK + 1)]
+BLOCK = 1024
+CASES = [(2, 5 * BLOCK + 37), (3, 4 * BLOCK), (1, 6 * BLOCK + 1)]
 
 
 @pytest.fixture(autouse=True)
 def _four_programs(monkeypatch):
-    # Four programs in all, under the interpreter and on a GPU alike (there: 2 per SM, 2 SMs).
+    # Tiles of 1024 voxels and four programs in all, under the interpreter and on a GPU alike (there:
+    # 2 per SM, 2 SMs; 1024 voxels is the tile of every pass and dtype at most).
+    monkeypatch.setattr(_triton, "_MAX_BLOCK", BLOCK)
     monkeypatch.setattr(_triton, "_INTERPRETER_PROGRAMS", 4)
     monkeypatch.setattr(_triton, "_PROGRAMS_PER_SM", 2)
     monkeypatch.setattr(_triton, "_sm_count", lambda device: 2)
 
 
 def _plan(batch, voxels):
-    block, _, per_image, tiles_per_program = _triton._plan(batch, voxels, torch.device(DEVICE), 16)
+    block, _, per_image, tiles_per_program = _triton._plan(batch, voxels, torch.device(DEVICE), 4)
     return block, per_image, tiles_per_program
 
 
 def test_cases_cover_the_plans_meant():
     plans = [_plan(*case) for case in CASES]
     tiles = [-(-voxels // block) for (_, voxels), (block, _, _) in zip(CASES, plans, strict=True)]
+    assert all(block == BLOCK for block, _, _ in plans)
     assert all(tpp > 1 for _, _, tpp in plans)  # every program loops
     assert CASES[0][1] % plans[0][0] and plans[0][1] * plans[0][2] >= tiles[0] > (plans[0][1] - 1) * plans[0][2]
     assert CASES[1][1] % plans[1][0] == 0
@@ -64,7 +68,7 @@ def test_several_tiles_per_program(batch, voxels, transform, target_kind):
 def test_strided_voxels(transform, dtype, grad_rtol):
     # Every other voxel of a wider map: the (B, V) view has voxel stride 2 (read element-wise, no copy),
     # the target a transposed layout; several tiles per program and a partial tile as well.
-    voxels = 2 * _triton._MAX_BLOCK + 301
+    voxels = 2 * BLOCK + 301
     z = _logits((2, 2 * voxels), torch.float32, spread=3.0).to(dtype)[:, ::2]
     target = (torch.rand(voxels, 2) < 0.3).to(torch.uint8).t()
     assert z.reshape(2, -1).stride(1) == 2 and target.reshape(2, -1).stride(1) == 2  # views, not copies
