@@ -5,9 +5,9 @@ Transformation loss (formulas in :mod:`lmfloss_kernels.calf.transforms`, per-vox
 
 1. forward: ``_calf_voxel_kernel`` runs ``P`` programs per image; each loops over a contiguous run
    of tiles of ``BLOCK`` voxels, keeps per-lane fp32 sums in registers, and writes at its end five
-   float64 partial sums ``(Σ t, V, TP or FG, FP, FN)`` (``t`` the per-voxel term, ``ℓ_T = s_T t``;
-   ``FG`` the foreground count, for hard labels, which then sum ``FN = Σ_fg r`` and
-   ``FP = Σ_bg r`` of the wrong-class probability ``r`` and get ``TP = FG - FN``: one sigmoid per
+   float64 partial sums ``(Σ t, V, TP or FG, FP or R, FN)`` (``t`` the per-voxel term,
+   ``ℓ_T = s_T t``; hard labels sum the foreground count ``FG``, ``R = Σ r`` and ``FN = Σ_fg r`` of
+   the wrong-class probability ``r``, and get ``TP = FG - FN``, ``FP = R - FN``: one sigmoid per
    voxel, shared with the BCE term). ``_finalize_kernel`` (one program) sums them per image in
    float64 (deterministic, no atomics) and writes the ``(B, 5)`` statistics
    ``(Σ ℓ_T, V, TP, FP, FN)`` and ``L_b = w_T Σ ℓ_T / max(V, 1) + w_D D_b``. Non-finite logits
@@ -150,7 +150,7 @@ def _voxel_gradient(z, y, fg, valid, limit, c, a, e, TRANSFORM, HAS_TRANSFORM, H
 
 @triton.jit
 def _accumulate(
-    z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_sum, fn_sum,
+    z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
     TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, MASKED,
 ):  # fmt: skip
     """Add one tile's voxels to the per-lane sums (``MASKED``: some lanes are invalid)."""
@@ -171,7 +171,7 @@ def _accumulate(
                 y = tl.where(valid, y, 0.0)
                 p = tl.where(valid, p, 0.0)
             tp_or_fg += y * p
-            fp_sum += (1.0 - y) * p
+            fp_or_r += (1.0 - y) * p
             fn_sum += y * q
         else:
             r = wrong_class_probability(z, fg)
@@ -180,9 +180,9 @@ def _accumulate(
                 r = tl.where(valid, r, 0.0)
             r_fg = tl.where(fg, r, 0.0)
             tp_or_fg += fg.to(tl.float32)
-            fp_sum += r - r_fg
+            fp_or_r += r
             fn_sum += r_fg
-    return term_sum, valid_count, tp_or_fg, fp_sum, fn_sum
+    return term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum
 
 
 @triton.jit
@@ -260,7 +260,7 @@ def _calf_voxel_kernel(
         term_sum = tl.zeros([BLOCK], dtype=tl.float32)
         valid_count = tl.zeros([BLOCK], dtype=tl.int32)
         tp_or_fg = tl.zeros([BLOCK], dtype=tl.float32)
-        fp_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        fp_or_r = tl.zeros([BLOCK], dtype=tl.float32)
         fn_sum = tl.zeros([BLOCK], dtype=tl.float32)
         start = first.to(tl.int64) * BLOCK
         for _ in range(first, end):
@@ -269,8 +269,8 @@ def _calf_voxel_kernel(
             z, y, fg, valid = _load_voxels(
                 z_row, y_row, offs, True, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE, False
             )  # fmt: skip
-            term_sum, valid_count, tp_or_fg, fp_sum, fn_sum = _accumulate(
-                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_sum, fn_sum,
+            term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum = _accumulate(
+                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
                 TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, HAS_IGNORE,
             )  # fmt: skip
         if has_tail:
@@ -280,15 +280,15 @@ def _calf_voxel_kernel(
                 z_row, y_row, offs, in_range, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE,
                 True,
             )  # fmt: skip
-            term_sum, valid_count, tp_or_fg, fp_sum, fn_sum = _accumulate(
-                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_sum, fn_sum,
+            term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum = _accumulate(
+                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
                 TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, True,
             )  # fmt: skip
         out = partial_ptr + pid.to(tl.int64) * 5
         tl.store(out, tl.sum(term_sum.to(tl.float64), axis=0))
         tl.store(out + 1, tl.sum(valid_count, axis=0).to(tl.float64))
         tl.store(out + 2, tl.sum(tp_or_fg.to(tl.float64), axis=0))
-        tl.store(out + 3, tl.sum(fp_sum.to(tl.float64), axis=0))
+        tl.store(out + 3, tl.sum(fp_or_r.to(tl.float64), axis=0))
         tl.store(out + 4, tl.sum(fn_sum.to(tl.float64), axis=0))
 
 
@@ -342,11 +342,17 @@ def _finalize_kernel(
         else:
             count = tl.zeros([BLOCK_B], dtype=tl.float64) + num_voxels
         tp = _column(sums, cols, 2)
-        if not SOFT_TARGET:  # hard labels summed the foreground count: TP = FG - FN
-            tp -= _column(sums, cols, 4)
+        fp = _column(sums, cols, 3)
+        fn = _column(sums, cols, 4)
+        if not SOFT_TARGET:
+            # Hard labels summed FG and R = FP + FN. The Dice term and its gradient use FP + FN and
+            # 2 TP + FP + FN = 2 FG - FN + FP, sums of non-negative terms up to the rounding of FN.
+            tp -= fn
+            fp -= fn
         stats = tl.where(cols[None, :] == 0, term_sum[:, None], sums)
         stats = tl.where(cols[None, :] == 1, count[:, None], stats)
         stats = tl.where(cols[None, :] == 2, tp[:, None], stats)
+        stats = tl.where(cols[None, :] == 3, fp[:, None], stats)
         stats = tl.where(keep[:, None], stats, 0.0)
         tl.store(stats_ptr + images[:, None] * 5 + cols[None, :], stats, mask=keep[:, None] & stat_col[None, :])
         loss = transform_coef * term_sum / tl.maximum(count, 1.0)
@@ -354,7 +360,7 @@ def _finalize_kernel(
             if BATCH:
                 batch_sums += tl.sum(stats, axis=0)
             else:
-                loss += dice_coef * _dice(tp, _column(sums, cols, 3), _column(sums, cols, 4), smooth_nr, smooth_dr)
+                loss += dice_coef * _dice(tp, fp, fn, smooth_nr, smooth_dr)
         tl.store(loss_ptr + images, loss.to(tl.float32), mask=keep)
     if HAS_DICE:
         if BATCH:  # every image gets the batch's Dice term on top of its transform term written above
