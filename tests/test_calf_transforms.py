@@ -12,7 +12,7 @@ import triton.language as tl
 
 from lmfloss_kernels import ext, options
 from lmfloss_kernels.calf import TRANSFORMS, bce_dice_loss, clip_limit, transform_loss, transform_loss_reference
-from lmfloss_kernels.calf._triton import _atan_unit, _log1p_unit
+from lmfloss_kernels.calf._voxel_math import atan_unit, log1p_unit
 
 EPS = 1e-7
 # Fused tests run the compiled kernels on a GPU, else the interpreter on CPU tensors (conftest).
@@ -259,8 +259,8 @@ def test_fused_voxel_loss_on_a_grid(transform):
 def _helpers_kernel(x_ptr, atan_ptr, log1p_ptr, n, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
-    tl.store(atan_ptr + offs, _atan_unit(x), mask=offs < n)
-    tl.store(log1p_ptr + offs, _log1p_unit(x), mask=offs < n)
+    tl.store(atan_ptr + offs, atan_unit(x), mask=offs < n)
+    tl.store(log1p_ptr + offs, log1p_unit(x), mask=offs < n)
 
 
 def test_kernel_math_helpers_against_numpy():

@@ -1,113 +1,188 @@
 r"""Fused Triton kernels of CALF: the per-voxel transformation losses and per-image class counts.
 
-Transformation loss (formulas in :mod:`lmfloss_kernels.calf.transforms`), in two streaming passes:
+Transformation loss (formulas in :mod:`lmfloss_kernels.calf.transforms`, per-voxel math in
+:mod:`lmfloss_kernels.calf._voxel_math`), in two streaming passes over logits and target:
 
-1. forward: one program per tile of ``BLOCK`` voxels of one image reads logits and target once and
-   writes five fp32 partial sums ``(Σ ℓ_T, V, TP, FP, FN)``; the host sums the tiles per image in
-   float64 (deterministic, no atomics) and finalises ``L_b = w_T Σ ℓ_T / max(V, 1) + w_D D_b``
-   from these ``O(B)`` numbers. Non-finite logits (the package's policy): ``Σ ℓ_T`` also gets
-   ``0 · z`` of every logit of the tile (ignored voxels included), NaN exactly when one is NaN or
-   ``±inf``, so such a logit makes ``L_b`` NaN without a second read; with ``w_T = 0``
-   (``HAS_TRANSFORM`` off) the transform is not evaluated and the sum is this probe alone;
+1. forward: ``_calf_voxel_kernel`` runs ``P`` programs per image; each loops over a contiguous run
+   of tiles of ``BLOCK`` voxels, keeps per-lane fp32 sums in registers, and writes at its end five
+   float64 partial sums ``(Σ t, V, TP or FG, FP or R, FN)`` (``t`` the per-voxel term,
+   ``ℓ_T = s_T t``; hard labels sum the foreground count ``FG``, ``R = Σ r`` and ``FN = Σ_fg r`` of
+   the wrong-class probability ``r``, and get ``TP = FG - FN``, ``FP = R - FN``: one sigmoid per
+   voxel, shared with the BCE term). ``_finalize_kernel`` (one program) sums them per image in
+   float64 (deterministic, no atomics) and writes the ``(B, 5)`` statistics
+   ``(Σ ℓ_T, V, TP, FP, FN)`` and ``L_b = w_T Σ ℓ_T / max(V, 1) + w_D D_b``. Non-finite logits
+   (the package's policy): ``Σ t`` also gets ``0 · z`` of every logit (ignored voxels included),
+   NaN exactly when one is NaN or ``±inf``, so such a logit makes ``L_b`` NaN without a second read;
+   with ``w_T = 0`` (``HAS_TRANSFORM`` off) the transform is not evaluated and the sum is this probe;
 2. backward: the same kernel (``BACKWARD`` constexpr) re-reads logits and target and writes
 
-   .. math:: \partial L / \partial z_i = c_b\, \ell_T'(z_i, y_i) + (A_b y_i + E_b)\, p_i (1 - p_i)
+   .. math:: \partial L / \partial z_i = c_b\, t'(z_i, y_i) + (A_b y_i + E_b)\, p_i (1 - p_i)
 
-   for valid voxels (0 for ignored ones), where ``c_b = g_b w_T / V_b`` and
+   for valid voxels (0 for ignored ones), where ``c_b = g_b w_T s_T / V_b`` and
    ``A_b = -2 G_b / den_b``, ``E_b = G_b (2 TP_b + s_nr) / den_b^2`` are the Dice coefficients
    (``G_b = g_b w_D``, or ``Σ_b g_b w_D`` with ``batch=True``), ``g_b`` the upstream gradient.
+   Each program computes its image's coefficients in float64 from the statistics and ``g`` (a
+   few scalar loads), so the backward is one launch and no host-side arithmetic.
 
 The gradient is recomputed in backward rather than stored in forward: a stored gradient would
 cost the same bytes (a write in forward, a read-scale-write in backward instead of one more read
 of logits and labels) and memory and time in inference-only calls.
 
+Memory-bound by construction (sm_90, ``gpu_model``): unit-stride voxels are read as vectors, 128-bit
+for bf16 logits (the stride-1 specialisation; other voxel strides are read element-wise), no
+logarithm instruction (``_voxel_math``), one exponential per voxel for ln / fisher with hard
+labels, about ``2 × SMs`` programs in all, each looping over many tiles, so the per-program
+reductions and the float64 coefficient set-up are paid once per program.
+
 Each pass is a ``torch.library.custom_op`` (``lmfloss::calf_transform_loss`` /
 ``lmfloss::calf_transform_backward``, ``lmfloss::calf_foreground_sizes``) with ``register_fake``;
-the loss op has ``register_autograd``. All math is fp32, offsets int64.
+the loss op has ``register_autograd``. All math is fp32 (float64 for the per-image sums and
+coefficients), offsets int64.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from .._backends import refuse_double_backward
-from .transforms import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
+from ..triton._fastmath import INTERPRETED
+from ._definitions import CLIPPED_TRANSFORMS, TRANSFORM_SCALE, TRANSFORMS, clip_limit
+from ._voxel_math import sigmoid_pair, voxel_term, wrong_class_probability
 
 __all__ = ["calf_foreground_sizes", "calf_transform_backward", "calf_transform_loss"]
 
-_MAX_BLOCK = 4096  # voxels per program; small images get a smaller power of two (no idle lanes)
+# Voxels per tile at most. The interpreter pays per tile, not per voxel, but small tiles let the CPU tests
+# loop over several.
+_MAX_BLOCK = 1024 if INTERPRETED else 4096
+_NUM_WARPS = 8
+# Programs per SM of the voxel kernel: enough resident warps to keep loads in flight, few enough that
+# each program loops over many tiles. Under the interpreter: a few programs in all.
+_PROGRAMS_PER_SM = 2
+_INTERPRETER_PROGRAMS = 4
+_DEFAULT_SMS = 132  # H100 SXM; used where no CUDA device can be asked (ahead-of-time compilation)
 _NUM_STATS = 5  # Σ ℓ_T, V, TP, FP, FN
 _TRANSFORM_CODE = {name: code for code, name in enumerate(TRANSFORMS)}  # ln, log10, fisher, logit, arcsine
 
 
 @triton.jit
-def _log1p_unit(e):
-    # ln(1 + e) for e in [0, 1], exact to rounding also for tiny e: ln(u) * e / (u - 1) with u = fl(1 + e)
-    # corrects the rounding of 1 + e (the interpreter and the GPU have no log1p outside libdevice).
-    u = 1.0 + e
-    d = u - 1.0
-    return tl.where(d == 0.0, e, tl.log(u) * (e / tl.where(d == 0.0, 1.0, d)))
-
-
-@triton.jit
-def _atan_unit(h):
-    # atan(h) for h in [0, 1]: h > tan(pi/8) is reduced by atan(h) = pi/4 + atan((h - 1)/(h + 1)), then
-    # atan(x) = x + x^3 P(x^2) with P a degree-4 least-squares fit on Chebyshev nodes of |x| <= tan(pi/8)
-    # (abs. error < 3e-8 evaluated in fp32, i.e. fp32 rounding).
-    reduce = h > 0.41421356237309503
-    x = tl.where(reduce, (h - 1.0) / (h + 1.0), h)
-    t = x * x
-    poly = ((((-0.06097643645 * t + 0.1060221863) * t - 0.1424480187) * t + 0.1999854843) * t) - 0.3333331669
-    r = x + x * t * poly
-    return tl.where(reduce, r + 0.7853981633974483, r)
-
-
-@triton.jit
-def _sigmoid_parts(z):
-    # p = σ(z), q = 1 - p = σ(-z), ln p, ln q, all without cancellation or overflow.
-    e = tl.exp(-tl.abs(z))
-    inv = 1.0 / (1.0 + e)
-    softplus_neg_abs = _log1p_unit(e)
-    positive = z >= 0.0
-    p = tl.where(positive, inv, e * inv)
-    q = tl.where(positive, e * inv, inv)
-    log_p = tl.minimum(z, 0.0) - softplus_neg_abs
-    log_q = -tl.maximum(z, 0.0) - softplus_neg_abs
-    return p, q, log_p, log_q
-
-
-@triton.jit
-def _transform_term(z, y, limit, TRANSFORM: tl.constexpr):
-    """Per-voxel loss ℓ_T and its derivative dℓ_T/dz (clip mask included) for fp32 z, y."""
-    if TRANSFORM == 4:  # arcsine: θ = atan(e^{z/2}); √(p(1-p)) = h / (1 + h²), h = e^{-|z|/2}
-        h = tl.exp(-0.5 * tl.abs(z))
-        small = _atan_unit(h)
-        theta = tl.where(z >= 0.0, 1.5707963267948966 - small, small)
-        loss = -(y * theta + (1.0 - y) * (1.5707963267948966 - theta))
-        slope = (1.0 - 2.0 * y) * h / (2.0 * (1.0 + h * h))
-    elif TRANSFORM >= 2:  # fisher (2), logit (3): z clipped to [-L, L], gradient masked outside
-        inside = (z >= -limit) & (z <= limit)
-        zc = tl.where(z < -limit, -limit, tl.where(z > limit, limit, z))
-        if TRANSFORM == 3:
-            sign = 1.0 - 2.0 * y
-            loss = sign * zc
-            slope = tl.where(inside, sign, 0.0)
+def _load_voxels(z_row, y_row, offs, in_range, z_stride, y_stride, ignore_index, SOFT_TARGET, HAS_IGNORE, MASKED):
+    """fp32 logits, fp32 target, foreground mask and valid mask of the voxels ``offs`` of one image."""
+    if MASKED:
+        z = tl.load(z_row + offs * z_stride, mask=in_range, other=0.0).to(tl.float32)
+    else:
+        z = tl.load(z_row + offs * z_stride).to(tl.float32)
+    if SOFT_TARGET:
+        if MASKED:
+            y = tl.load(y_row + offs * y_stride, mask=in_range, other=0.0).to(tl.float32)
         else:
-            p, q, log_p, log_q = _sigmoid_parts(zc)
-            artanh_p = 0.5 * (_log1p_unit(p) - log_q)
-            artanh_q = 0.5 * (_log1p_unit(q) - log_p)
-            loss = -(y * artanh_p + (1.0 - y) * artanh_q)
-            slope = tl.where(inside, -(y * p / (1.0 + p) - (1.0 - y) * q / (1.0 + q)), 0.0)
-    else:  # ln (0), log10 (1): BCE, scaled by 1/ln 10
-        p, q, log_p, log_q = _sigmoid_parts(z)
-        loss = -(y * log_p + (1.0 - y) * log_q)
-        slope = p - y
-        if TRANSFORM == 1:
-            loss = loss * 0.43429448190325176
-            slope = slope * 0.43429448190325176
-    return loss, slope
+            y = tl.load(y_row + offs * y_stride).to(tl.float32)
+        fg = y == 1.0
+        valid = in_range
+    else:
+        if MASKED:
+            label = tl.load(y_row + offs * y_stride, mask=in_range, other=0)
+        else:
+            label = tl.load(y_row + offs * y_stride)
+        fg = label == 1
+        y = fg.to(tl.float32)
+        valid = in_range
+        if HAS_IGNORE:
+            valid = valid & (label.to(tl.int32) != ignore_index)
+    return z, y, fg, valid
+
+
+@triton.jit
+def _image_coefficients(
+    stats_ptr, g_ptr, b, g_stride, num_images, transform_coef, loss_scale, dice_coef, smooth_nr, smooth_dr,
+    HAS_DICE: tl.constexpr, BATCH: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """float64 ``(c_b, A_b, E_b)`` of image ``b`` from the ``(B, 5)`` statistics and the upstream gradient."""
+    g = tl.load(g_ptr + b * g_stride).to(tl.float64)
+    count = tl.load(stats_ptr + b * 5 + 1)
+    c = g * (transform_coef * loss_scale) / tl.maximum(count, 1.0)
+    if HAS_DICE:
+        if BATCH:  # Dice over the batch's sums; its weight is the sum of the upstream gradients
+            tp = tl.zeros([BLOCK_B], dtype=tl.float64)
+            fp = tl.zeros([BLOCK_B], dtype=tl.float64)
+            fn = tl.zeros([BLOCK_B], dtype=tl.float64)
+            weight = tl.zeros([BLOCK_B], dtype=tl.float64)
+            for first in range(0, num_images, BLOCK_B):
+                images = first + tl.arange(0, BLOCK_B).to(tl.int64)
+                keep = images < num_images
+                tp += tl.load(stats_ptr + images * 5 + 2, mask=keep, other=0.0)
+                fp += tl.load(stats_ptr + images * 5 + 3, mask=keep, other=0.0)
+                fn += tl.load(stats_ptr + images * 5 + 4, mask=keep, other=0.0)
+                weight += tl.load(g_ptr + images * g_stride, mask=keep, other=0.0).to(tl.float64)
+            tp_sum = tl.sum(tp, axis=0)
+            den = 2.0 * tp_sum + tl.sum(fp, axis=0) + tl.sum(fn, axis=0) + smooth_dr
+            weight_sum = dice_coef * tl.sum(weight, axis=0)
+        else:
+            tp_sum = tl.load(stats_ptr + b * 5 + 2)
+            den = 2.0 * tp_sum + tl.load(stats_ptr + b * 5 + 3) + tl.load(stats_ptr + b * 5 + 4) + smooth_dr
+            weight_sum = dice_coef * g
+        a = -2.0 * weight_sum / den
+        e = weight_sum * (2.0 * tp_sum + smooth_nr) / (den * den)
+    else:
+        a = 0.0 * c
+        e = 0.0 * c
+    return c, a, e
+
+
+@triton.jit
+def _voxel_gradient(z, y, fg, valid, limit, c, a, e, TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET):
+    grad = tl.zeros_like(z)
+    if HAS_TRANSFORM:
+        term, slope = voxel_term(z, y, fg, limit, TRANSFORM, SOFT_TARGET)
+        grad = c * slope
+    if HAS_DICE:
+        if SOFT_TARGET:
+            p, q = sigmoid_pair(z)
+            grad += (a * y + e) * (p * q)
+        else:  # p (1 - p) = r (1 - r); A y + E by the label
+            r = wrong_class_probability(z, fg)
+            grad += tl.where(fg, a + e, e) * (r * (1.0 - r))
+    return tl.where(valid, grad, 0.0)
+
+
+@triton.jit
+def _accumulate(
+    z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
+    TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, MASKED,
+):  # fmt: skip
+    """Add one tile's voxels to the per-lane sums (``MASKED``: some lanes are invalid)."""
+    probe = 0.0 * z  # NaN for a NaN or ±inf logit; masked-off lanes loaded 0
+    if HAS_TRANSFORM:
+        term, slope = voxel_term(z, y, fg, limit, TRANSFORM, SOFT_TARGET)
+        if MASKED:
+            term = tl.where(valid, term, 0.0)
+        term_sum += term + probe
+    else:
+        term_sum += probe
+    if MASKED:
+        valid_count += valid.to(tl.int32)
+    if HAS_DICE:
+        if SOFT_TARGET:
+            p, q = sigmoid_pair(z)
+            if MASKED:
+                y = tl.where(valid, y, 0.0)
+                p = tl.where(valid, p, 0.0)
+            tp_or_fg += y * p
+            fp_or_r += (1.0 - y) * p
+            fn_sum += y * q
+        else:
+            r = wrong_class_probability(z, fg)
+            if MASKED:
+                fg = fg & valid
+                r = tl.where(valid, r, 0.0)
+            r_fg = tl.where(fg, r, 0.0)
+            tp_or_fg += fg.to(tl.float32)
+            fp_or_r += r
+            fn_sum += r_fg
+    return term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum
 
 
 @triton.jit
@@ -116,76 +191,200 @@ def _calf_voxel_kernel(
     y_ptr,
     partial_ptr,
     grad_ptr,
-    coef_ptr,
+    stats_ptr,
+    g_ptr,
     num_voxels,
     z_batch_stride,
+    z_voxel_stride,
     y_batch_stride,
-    tiles_per_image,
+    y_voxel_stride,
+    g_stride,
+    programs_per_image,
+    tiles_per_program,
+    num_images,
     ignore_index,
     limit,
+    transform_coef,
+    loss_scale,
+    dice_coef,
+    smooth_nr,
+    smooth_dr,
     TRANSFORM: tl.constexpr,
     HAS_TRANSFORM: tl.constexpr,
     HAS_DICE: tl.constexpr,
     SOFT_TARGET: tl.constexpr,
     HAS_IGNORE: tl.constexpr,
+    BATCH: tl.constexpr,
     BACKWARD: tl.constexpr,
     BLOCK: tl.constexpr,
+    BLOCK_B: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // tiles_per_image
-    offs = (pid % tiles_per_image) * BLOCK + tl.arange(0, BLOCK)
-    in_range = offs < num_voxels
-    z = tl.load(z_ptr + b * z_batch_stride + offs, mask=in_range, other=0.0).to(tl.float32)
-    if SOFT_TARGET:
-        y = tl.load(y_ptr + b * y_batch_stride + offs, mask=in_range, other=0.0).to(tl.float32)
-        valid = in_range
-    else:
-        label = tl.load(y_ptr + b * y_batch_stride + offs, mask=in_range, other=0)
-        y = (label == 1).to(tl.float32)
-        valid = in_range
-        if HAS_IGNORE:
-            valid = valid & (label.to(tl.int64) != ignore_index)
-
+    pid = tl.program_id(0)
+    b = (pid // programs_per_image).to(tl.int64)
+    first = (pid % programs_per_image) * tiles_per_program
+    # Full tiles run unmasked; the last, partial tile of an image (if any) runs once, masked, at the end.
+    full_tiles = num_voxels // BLOCK
+    end = tl.minimum(first + tiles_per_program, full_tiles)
+    has_tail = (num_voxels % BLOCK != 0) & (first + tiles_per_program > full_tiles)
+    z_row = z_ptr + b * z_batch_stride
+    y_row = y_ptr + b * y_batch_stride
+    lanes = tl.arange(0, BLOCK)
     if BACKWARD:
-        grad = tl.zeros_like(z)
-        if HAS_TRANSFORM:
-            loss, slope = _transform_term(z, y, limit, TRANSFORM)
-            grad = tl.load(coef_ptr + b * 3) * slope
-        if HAS_DICE:
-            p, q, log_p, log_q = _sigmoid_parts(z)
-            grad += (tl.load(coef_ptr + b * 3 + 1) * y + tl.load(coef_ptr + b * 3 + 2)) * (p * q)
-        grad = tl.where(valid, grad, 0.0)
-        tl.store(grad_ptr + b * num_voxels + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
+        c, a, e = _image_coefficients(
+            stats_ptr, g_ptr, b, g_stride, num_images, transform_coef, loss_scale, dice_coef, smooth_nr, smooth_dr,
+            HAS_DICE, BATCH, BLOCK_B,
+        )  # fmt: skip
+        c = c.to(tl.float32)
+        a = a.to(tl.float32)
+        e = e.to(tl.float32)
+        grad_row = grad_ptr + b * num_voxels
+        start = first.to(tl.int64) * BLOCK
+        for _ in range(first, end):
+            offs = start + lanes
+            start += BLOCK
+            z, y, fg, valid = _load_voxels(
+                z_row, y_row, offs, True, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE, False
+            )  # fmt: skip
+            grad = _voxel_gradient(z, y, fg, valid, limit, c, a, e, TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty))
+        if has_tail:
+            offs = full_tiles.to(tl.int64) * BLOCK + lanes
+            in_range = offs < num_voxels
+            z, y, fg, valid = _load_voxels(
+                z_row, y_row, offs, in_range, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE,
+                True,
+            )  # fmt: skip
+            grad = _voxel_gradient(z, y, fg, valid, limit, c, a, e, TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET)
+            tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=in_range)
     else:
-        out = partial_ptr + pid * 5
-        probe = 0.0 * z  # masked lanes loaded 0
-        if HAS_TRANSFORM:
-            loss, slope = _transform_term(z, y, limit, TRANSFORM)
-            tl.store(out, tl.sum(tl.where(valid, loss, 0.0) + probe, axis=0))
+        term_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        valid_count = tl.zeros([BLOCK], dtype=tl.int32)
+        tp_or_fg = tl.zeros([BLOCK], dtype=tl.float32)
+        fp_or_r = tl.zeros([BLOCK], dtype=tl.float32)
+        fn_sum = tl.zeros([BLOCK], dtype=tl.float32)
+        start = first.to(tl.int64) * BLOCK
+        for _ in range(first, end):
+            offs = start + lanes
+            start += BLOCK
+            z, y, fg, valid = _load_voxels(
+                z_row, y_row, offs, True, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE, False
+            )  # fmt: skip
+            term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum = _accumulate(
+                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
+                TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, HAS_IGNORE,
+            )  # fmt: skip
+        if has_tail:
+            offs = full_tiles.to(tl.int64) * BLOCK + lanes
+            in_range = offs < num_voxels
+            z, y, fg, valid = _load_voxels(
+                z_row, y_row, offs, in_range, z_voxel_stride, y_voxel_stride, ignore_index, SOFT_TARGET, HAS_IGNORE,
+                True,
+            )  # fmt: skip
+            term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum = _accumulate(
+                z, y, fg, valid, limit, term_sum, valid_count, tp_or_fg, fp_or_r, fn_sum,
+                TRANSFORM, HAS_TRANSFORM, HAS_DICE, SOFT_TARGET, True,
+            )  # fmt: skip
+        out = partial_ptr + pid.to(tl.int64) * 5
+        tl.store(out, tl.sum(term_sum.to(tl.float64), axis=0))
+        tl.store(out + 1, tl.sum(valid_count, axis=0).to(tl.float64))
+        tl.store(out + 2, tl.sum(tp_or_fg.to(tl.float64), axis=0))
+        tl.store(out + 3, tl.sum(fp_or_r.to(tl.float64), axis=0))
+        tl.store(out + 4, tl.sum(fn_sum.to(tl.float64), axis=0))
+
+
+@triton.jit
+def _column(x, cols, k: tl.constexpr):
+    return tl.sum(tl.where(cols[None, :] == k, x, 0.0), axis=1)
+
+
+@triton.jit
+def _dice(tp, fp, fn, smooth_nr, smooth_dr):
+    # 1 - (2 TP + s_nr) / den, formed from sums of non-negative terms
+    return (fp + fn + (smooth_dr - smooth_nr)) / (2.0 * tp + fp + fn + smooth_dr)
+
+
+@triton.jit
+def _finalize_kernel(
+    partial_ptr,
+    stats_ptr,
+    loss_ptr,
+    num_images,
+    programs_per_image,
+    num_voxels,
+    transform_coef,
+    loss_scale,
+    dice_coef,
+    smooth_nr,
+    smooth_dr,
+    HAS_DICE: tl.constexpr,
+    SOFT_TARGET: tl.constexpr,
+    HAS_IGNORE: tl.constexpr,
+    BATCH: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """One program: the ``(B, 5)`` float64 statistics ``(Σ ℓ_T, V, TP, FP, FN)`` and the fp32 loss per image."""
+    cols = tl.arange(0, 8)
+    stat_col = cols < 5
+    batch_sums = tl.zeros([8], dtype=tl.float64)
+    for first in range(0, num_images, BLOCK_B):
+        images = first + tl.arange(0, BLOCK_B).to(tl.int64)
+        keep = images < num_images
+        sums = tl.zeros([BLOCK_B, 8], dtype=tl.float64)
+        for first_program in range(0, programs_per_image, BLOCK_P):
+            programs = first_program + tl.arange(0, BLOCK_P)
+            rows = images[:, None] * programs_per_image + programs[None, :]
+            mask = (keep[:, None] & (programs < programs_per_image)[None, :])[:, :, None] & stat_col[None, None, :]
+            sums += tl.sum(tl.load(partial_ptr + rows[:, :, None] * 5 + cols[None, None, :], mask=mask, other=0.0), 1)
+        term_sum = _column(sums, cols, 0) * loss_scale
+        if HAS_IGNORE:
+            count = _column(sums, cols, 1)
         else:
-            tl.store(out, tl.sum(probe, axis=0))
-        tl.store(out + 1, tl.sum(valid.to(tl.float32), axis=0))
+            count = tl.zeros([BLOCK_B], dtype=tl.float64) + num_voxels
+        tp = _column(sums, cols, 2)
+        fp = _column(sums, cols, 3)
+        fn = _column(sums, cols, 4)
+        if not SOFT_TARGET:
+            # Hard labels summed FG and R = FP + FN. The Dice term and its gradient use FP + FN and
+            # 2 TP + FP + FN = 2 FG - FN + FP, sums of non-negative terms up to the rounding of FN.
+            tp -= fn
+            fp -= fn
+        stats = tl.where(cols[None, :] == 0, term_sum[:, None], sums)
+        stats = tl.where(cols[None, :] == 1, count[:, None], stats)
+        stats = tl.where(cols[None, :] == 2, tp[:, None], stats)
+        stats = tl.where(cols[None, :] == 3, fp[:, None], stats)
+        stats = tl.where(keep[:, None], stats, 0.0)
+        tl.store(stats_ptr + images[:, None] * 5 + cols[None, :], stats, mask=keep[:, None] & stat_col[None, :])
+        loss = transform_coef * term_sum / tl.maximum(count, 1.0)
         if HAS_DICE:
-            p, q, log_p, log_q = _sigmoid_parts(z)
-            keep = valid.to(tl.float32)
-            tl.store(out + 2, tl.sum(keep * y * p, axis=0))
-            tl.store(out + 3, tl.sum(keep * (1.0 - y) * p, axis=0))
-            tl.store(out + 4, tl.sum(keep * y * q, axis=0))
-        else:
-            tl.store(out + 2, 0.0)
-            tl.store(out + 3, 0.0)
-            tl.store(out + 4, 0.0)
+            if BATCH:
+                batch_sums += tl.sum(stats, axis=0)
+            else:
+                loss += dice_coef * _dice(tp, fp, fn, smooth_nr, smooth_dr)
+        tl.store(loss_ptr + images, loss.to(tl.float32), mask=keep)
+    if HAS_DICE:
+        if BATCH:  # every image gets the batch's Dice term on top of its transform term written above
+            dice = dice_coef * _dice(
+                tl.sum(tl.where(cols == 2, batch_sums, 0.0), axis=0),
+                tl.sum(tl.where(cols == 3, batch_sums, 0.0), axis=0),
+                tl.sum(tl.where(cols == 4, batch_sums, 0.0), axis=0),
+                smooth_nr,
+                smooth_dr,
+            )
+            tl.debug_barrier()  # the losses stored above, read back by other threads
+            for first in range(0, num_images, BLOCK_B):
+                images = first + tl.arange(0, BLOCK_B).to(tl.int64)
+                keep = images < num_images
+                loss = tl.load(loss_ptr + images, mask=keep, other=0.0).to(tl.float64) + dice
+                tl.store(loss_ptr + images, loss.to(tl.float32), mask=keep)
 
 
 def _flatten(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, V)`` views with unit voxel stride (copies only what is not already laid out so)."""
+    """``(B, V)`` views (a copy only where torch's reshape cannot merge the voxel axes); the kernels read
+    both strides, and a unit voxel stride is specialised into 128-bit vector loads."""
     batch_size = logits.shape[0]
     z = logits.reshape(batch_size, -1)
     y = target.reshape(batch_size, -1)
-    if z.stride(1) != 1:
-        z = z.contiguous()
-    if y.stride(1) != 1:
-        y = y.contiguous()
     if y.dtype == torch.bool:
         y = y.view(torch.uint8)
     return z, y
@@ -201,49 +400,81 @@ def _ignore_in_range(target: torch.Tensor, ignore_index: int | None) -> bool:
     return info.min <= ignore_index <= info.max
 
 
-def _launch(logits, target, transform, eps, ignore_index, has_transform, has_dice, *, coefficients=None):
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return _DEFAULT_SMS
+
+
+def _plan(batch_size: int, num_voxels: int, device: torch.device, per_thread: int) -> tuple[int, int, int, int]:
+    """``(BLOCK, num_warps, programs per image, tiles per program)`` of the voxel kernel, ``per_thread``
+    voxels per thread (fewer warps for small images)."""
+    block = max(128, min(_NUM_WARPS * 32 * per_thread, _MAX_BLOCK, triton.next_power_of_2(num_voxels)))
+    num_warps = max(1, min(_NUM_WARPS, block // (32 * per_thread)))
+    tiles = triton.cdiv(num_voxels, block)
+    programs = _INTERPRETER_PROGRAMS if INTERPRETED else _PROGRAMS_PER_SM * _sm_count(device)
+    per_image = max(1, min(tiles, programs // batch_size))
+    tiles_per_program = triton.cdiv(tiles, per_image)
+    return block, num_warps, triton.cdiv(tiles, tiles_per_program), tiles_per_program
+
+
+def _launch_voxels(logits, target, transform, eps, ignore_index, options, backward=None):
+    """One pass of ``_calf_voxel_kernel``: forward (returns the ``(B·P, 5)`` partial sums and ``P``) or
+    backward from ``(grad_loss, stats)`` (returns the gradient)."""
+    transform_coef, dice_coef, smooth_nr, smooth_dr, batch = options
     z, y = _flatten(logits, target)
     batch_size, num_voxels = z.shape
-    block = max(128, min(_MAX_BLOCK, triton.next_power_of_2(num_voxels)))
-    tiles = triton.cdiv(num_voxels, block)
-    backward = coefficients is not None
+    # Voxels per thread and tile. Forward: 8, one 128-bit load of bf16 logits and a 64-bit load of uint8
+    # labels. 16 (128-bit label loads) measured worse on sm_90: 152 instead of 64 registers per thread for
+    # ln + Dice (four per-lane sums of 16), one resident program per SM, and 4 % more instructions per
+    # voxel. Backward: as many as one 128-bit store of the gradient holds, so that the store needs no
+    # layout change through shared memory.
+    per_thread = 8 if backward is None else 16 // logits.element_size()
+    block, num_warps, per_image, tiles_per_program = _plan(batch_size, num_voxels, logits.device, per_thread)
     has_ignore = _ignore_in_range(target, ignore_index)
-    partial = z.new_empty((batch_size * tiles, _NUM_STATS), dtype=torch.float32) if not backward else None
-    grad = torch.empty((batch_size, num_voxels), dtype=logits.dtype, device=logits.device) if backward else None
-    limit = clip_limit(eps) if transform in CLIPPED_TRANSFORMS else 0.0
-    _calf_voxel_kernel[(batch_size * tiles,)](
+    grad_loss, stats = backward if backward is not None else (z, z)
+    if backward is None:
+        partial = torch.empty((batch_size * per_image, _NUM_STATS), dtype=torch.float64, device=logits.device)
+        grad = None
+    else:
+        partial = None
+        grad = torch.empty((batch_size, num_voxels), dtype=logits.dtype, device=logits.device)
+    _calf_voxel_kernel[(batch_size * per_image,)](
         z,
         y,
-        partial if partial is not None else z,
+        partial if partial is not None else stats,
         grad if grad is not None else z,
-        coefficients if coefficients is not None else z,
+        stats,
+        grad_loss,
         num_voxels,
         z.stride(0),
+        z.stride(1),
         y.stride(0),
-        tiles,
+        y.stride(1),
+        grad_loss.stride(0) if backward is not None else 0,
+        per_image,
+        tiles_per_program,
+        batch_size,
         ignore_index if has_ignore else 0,
-        limit,
+        clip_limit(eps) if transform in CLIPPED_TRANSFORMS else 0.0,
+        transform_coef,
+        TRANSFORM_SCALE[transform],
+        dice_coef,
+        smooth_nr,
+        smooth_dr,
         TRANSFORM=_TRANSFORM_CODE[transform],
-        HAS_TRANSFORM=has_transform,
-        HAS_DICE=has_dice,
+        HAS_TRANSFORM=transform_coef != 0.0,
+        HAS_DICE=dice_coef != 0.0,
         SOFT_TARGET=target.is_floating_point(),
         HAS_IGNORE=has_ignore,
-        BACKWARD=backward,
+        BATCH=batch,
+        BACKWARD=backward is not None,
         BLOCK=block,
-        num_warps=8,
+        BLOCK_B=min(triton.next_power_of_2(batch_size), 128),
+        num_warps=num_warps,
     )
-    if backward:
-        return grad.view(logits.shape)
-    return partial.view(batch_size, tiles, _NUM_STATS).sum(1, dtype=torch.float64)
-
-
-def _dice_terms(stats: torch.Tensor, smooth_nr: float, smooth_dr: float, batch: bool):
-    """Dice loss per image (or over the batch) from float64 (TP, FP, FN) sums, and its denominator."""
-    tp, fp, fn = stats[:, 2], stats[:, 3], stats[:, 4]
-    if batch:
-        tp, fp, fn = tp.sum(0, keepdim=True), fp.sum(0, keepdim=True), fn.sum(0, keepdim=True)
-    den = 2.0 * tp + fp + fn + smooth_dr
-    return (fp + fn + (smooth_dr - smooth_nr)) / den, den, tp
+    return grad.view(logits.shape) if grad is not None else (partial, per_image)
 
 
 @torch.library.custom_op("lmfloss::calf_transform_loss", mutates_args=())
@@ -260,12 +491,32 @@ def calf_transform_loss(
     ignore_index: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image CALF loss ``L_b`` (float32, ``(B,)``) and the float64 ``(B, 5)`` sums backward needs."""
-    stats = _launch(logits, target, transform, eps, ignore_index, transform_coef != 0.0, dice_coef != 0.0)
+    batch_size = logits.shape[0]
+    options = (transform_coef, dice_coef, smooth_nr, smooth_dr, batch)
+    partial, per_image = _launch_voxels(logits, target, transform, eps, ignore_index, options)
+    stats = torch.empty((batch_size, _NUM_STATS), dtype=torch.float64, device=logits.device)
+    loss = torch.empty((batch_size,), dtype=torch.float32, device=logits.device)
     # Also with transform_coef = 0: stats[:, 0] is then the non-finite probe alone (0 or NaN).
-    loss = transform_coef * stats[:, 0] / stats[:, 1].clamp_min(1.0)
-    if dice_coef != 0.0:
-        loss = loss + dice_coef * _dice_terms(stats, smooth_nr, smooth_dr, batch)[0]
-    return loss.float(), stats
+    _finalize_kernel[(1,)](
+        partial,
+        stats,
+        loss,
+        batch_size,
+        per_image,
+        logits[0].numel(),
+        transform_coef,
+        TRANSFORM_SCALE[transform],
+        dice_coef,
+        smooth_nr,
+        smooth_dr,
+        HAS_DICE=dice_coef != 0.0,
+        SOFT_TARGET=target.is_floating_point(),
+        HAS_IGNORE=_ignore_in_range(target, ignore_index),
+        BATCH=batch,
+        BLOCK_B=min(triton.next_power_of_2(batch_size), 16),
+        BLOCK_P=min(triton.next_power_of_2(per_image), 64),
+    )
+    return loss, stats
 
 
 @calf_transform_loss.register_fake
@@ -293,25 +544,8 @@ def calf_transform_backward(
     ignore_index: int | None,
 ) -> torch.Tensor:
     """Gradient of ``Σ_b grad_loss[b] · L_b`` w.r.t. the logits, in the logits' dtype and shape."""
-    g = grad_loss.to(torch.float64)
-    coefficients = torch.zeros((logits.shape[0], 3), dtype=torch.float64, device=logits.device)
-    if transform_coef != 0.0:
-        coefficients[:, 0] = g * transform_coef / stats[:, 1].clamp_min(1.0)
-    if dice_coef != 0.0:
-        _, den, tp = _dice_terms(stats, smooth_nr, smooth_dr, batch)
-        weight = dice_coef * (g.sum(0, keepdim=True) if batch else g)
-        coefficients[:, 1] = -2.0 * weight / den
-        coefficients[:, 2] = weight * (2.0 * tp + smooth_nr) / (den * den)
-    return _launch(
-        logits,
-        target,
-        transform,
-        eps,
-        ignore_index,
-        transform_coef != 0.0,
-        dice_coef != 0.0,
-        coefficients=coefficients.float(),
-    )
+    options = (transform_coef, dice_coef, smooth_nr, smooth_dr, batch)
+    return _launch_voxels(logits, target, transform, eps, ignore_index, options, (grad_loss, stats))
 
 
 @calf_transform_backward.register_fake
@@ -326,12 +560,13 @@ def _setup_context(ctx, inputs, output):
     logits, target, *options = inputs
     ctx.save_for_backward(logits, target, output[1])
     ctx.options = options
+    ctx.set_materialize_grads(False)  # no zeros for the statistics' (unused) gradient
 
 
 def _backward(ctx, grad_loss, grad_stats):
     logits, target, stats = ctx.saved_tensors
     refuse_double_backward("triton")
-    grad = calf_transform_backward(grad_loss, logits, target, stats, *ctx.options)
+    grad = None if grad_loss is None else calf_transform_backward(grad_loss, logits, target, stats, *ctx.options)
     return (grad, None) + (None,) * len(_LOSS_ARGS)
 
 

@@ -108,6 +108,7 @@ from .._validation import (
     check_soft_range,
 )
 from ..functional import _propagate_nonfinite
+from ._definitions import CLIPPED_TRANSFORMS, TRANSFORMS, clip_limit
 
 __all__ = [
     "TRANSFORMS",
@@ -117,18 +118,11 @@ __all__ = [
     "transform_loss_reference",
 ]
 
-TRANSFORMS = ("ln", "log10", "fisher", "logit", "arcsine")
-CLIPPED_TRANSFORMS = ("fisher", "logit")
 BACKENDS = ("auto", "reference", "cpu", "triton")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _LN10 = math.log(10.0)
 _HALF_PI = math.pi / 2
-
-
-def clip_limit(eps: float) -> float:
-    """``L = ln((1 - eps) / eps)``: clipping ``z`` to ``[-L, L]`` clips ``σ(z)`` to ``[eps, 1 - eps]``."""
-    return math.log1p(-eps) - math.log(eps)
 
 
 def _transform_terms(z: torch.Tensor, y: torch.Tensor, transform: str, eps: float) -> torch.Tensor:
