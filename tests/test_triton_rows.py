@@ -212,9 +212,11 @@ def test_mean_gradient_under_a_loss_scaler_keeps_half_precision(shape, terms, dt
         ("rows", (2500, 8), torch.bfloat16),  # class-last 128-bit rows, a partial last tile
         ("rows", (2300, 5), torch.float32),  # C not a power of two: padded classes
         ("rows", (700, 14), torch.float16),
-        ("transposed_rows", (600, 8), torch.float32),  # class stride N: the strided path
+        ("transposed_rows", (1500, 8), torch.float32),  # class stride N: the strided path
         ("dense", (3, 14, 7, 11), torch.float32),  # vectors along the voxels, classes in registers
         ("channels_last", (2, 8, 9, 13), torch.bfloat16),  # class-last voxels of a map
+        ("rows", (300, 40), torch.float32),  # classes spread over threads, a bounded tile
+        ("dense", (2, 40, 11, 13), torch.float32),
     ],
 )
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -229,8 +231,8 @@ def test_gpu_tiling_matches_reference(monkeypatch, layout, shape, dtype, reducti
         if layout == "channels_last":
             logits = logits.to(memory_format=torch.channels_last)
     _, labels, *vectors = _row_inputs(tuple(logits.shape))
-    config = row.launch_config(shape[1], labels[0].numel() if logits.dim() > 2 else labels.numel(),
-                               layout in ("rows", "channels_last"), logits.element_size())  # fmt: skip
+    num_voxels = labels[0].numel() if logits.dim() > 2 else labels.numel()
+    config = row.launch_config(shape[1], num_voxels, layout in ("rows", "channels_last"))
     assert config["BLOCK_V"] < labels.numel() and config["num_warps"] > 1
     logits = logits.to(dtype)
     kwargs = dict(alpha=1.5, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)

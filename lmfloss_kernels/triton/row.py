@@ -69,8 +69,8 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 # Registers: a thread holds all BLOCK_C classes of its rows and, in backward, two exponentials
 # of each. Class-last rows: 32 logits per thread (bf16 C = 8: 70 / 114 registers forward /
 # backward on sm_90, 4 rows in flight per thread); 64 cost 168 / 221 registers for 6% fewer
-# instructions. A dense map needs its 128-bit voxel vector of every class in one thread: up to 64
-# (float32 C = 14: 105 / 182 registers, no spills).
+# instructions. A dense map needs its 128-bit voxel vector of every class in one thread: 64
+# (float32 C = 14: 105 / 148 registers, no spills).
 _ROW_ELEMENTS_PER_THREAD = 32
 _DENSE_ELEMENTS_PER_THREAD = 64
 _NUM_WARPS = 4
@@ -78,29 +78,26 @@ _NUM_WARPS = 4
 _INTERPRETER_TILE = 1 << 16
 
 
-def launch_config(num_classes: int, num_voxels: int, class_last: bool, element_size: int) -> dict[str, int]:
+def launch_config(num_classes: int, num_voxels: int, class_last: bool) -> dict[str, int]:
     """``BLOCK_C`` (classes padded to a power of two), ``BLOCK_V`` rows / voxels per program, warps.
 
-    Triton lays a tile out from its loads: 128 bits along the contiguous axis per thread, then
-    the threads and warps along that axis, then along the other. Classes stay in one thread when
-    ``BLOCK_V`` covers every thread of the program along the voxel axis: ``rows x 32 x warps``
-    for class-last rows (a row's classes being the 128-bit vector when they fit), ``vector x 32 x
-    warps`` for a dense map, whose vector runs along the voxels. A dense map whose vector of all
-    classes would exceed the register budget (bfloat16 with more than 8 classes) gets the largest
-    tile within it, and Triton spreads its classes over threads (shuffles, correct but slower).
-    One tile per program: the per-program work (per-class vectors, partial sums) is amortised
-    over the 32-64 logits of each thread.
+    A tile holds ``32 x warps x E`` logits (``E`` the per-thread budget above). Triton lays it out
+    from its loads: 128 bits along the contiguous axis per thread, then the threads and warps
+    along that axis, then along the other. So the classes of a row stay in one thread when the
+    tile's rows / voxels cover every thread: class-last rows whose classes fit in one 128-bit
+    vector (bf16 C <= 8, float32 C <= 4), dense maps whose 128-bit voxel vector of every class
+    fits in ``E`` (float32 C <= 16, bf16 C <= 8 at E = 64). Beyond that Triton spreads a row's
+    classes over threads (shuffles or shared memory: correct, slower) and the tile keeps its
+    size, so registers stay bounded for any C. One tile per program: the per-program work (per-class
+    vectors, partial sums) is amortised over the 32-64 logits of each thread.
     """
     block_c = triton.next_power_of_2(num_classes)
     if INTERPRETED:
         block_v = max(16, min(_INTERPRETER_TILE // block_c, triton.next_power_of_2(num_voxels)))
         return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": 1}
-    threads = 32 * _NUM_WARPS
-    if class_last:
-        per_thread = max(1, _ROW_ELEMENTS_PER_THREAD // block_c)
-    else:
-        per_thread = max(1, min(16 // element_size, _DENSE_ELEMENTS_PER_THREAD // block_c))
-    block_v = min(threads * per_thread, max(threads, triton.next_power_of_2(num_voxels)))
+    per_thread = _ROW_ELEMENTS_PER_THREAD if class_last else _DENSE_ELEMENTS_PER_THREAD
+    block_v = max(1, 32 * _NUM_WARPS * per_thread // block_c)
+    block_v = min(block_v, max(32 * _NUM_WARPS, triton.next_power_of_2(num_voxels)))
     return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": _NUM_WARPS}
 
 
@@ -414,7 +411,7 @@ def row_forward(
     lab = _labels(labels, class_last)
     batch, num_classes, num_voxels = z.shape
     device = logits.device
-    config = launch_config(num_classes, num_voxels, class_last, logits.element_size())
+    config = launch_config(num_classes, num_voxels, class_last)
     grid = _grid(batch, num_voxels, config)
     margins, ldam_weight, focal_weight = _vectors(device, margins, ldam_weight, focal_weight)
     mean = reduction == "mean"
@@ -463,7 +460,7 @@ def row_backward(
     lab = _labels(labels, class_last)
     batch, num_classes, num_voxels = z.shape
     device = logits.device
-    config = launch_config(num_classes, num_voxels, class_last, logits.element_size())
+    config = launch_config(num_classes, num_voxels, class_last)
     grid = _grid(batch, num_voxels, config)
     margins, ldam_weight, focal_weight = _vectors(device, margins, ldam_weight, focal_weight)
     per_row = reduction == "none"
