@@ -232,7 +232,8 @@ def test_gpu_tiling_matches_reference(monkeypatch, layout, shape, dtype, reducti
             logits = logits.to(memory_format=torch.channels_last)
     _, labels, *vectors = _row_inputs(tuple(logits.shape))
     num_voxels = labels[0].numel() if logits.dim() > 2 else labels.numel()
-    config = row.launch_config(shape[1], num_voxels, layout in ("rows", "channels_last"))
+    class_last = layout in ("rows", "channels_last") and shape[1] in (2, 4, 8, 16, 32, 64)
+    config = row.launch_config(shape[1], num_voxels, class_last)
     assert config["BLOCK_V"] < labels.numel() and config["num_warps"] > 1
     logits = logits.to(dtype)
     kwargs = dict(alpha=1.5, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)

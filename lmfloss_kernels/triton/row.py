@@ -73,6 +73,10 @@ _LOG2E = tl.constexpr(1.4426950408889634)
 # (float32 C = 14: 105 / 148 registers, no spills).
 _ROW_ELEMENTS_PER_THREAD = 32
 _DENSE_ELEMENTS_PER_THREAD = 64
+# ... and at most 8 voxels per thread (one bf16 / two float32 vectors): with few classes the
+# per-voxel state dominates (float32 C = 4 at 16 voxels: 255 registers and spills in backward;
+# at 8: 128 / 168 registers).
+_DENSE_VOXELS_PER_THREAD = 8
 _NUM_WARPS = 4
 # The interpreter costs about 1 ms per program whatever its size: big tiles.
 _INTERPRETER_TILE = 1 << 16
@@ -81,23 +85,27 @@ _INTERPRETER_TILE = 1 << 16
 def launch_config(num_classes: int, num_voxels: int, class_last: bool) -> dict[str, int]:
     """``BLOCK_C`` (classes padded to a power of two), ``BLOCK_V`` rows / voxels per program, warps.
 
-    A tile holds ``32 x warps x E`` logits (``E`` the per-thread budget above). Triton lays it out
+    A tile holds ``32 x warps x E`` logits (``E`` the per-thread budget above, fewer for a dense
+    map with few classes). Triton lays it out
     from its loads: 128 bits along the contiguous axis per thread, then the threads and warps
     along that axis, then along the other. So the classes of a row stay in one thread when the
     tile's rows / voxels cover every thread: class-last rows whose classes fit in one 128-bit
     vector (bf16 C <= 8, float32 C <= 4), dense maps whose 128-bit voxel vector of every class
     fits in ``E`` (float32 C <= 16, bf16 C <= 8 at E = 64). Beyond that Triton spreads a row's
     classes over threads (shuffles or shared memory: correct, slower) and the tile keeps its
-    size, so registers stay bounded for any C. One tile per program: the per-program work (per-class
-    vectors, partial sums) is amortised over the 32-64 logits of each thread.
+    size, so registers stay bounded for any C. One tile per program: the per-program work
+    (per-class vectors, partial sums) is amortised over the 16-64 logits of each thread.
     """
     block_c = triton.next_power_of_2(num_classes)
     if INTERPRETED:
         block_v = max(16, min(_INTERPRETER_TILE // block_c, triton.next_power_of_2(num_voxels)))
         return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": 1}
-    per_thread = _ROW_ELEMENTS_PER_THREAD if class_last else _DENSE_ELEMENTS_PER_THREAD
-    block_v = max(1, 32 * _NUM_WARPS * per_thread // block_c)
-    block_v = min(block_v, max(32 * _NUM_WARPS, triton.next_power_of_2(num_voxels)))
+    threads = 32 * _NUM_WARPS
+    if class_last:
+        block_v = max(1, threads * _ROW_ELEMENTS_PER_THREAD // block_c)
+    else:
+        block_v = max(1, min(threads * _DENSE_ELEMENTS_PER_THREAD // block_c, threads * _DENSE_VOXELS_PER_THREAD))
+    block_v = min(block_v, max(threads, triton.next_power_of_2(num_voxels)))
     return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": _NUM_WARPS}
 
 
@@ -366,16 +374,21 @@ def _row_backward_kernel(
 
 def _layout(logits: torch.Tensor, grad_view: torch.Tensor | None):
     """``(z, class_last)``: the ``(B, C, V)`` view and whether logits (and gradient) are rows of
-    ``C`` contiguous classes, ``(b V + v) C + c``."""
+    ``C`` contiguous classes, addressed as ``(b V + v) C + c``.
+
+    Only for ``C`` a power of two: a row then spans whole vectors (or a whole number of rows one
+    vector). With another ``C`` rows are not aligned, the loads are scalar either way, and the
+    class-last addressing made ptxas spill (bf16 C = 5: 255 registers); the strided path does not.
+    """
     z = class_view(logits)
     batch, num_classes, num_voxels = z.shape
 
     def packed(t: torch.Tensor) -> bool:
-        return (
-            t.stride(1) == 1 and t.stride(2) == num_classes and (batch == 1 or t.stride(0) == num_classes * num_voxels)
-        )
+        rows = t.stride(1) == 1 and t.stride(2) == num_classes
+        return rows and (batch == 1 or t.stride(0) == num_classes * num_voxels)
 
-    return z, packed(z) and (grad_view is None or packed(grad_view))
+    power_of_two = num_classes == triton.next_power_of_2(num_classes)
+    return z, power_of_two and packed(z) and (grad_view is None or packed(grad_view))
 
 
 def _labels(labels: torch.Tensor, class_last: bool) -> torch.Tensor:
