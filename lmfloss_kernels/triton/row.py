@@ -41,9 +41,10 @@ itself is off by up to 9e-2 on small row losses), the mean within 1.4e-7, gradie
 Under the interpreter the logarithms are the precise ``tl.log2``.
 
 Layout. A program owns one tile of ``BLOCK_C x BLOCK_V`` (classes x rows) of one image, with
-every class of a row in one thread's registers (:func:`launch_config`), so the class reductions
-are register operations. Rows whose classes are contiguous (``(N, C)`` row-major and
-channels-last maps, ``CLASS_LAST``) are addressed as ``(b V + v) C + c`` with ``C`` a constexpr:
+every class of a row in one thread's registers wherever a 128-bit vector allows it (see
+:func:`launch_config`), so the class reductions are register operations. Rows of ``C``
+contiguous classes, ``C`` a power of two (``(N, C)`` row-major and channels-last maps,
+``CLASS_LAST``), are addressed as ``(b V + v) C + c`` with ``C`` a constexpr:
 the compiler then knows each row starts on a multiple of ``C`` elements and loads / stores a
 bf16 row of 8 classes with one 128-bit access. Dense ``(B, C, V)`` maps vectorise along the
 voxels instead. Per-class constants are gathered by label from a ``[BLOCK_C]`` vector the program
@@ -61,7 +62,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETED, class_view, empty, finish_gradient, fp32, gradient_buffer, label_view
+from ._common import (
+    INTERPRETED,
+    class_view,
+    empty,
+    finish_gradient,
+    fp32,
+    gradient_buffer,
+    label_view,
+    tile_position,
+)
 from ._fastmath import fast_log, fast_log2
 
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -244,15 +254,6 @@ def _row_tile(
 
 
 @triton.jit
-def _tile_position(V, BLOCK_V: tl.constexpr):
-    """``(pid, b, v)``: this program's index, image and voxels (int64) in the grid ``B * cdiv(V, BLOCK_V)``."""
-    pid = tl.program_id(0).to(tl.int64)
-    tiles = tl.cdiv(V, BLOCK_V)
-    b = pid // tiles
-    return pid, b, (pid - b * tiles) * BLOCK_V + tl.arange(0, BLOCK_V)
-
-
-@triton.jit
 def _class_constants(margin_ptr, ldam_weight_ptr, focal_weight_ptr, C: tl.constexpr, BLOCK_C: tl.constexpr):
     """The per-class vectors, loaded once per program (padded classes 0)."""
     cls = tl.arange(0, BLOCK_C)
@@ -271,7 +272,7 @@ def _row_forward_kernel(
     PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """Per-row losses (``PER_ROW``) or the program's partial sums ``[sum w_t ldam, sum a_t focal, W, n]``."""
-    pid, b, v = _tile_position(V, BLOCK_V)
+    pid, b, v = tile_position(V, BLOCK_V)
     margins, ldam_weights, focal_weights = _class_constants(margin_ptr, ldam_weight_ptr, focal_weight_ptr, C, BLOCK_C)
     valid, probe, w_t, a_t, ldam, focal, _, _, _, _, _, _, _ = _row_tile(
         logit_ptr, label_ptr, b, v, V, szb, szc, szv, slb, slv, ignore_index, margins, ldam_weights,
@@ -333,7 +334,7 @@ def _row_backward_kernel(
     MEAN: tl.constexpr, PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_V: tl.constexpr,
 ):  # fmt: skip
     """The final gradient of the module docstring, in float32, rounded once into the gradient's dtype."""
-    _, b, v = _tile_position(V, BLOCK_V)
+    _, b, v = tile_position(V, BLOCK_V)
     vmask = v < V
     margins, ldam_weights, focal_weights = _class_constants(margin_ptr, ldam_weight_ptr, focal_weight_ptr, C, BLOCK_C)
     cls = tl.arange(0, BLOCK_C)
