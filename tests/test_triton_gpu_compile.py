@@ -44,21 +44,26 @@ _SCRIPT = textwrap.dedent(
     count = 0
     # Every variant for sm_90 (H100 / H200); the A100 generation gets the heaviest one, below.
     for arch in (90,):
-        compile_variant(row._label_sums_kernel, {"label_ptr": "*u8"}, {"BLOCK_C": 8, "BLOCK_V": 256}, arch)
-        count += 1
         for mean in (False, True):
             constexprs = dict(HAS_LDAM=True, HAS_FOCAL=not mean, MEAN=mean, BLOCK_P=256)
             compile_variant(row._row_total_kernel, {}, constexprs, arch)
             count += 1
+        # (logits, labels, flags): bf16 class-last rows of 8 (the 128-bit path), float16 5 classes
+        # strided, float32 dense 14 classes.
         row_variants = [
-            ("*bf16", "*i64", dict(HAS_LDAM=True, HAS_FOCAL=True, MEAN=True, PER_ROW=False, HAS_GRAD=True)),
-            ("*fp16", "*u8", dict(HAS_LDAM=True, HAS_FOCAL=False, MEAN=False, PER_ROW=True, HAS_GRAD=False)),
-            ("*fp32", "*i32", dict(HAS_LDAM=False, HAS_FOCAL=True, MEAN=False, PER_ROW=False, HAS_GRAD=True)),
+            ("*bf16", "*i64", dict(C=8, CLASS_LAST=True, HAS_LDAM=True, HAS_FOCAL=True, MEAN=True, PER_ROW=False,
+                                   BLOCK_C=8, BLOCK_V=1024)),
+            ("*fp16", "*u8", dict(C=5, CLASS_LAST=False, HAS_LDAM=True, HAS_FOCAL=False, MEAN=False, PER_ROW=True,
+                                  BLOCK_C=8, BLOCK_V=512)),
+            ("*fp32", "*i32", dict(C=14, CLASS_LAST=False, HAS_LDAM=False, HAS_FOCAL=True, MEAN=False, PER_ROW=False,
+                                   BLOCK_C=16, BLOCK_V=512)),
         ]
         for logits, labels, flags in row_variants:
             pointers = {"logit_ptr": logits, "label_ptr": labels, "grad_ptr": logits}
-            compile_variant(row._row_kernel, pointers, dict(flags, BLOCK_C=4, BLOCK_V=1024), arch, "i64")
-            count += 1
+            forward_flags = {k: v for k, v in flags.items() if k != "MEAN"}
+            compile_variant(row._row_forward_kernel, pointers, forward_flags, arch, "i64")
+            compile_variant(row._row_backward_kernel, pointers, flags, arch, "i64")
+            count += 2
         region_variants = [
             ("*bf16", "*u8", dict(SOFT=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True)),
             ("*fp16", "*fp32", dict(SOFT=True, HAS_IGNORE=False, CLIP=False, HAS_FOCAL=True, HAS_TVERSKY=False)),
@@ -99,4 +104,4 @@ def test_kernels_compile_for_gpus():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 21" in result.stdout
+    assert "compiled 23" in result.stdout

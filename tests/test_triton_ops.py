@@ -15,13 +15,13 @@ from lmfloss_kernels.triton import BACKEND, _common, ops, region, row
 pytestmark = INTERPRETER_WARNINGS
 
 
-def _row_args(shape=(2, 3, 5, 6), reduction="mean", compute_grad=True):
+def _row_args(shape=(2, 3, 5, 6), reduction="mean"):
     num_classes = shape[1]
     logits = torch.randn(shape, device=DEVICE, requires_grad=True)
     labels = torch.randint(0, num_classes, shape[:1] + shape[2:], device=DEVICE)
     labels.view(-1)[::5] = -100
     vectors = [torch.rand(num_classes, device=DEVICE) + 0.5 for _ in range(3)]
-    return (logits, labels, *vectors, 1.0, 1.0, 1.5, 30.0, -100, reduction, compute_grad)
+    return (logits, labels, *vectors, 1.0, 1.0, 1.5, 30.0, -100, reduction)
 
 
 def _region_args(shape=(2, 3, 5, 6), reduction="mean", soft=False, ignore_index=None):
@@ -36,9 +36,14 @@ def _region_args(shape=(2, 3, 5, 6), reduction="mean", soft=False, ignore_index=
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_opcheck_row(reduction):
-    torch.library.opcheck(ops.row_loss_op, _row_args(reduction=reduction))
-    torch.library.opcheck(ops.row_loss_op, _row_args(shape=(17, 4), reduction=reduction, compute_grad=False))
+@pytest.mark.parametrize("shape", [(2, 3, 5, 6), (17, 4)])
+def test_opcheck_row(shape, reduction):
+    args = _row_args(shape=shape, reduction=reduction)
+    torch.library.opcheck(ops.row_loss_op, args)
+    loss, norms = ops.row_loss_op(*args)
+    grad_loss = random_grad_output(loss.shape)
+    logits, labels, *rest = args
+    torch.library.opcheck(ops.row_backward_op, (grad_loss, logits.detach(), labels, norms, *rest))
 
 
 @pytest.mark.parametrize(("reduction", "soft"), [("mean", False), ("none", True), ("sum", False)])
@@ -51,21 +56,27 @@ def test_opcheck_region(reduction, soft):
     torch.library.opcheck(ops.region_backward_op, (grad_loss, logits.detach(), target, stats.detach(), *rest))
 
 
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_row_gradient_recomputed_when_forward_skipped_it(reduction):
-    # The backend asks for no gradient only when none is wanted; called directly without it, the
-    # op still differentiates correctly by recomputing the gradient in backward.
-    logits, labels, margins, ldam_weight, focal_weight, *options = _row_args(reduction=reduction, compute_grad=False)
-    kwargs = dict(zip(("alpha", "beta", "gamma", "s", "ignore_index", "reduction"), options[:6], strict=True))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_row_backward_is_one_kernel_pass(reduction):
+    # The forward keeps only [W, n]: no gradient-sized buffer, and backward gets no materialised
+    # zeros for that output (a gradient-sized torch.zeros plus a multiply pass, before). The
+    # gradient of the op itself, for a random grad_output, is the reference's.
+    logits, labels, margins, ldam_weight, focal_weight, *options = _row_args(reduction=reduction)
+    loss, norms = ops.row_loss_op(logits, labels, margins, ldam_weight, focal_weight, *options)
+    assert norms.numel() == (2 if reduction == "mean" else 0) and not norms.requires_grad
+    kwargs = dict(zip(("alpha", "beta", "gamma", "s", "ignore_index", "reduction"), options, strict=True))
     grad_output = random_grad_output(labels.shape if reduction == "none" else ())
     expected = loss_and_grad(
         reference.row_loss, logits, labels, margins, ldam_weight, focal_weight, grad_output=grad_output, **kwargs
     )
-    actual = loss_and_grad(
-        lambda x: ops.row_loss_op(x, labels, margins, ldam_weight, focal_weight, *options)[0],
-        logits,
-        grad_output=grad_output,
-    )
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        actual = loss_and_grad(
+            lambda x: ops.row_loss_op(x, labels, margins, ldam_weight, focal_weight, *options)[0],
+            logits,
+            grad_output=grad_output,
+        )
+    names = {event.name for event in profile.events()}
+    assert "aten::zeros" not in names and "aten::mul" not in names, sorted(names)
     assert_fp32_close(actual[0], expected[0], "loss")
     assert_fp32_close(actual[1], expected[1], "gradient")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from test_triton_helpers import (
     DEVICE,
     INTERPRETER_WARNINGS,
@@ -15,7 +17,7 @@ from test_triton_helpers import (
 
 import lmfloss_kernels.functional as F
 from lmfloss_kernels import reference
-from lmfloss_kernels.triton import BACKEND
+from lmfloss_kernels.triton import BACKEND, row
 
 pytestmark = INTERPRETER_WARNINGS
 
@@ -202,3 +204,112 @@ def test_mean_gradient_under_a_loss_scaler_keeps_half_precision(shape, terms, dt
     # entries that round to 0 differently at float16's subnormal edge.
     flushed = int((fused[1] == 0).sum()) - int((same[1] == 0).sum())
     assert flushed <= fused[1].numel() // 1000, f"{flushed} more gradient entries flushed to 0 than the reference"
+
+
+@pytest.mark.parametrize(
+    ("layout", "shape", "dtype"),
+    [
+        ("rows", (2500, 8), torch.bfloat16),  # class-last 128-bit rows, a partial last tile
+        ("rows", (2300, 5), torch.float32),  # C not a power of two: padded classes
+        ("rows", (700, 14), torch.float16),
+        ("transposed_rows", (1500, 8), torch.float32),  # class stride N: the strided path
+        ("dense", (3, 14, 7, 11), torch.float32),  # vectors along the voxels, classes in registers
+        ("channels_last", (2, 8, 9, 13), torch.bfloat16),  # class-last voxels of a map
+        ("rows", (300, 40), torch.float32),  # classes spread over threads, a bounded tile
+        ("dense", (2, 40, 11, 13), torch.float32),
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_tiling_matches_reference(monkeypatch, layout, shape, dtype, reduction):
+    # The interpreter normally takes one big tile; here the kernels run with the block sizes a GPU
+    # launch gets (several programs, a partial last tile, the per-program partial sums).
+    monkeypatch.setattr(row, "INTERPRETED", False)
+    if layout == "transposed_rows":
+        logits = torch.randn(shape[::-1], device=DEVICE).t() * 3.0
+    else:
+        logits = torch.randn(shape, device=DEVICE) * 3.0
+        if layout == "channels_last":
+            logits = logits.to(memory_format=torch.channels_last)
+    _, labels, *vectors = _row_inputs(tuple(logits.shape))
+    num_voxels = labels[0].numel() if logits.dim() > 2 else labels.numel()
+    class_last = layout in ("rows", "channels_last") and shape[1] in (2, 4, 8, 16, 32, 64)
+    config = row.launch_config(shape[1], num_voxels, class_last)
+    assert config["BLOCK_V"] < labels.numel() and config["num_warps"] > 1
+    logits = logits.to(dtype)
+    kwargs = dict(alpha=1.5, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)
+    grad_output = random_grad_output(labels.shape if reduction == "none" else ())
+    wide = (logits.double(), labels, *(v.double() for v in vectors))
+    truth = loss_and_grad(reference.row_loss, *wide, grad_output=grad_output.double(), **kwargs)
+    fused = loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, grad_output=grad_output, **kwargs)
+    assert fused[1].dtype == dtype and fused[1].stride() == logits.stride()
+    if dtype == torch.float32:
+        assert_fp32_close(fused[0], truth[0], "loss")
+        assert_fp32_close(fused[1], truth[1], "gradient")
+    else:
+        same = loss_and_grad(reference.row_loss, logits, labels, *vectors, grad_output=grad_output, **kwargs)
+        assert_no_worse_than_reference(fused[0], same[0], truth[0], dtype, "loss")
+        assert_no_worse_than_reference(fused[1], same[1], truth[1], dtype, "gradient")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_gpu_tiling_ignored_rows_and_nonfinite_logits(monkeypatch, reduction):
+    # Whole tiles of ignored rows, and a NaN / -inf logit in an ignored and in a counted row.
+    monkeypatch.setattr(row, "INTERPRETED", False)
+    logits, labels, *vectors = _row_inputs((3000, 8), ignore_fraction=0.0)
+    labels[:1100] = -100
+    kwargs = dict(alpha=1.0, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100, reduction=reduction)
+    _compare(logits, labels, *vectors, "lmf", reduction)
+    logits[5, 2] = float("nan")
+    logits[2000, 0] = float("-inf")
+    loss = BACKEND.row_loss(logits, labels, *vectors, **kwargs)
+    if reduction == "none":
+        assert bool(loss[5].isnan()) and bool(loss[2000].isnan()) and bool(loss[1100:2000].isfinite().all())
+    else:
+        assert bool(loss.isnan())
+
+
+# The worst error of lg2.approx.f32 (PTX ISA: 2^-22.6 absolute on [0.5, 2], 2^-22 relative
+# elsewhere), taken as 2^-22 max(1, |log2 x|) and added in one direction: under the interpreter the
+# precise logarithm plus this error stands in for the GPU's approximate one.
+@triton.jit
+def _log2_high(x):
+    exact = tl.log2(x)
+    return exact + 2.384185791015625e-07 * tl.maximum(tl.abs(exact), 1.0)
+
+
+@triton.jit
+def _log2_low(x):
+    exact = tl.log2(x)
+    return exact - 2.384185791015625e-07 * tl.maximum(tl.abs(exact), 1.0)
+
+
+@triton.jit
+def _log_high(x):
+    return _log2_high(x) * 0.6931471805599453
+
+
+@triton.jit
+def _log_low(x):
+    return _log2_low(x) * 0.6931471805599453
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+@pytest.mark.parametrize(("shape", "scale"), [((3000, 8), 3.0), ((1500, 14), 12.0), ((2, 5, 9, 11), 6.0)])
+def test_fast_log_error_within_budget(monkeypatch, sign, shape, scale):
+    # fp32 results within 2e-5 relative of the float64 truth with the approximate logarithm's
+    # worst-case error injected (per row for "none", for the mean and the gradient norm-wise).
+    monkeypatch.setattr(row, "fast_log2", _log2_high if sign > 0 else _log2_low)
+    monkeypatch.setattr(row, "fast_log", _log_high if sign > 0 else _log_low)
+    logits, labels, *vectors = _row_inputs(shape, scale=scale)
+    kwargs = dict(alpha=1.5, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100)
+    wide = (labels, *(v.double() for v in vectors))
+    for reduction in ("none", "mean"):
+        grad_output = random_grad_output(labels.shape if reduction == "none" else ())
+        truth = loss_and_grad(reference.row_loss, logits.double(), *wide, grad_output=grad_output.double(),
+                              reduction=reduction, **kwargs)  # fmt: skip
+        fused = loss_and_grad(BACKEND.row_loss, logits, labels, *vectors, grad_output=grad_output,
+                              reduction=reduction, **kwargs)  # fmt: skip
+        error = (fused[0].double() - truth[0]).abs() / truth[0].abs().clamp_min(1e-30)
+        # Rows whose loss is below float32 resolution of an order-1 loss are held to an absolute bound.
+        assert bool(((error <= 2e-5) | ((fused[0].double() - truth[0]).abs() <= 1e-9)).all()), float(error.max())
+        assert_fp32_close(fused[1], truth[1], "gradient", rtol=2e-5)

@@ -1,8 +1,7 @@
 """Triton backend: fused kernels for both loss families (``backend="triton"``).
 
-* Row family (LMF, LDAM, focal) — :mod:`.row`: one pass computes the loss and the gradient into a
-  fresh buffer (for ``"mean"`` scaled to order 1, see :mod:`.row`); backward multiplies by
-  ``grad_output`` (divided by the number of valid rows for ``"mean"``).
+* Row family (LMF, LDAM, focal) — :mod:`.row`: a loss pass (plus the label-only normalisers of
+  ``"mean"``), and a gradient pass that recomputes each row and writes the final gradient.
 * Region family (Unified Focal, focal Tversky, Mixed Focal, Tversky, Dice) — :mod:`.region`: a
   statistics pass, an ``O(B C)`` finalize, a gradient pass.
 
@@ -52,8 +51,7 @@ class TritonBackend:
         ignore_index,
         reduction,
     ) -> torch.Tensor:
-        compute_grad = logits.requires_grad and torch.is_grad_enabled()
-        loss, *_ = call_op(
+        loss, _ = call_op(
             ops.row_loss_op,
             logits,
             labels,
@@ -66,7 +64,6 @@ class TritonBackend:
             float(s),
             int(ignore_index),
             reduction,
-            compute_grad,
         )
         return loss
 

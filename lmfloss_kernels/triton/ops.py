@@ -5,12 +5,12 @@ passes and ``torch.compile(fullgraph=True)`` traces through a criterion (the ops
 Inductor, which is what lets them run under the Triton interpreter too). The formulas are first
 order only: backward with ``create_graph=True`` raises (:func:`.._backends.refuse_double_backward`).
 
-* ``triton_row_loss(...) -> (loss, grad, norms)``: the row family; ``norms`` = [sum of the
-  valid rows' LDAM weights ``W``, number of valid rows ``n``] (float32) for ``"mean"``, empty
-  otherwise. ``grad`` is computed in the same pass (empty when ``compute_grad`` is false): the
-  gradient for ``grad_output = 1`` for ``"sum"`` / ``"none"``, ``n`` times it for ``"mean"``
-  (order 1, so float16 does not flush it; :mod:`.row`). Backward only multiplies ``grad`` by
-  ``grad_output`` (row-wise for ``"none"``), divided by ``n`` for ``"mean"``.
+* ``triton_row_loss(...) -> (loss, norms)`` and ``triton_row_backward(...) -> grad``: the row
+  family's loss pass and its gradient pass (:mod:`.row`); ``norms`` = [sum of the valid rows'
+  LDAM weights ``W``, number of valid rows ``n``] (float32) for ``"mean"``, empty otherwise, is
+  all that is kept between them besides the inputs. The forward computes no gradient, so a
+  no-grad call pays for none; ``norms`` is non-differentiable and no gradient is materialised
+  for it.
 * ``triton_region_forward(...) -> (loss, stats)`` and ``triton_region_backward(...) -> grad``:
   the region family's statistics pass + finalize and its gradient pass; only ``stats``
   (``B x (2 + 3C)`` floats) is kept between them.
@@ -37,49 +37,63 @@ def row_loss_op(
     s: float,
     ignore_index: int,
     reduction: str,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
     return row.row_forward(
-        logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction, compute_grad
+        logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction
     )
 
 
 @row_loss_op.register_fake
-def _(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction, compute_grad):
+def _(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction):
     shape = labels.shape if reduction == "none" else ()
     loss = logits.new_empty(shape, dtype=torch.float32)
-    grad = torch.empty_like(logits) if compute_grad else logits.new_empty(0)
     norms = logits.new_empty(2 if reduction == "mean" else 0, dtype=torch.float32)
-    return loss, grad, norms
+    return loss, norms
+
+
+@torch.library.custom_op("lmfloss::triton_row_backward", mutates_args=())
+def row_backward_op(
+    grad_loss: torch.Tensor,
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    norms: torch.Tensor,
+    margins: torch.Tensor,
+    ldam_weight: torch.Tensor,
+    focal_weight: torch.Tensor,
+    alpha: float,
+    beta: float,
+    gamma: float,
+    s: float,
+    ignore_index: int,
+    reduction: str,
+) -> torch.Tensor:
+    return row.row_backward(
+        grad_loss, logits, labels, norms, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index,
+        reduction,
+    )  # fmt: skip
+
+
+@row_backward_op.register_fake
+def _(grad_loss, logits, *args):
+    return torch.empty_like(logits)
 
 
 def _row_setup(ctx, inputs, output):
-    # A forward run without compute_grad (the backend asks for it only when no gradient is
-    # wanted) keeps its inputs instead, and backward recomputes the gradient.
-    ctx.recompute = not inputs[11]
-    ctx.save_for_backward(*(inputs[:5] if ctx.recompute else output[1:]))
-    ctx.options = inputs[5:11]
-    ctx.reduction = inputs[10]
+    logits, labels, margins, ldam_weight, focal_weight = inputs[:5]
+    ctx.save_for_backward(logits, labels, output[1], margins, ldam_weight, focal_weight)
+    ctx.options = inputs[5:]
+    # norms is a by-product: no zeros are materialised for its (absent) gradient.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
-def _row_backward(ctx, grad_loss, _grad_of_grad, _grad_of_norms):
+def _row_backward(ctx, grad_loss, _grad_of_norms):
     refuse_double_backward("triton")
-    if ctx.recompute:
-        _, grad, norms = row_loss_op(*ctx.saved_tensors, *ctx.options, True)
-    else:
-        grad, norms = ctx.saved_tensors
-    if ctx.reduction == "none":
-        scale = grad_loss.unsqueeze(1)
-    elif ctx.reduction == "mean":
-        scale = grad_loss / norms[1:]  # float32 on the device: no host sync
-    else:
-        scale = grad_loss.reshape(1)
-    # One pass in float32, rounded once into the logits' dtype: the scale is a float32 tensor
-    # with a dimension, so type promotion computes in float32 (a dimensionless scale would leave
-    # the common dtype at the logits' half precision, where grad_output / n can flush), and out=
-    # keeps the product from becoming a float32 temporary.
-    scaled = torch.mul(grad, scale, out=torch.empty_like(grad))
-    return (scaled,) + (None,) * 11
+    if grad_loss is None:
+        return (None,) * 11
+    logits, labels, norms, margins, ldam_weight, focal_weight = ctx.saved_tensors
+    grad = row_backward_op(grad_loss, logits, labels, norms, margins, ldam_weight, focal_weight, *ctx.options)
+    return (grad,) + (None,) * 10
 
 
 row_loss_op.register_autograd(_row_backward, setup_context=_row_setup)
