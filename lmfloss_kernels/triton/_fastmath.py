@@ -73,7 +73,7 @@ def fast_log(x):
 
 @triton.jit
 def fast_exp2(x):
-    """``2^x`` of a float32 ``x``: ``ex2.approx.ftz.f32`` on a GPU (0 below ``2^-126``), ``tl.exp2`` under the interpreter."""
+    """``2^x`` of a float32 ``x``: ``ex2.approx.ftz.f32`` on a GPU (0 below ``2^-126``), else ``tl.exp2``."""
     if _APPROX:
         return tl.inline_asm_elementwise(
             "ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
