@@ -3,8 +3,13 @@ r"""Helpers shared by the Triton kernels: launch policy, tensor views and the pe
 Layout. Every kernel sees the logits as a ``(B, C, V)`` *view* read with its three strides: a
 dense map ``(B, C, *S)`` is ``x.reshape(B, C, -1)`` (a view for contiguous and channels-last
 tensors, a copy only when the spatial axes cannot be merged), rows ``(N, C)`` are
-``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). A program owns a tile of
-``BLOCK_C x BLOCK_V`` (padded classes x voxels) of one image. All offsets are int64.
+``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). All offsets are int64.
+
+Tiles. :func:`launch_config` (row family): a program owns one ``BLOCK_C x BLOCK_V`` tile of one
+image, classes possibly spread over warps. :func:`voxel_tiling` (region family): ``BLOCK_C x
+ROWS x VEC`` tiles with every class of a voxel in one thread, several tiles per program; with it
+:func:`shifted_exponentials`, :func:`log_softmax_sum`, :func:`log_top_probability` and
+:func:`fast_power` build one voxel's softmax with one hardware logarithm (``._fastmath``).
 
 Softmax. :func:`softmax_columns` returns, per voxel, ``p``, ``log p`` and ``1 - p`` in float32.
 ``1 - p`` is never formed as a difference close to 1: for the arg-max class ``k`` it is
