@@ -26,7 +26,8 @@ _SCRIPT = textwrap.dedent(
 
     from lmfloss_kernels.triton import region, row
 
-    FLOATS = {"alpha", "beta", "gamma", "s", "eps", "delta", "smooth_nr", "smooth_dr", "focal_coef", "tversky_coef"}
+    FLOATS = {"alpha", "beta", "gamma", "s", "eps", "delta", "smooth_nr", "smooth_dr", "focal_coef", "tversky_coef",
+              "one_minus_eps", "log_eps", "log_one_minus_eps"}
 
     def compile_variant(kernel, pointers, constexprs, arch, index_type="i32"):
         signature = {}
@@ -72,12 +73,12 @@ _SCRIPT = textwrap.dedent(
         for logits, target, flags in region_variants:
             pointers = {"logit_ptr": logits, "target_ptr": target, "grad_ptr": logits}
             for backward in (False, True):
-                constexprs = dict(flags, BACKWARD=backward, BLOCK_C=8, BLOCK_V=256)
+                constexprs = dict(flags, BACKWARD=backward, C=5, BLOCK_C=8, ROWS=256, VEC=4)
                 compile_variant(region._region_kernel, pointers, constexprs, arch)
                 count += 1
     pointers = {"logit_ptr": "*bf16", "target_ptr": "*u8", "grad_ptr": "*bf16"}
     flags = dict(SOFT=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True, BACKWARD=True)
-    compile_variant(region._region_kernel, pointers, dict(flags, BLOCK_C=4, BLOCK_V=512), 80)
+    compile_variant(region._region_kernel, pointers, dict(flags, C=4, BLOCK_C=4, ROWS=128, VEC=8), 80)
     count += 1
     finalize_variants = [
         dict(BATCH=False, HAS_FOCAL=True, HAS_TVERSKY=True, REDUCTION=2),

@@ -276,3 +276,62 @@ def test_named_losses_on_triton(name, target_kind):
     actual = loss_and_grad(_NAMED[name], logits, target, "triton")
     assert_fp32_close(actual[0], expected[0], "loss")
     assert_fp32_close(actual[1], expected[1], "gradient")
+
+
+def _small_tiles(rows, vec, per_program):
+    """A stand-in for ``voxel_tiling``: tiles of ``rows x vec`` voxels, ``per_program`` of them per program."""
+
+    def tiling(num_images, num_classes, num_voxels, itemsize):
+        tiles = -(-num_voxels // (rows * vec))
+        return {
+            "BLOCK_C": 1 << (num_classes - 1).bit_length(),
+            "ROWS": rows,
+            "VEC": vec,
+            "num_warps": 4,
+            "tiles_per_program": per_program,
+            "programs_per_image": -(-tiles // per_program),
+        }
+
+    return tiling
+
+
+@pytest.mark.parametrize(
+    ("layout", "kind", "num_images", "num_classes", "per_program"),
+    [
+        ("contiguous", "ignore", 2, 4, 3),  # 10 tiles of 32 voxels: a partial one, then two past the end
+        ("contiguous", "soft", 2, 5, 4),  # padded classes
+        ("contiguous", "labels", 37, 3, 2),  # many images, each with a program running past its end
+        ("channels_last", "ignore", 2, 4, 3),
+        ("sliced", "soft", 2, 3, 5),
+        ("contiguous", "labels", 2, 32, 3),  # one voxel per thread row
+    ],
+)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_several_tiles_per_program(monkeypatch, layout, kind, num_images, num_classes, per_program, reduction):
+    from lmfloss_kernels.triton import region
+
+    monkeypatch.setattr(region, "voxel_tiling", _small_tiles(4, 8 if num_classes <= 4 else 2, per_program))
+    spatial = (7, 9, 5) if num_images < 10 else (3, 5, 2)
+    shape = (num_images, num_classes, *spatial)
+    if layout == "channels_last":
+        logits = (torch.randn(shape, device=DEVICE) * 3).to(memory_format=torch.channels_last_3d)
+    elif layout == "sliced":
+        logits = torch.randn(num_images, num_classes, 7, 18, 5, device=DEVICE)[:, :, :, ::2] * 3
+    else:
+        logits = torch.randn(shape, device=DEVICE) * 3
+    ignore_index = 255 if kind == "ignore" else None
+    target = _target("soft" if kind == "soft" else "labels", shape, ignore_index=ignore_index, label_dtype=torch.uint8)
+    vectors = _vectors(num_classes, gamma0=0.5, gamma_fg=0.25)
+    _compare(logits, target, vectors, _options(ignore_index=ignore_index, reduction=reduction))
+
+
+@pytest.mark.parametrize(("num_classes", "num_voxels", "itemsize"), [(4, 7 * 10**6, 2), (3, 100, 4), (32, 5000, 2)])
+def test_voxel_tiling_covers_every_voxel_with_classes_in_one_thread(num_classes, num_voxels, itemsize):
+    from lmfloss_kernels.triton import _common
+
+    config = _common.voxel_tiling(2, num_classes, num_voxels, itemsize)
+    assert config["BLOCK_C"] >= num_classes and config["VEC"] * itemsize <= 16
+    assert config["BLOCK_C"] * config["VEC"] <= max(32, config["BLOCK_C"])
+    tile = config["ROWS"] * config["VEC"]
+    covered = config["programs_per_image"] * config["tiles_per_program"] * tile
+    assert num_voxels <= covered < num_voxels + config["tiles_per_program"] * tile

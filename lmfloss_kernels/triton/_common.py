@@ -3,8 +3,13 @@ r"""Helpers shared by the Triton kernels: launch policy, tensor views and the pe
 Layout. Every kernel sees the logits as a ``(B, C, V)`` *view* read with its three strides: a
 dense map ``(B, C, *S)`` is ``x.reshape(B, C, -1)`` (a view for contiguous and channels-last
 tensors, a copy only when the spatial axes cannot be merged), rows ``(N, C)`` are
-``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). A program owns a tile of
-``BLOCK_C x BLOCK_V`` (padded classes x voxels) of one image. All offsets are int64.
+``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). All offsets are int64.
+
+Tiles. :func:`launch_config` (row family): a program owns one ``BLOCK_C x BLOCK_V`` tile of one
+image, classes possibly spread over warps. :func:`voxel_tiling` (region family): ``BLOCK_C x
+ROWS x VEC`` tiles with every class of a voxel in one thread, several tiles per program; with it
+:func:`shifted_exponentials`, :func:`log_softmax_sum`, :func:`log_top_probability` and
+:func:`fast_power` build one voxel's softmax with one hardware logarithm (``._fastmath``).
 
 Softmax. :func:`softmax_columns` returns, per voxel, ``p``, ``log p`` and ``1 - p`` in float32.
 ``1 - p`` is never formed as a difference close to 1: for the arg-max class ``k`` it is
@@ -23,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._fastmath import INTERPRETED
+from ._fastmath import INTERPRETED, fast_exp2, fast_log2, fast_rcp
 
 # Elements of one tile. The interpreter costs about 1 ms per program whatever its size, so it gets
 # big tiles. On a GPU, 2048 elements over 8 warps (8 per thread) keep ptxas at 48-110 registers
@@ -34,6 +39,16 @@ _ELEMENTS_PER_THREAD = 8
 _MIN_BLOCK_V = 16
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Voxel tiles with every class of a voxel in one thread (voxel_tiling): classes x voxels held by a
+# thread at most (registers), warps per program, and the tiles a program loops over, so that the
+# per-program set-up and the final cross-thread sums are spread over many voxels while the grid
+# still has about _MIN_PROGRAMS programs to fill a GPU.
+_THREAD_ELEMENTS = 32
+_VOXEL_WARPS = 4
+_MIN_PROGRAMS = 1024
+_MAX_TILES_PER_PROGRAM = 16
+_INTERPRETER_VOXEL_ROWS = 2048
 
 
 def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -71,6 +86,37 @@ def launch_config(num_classes: int, num_voxels: int) -> dict[str, int]:
     block_v = min(max(_TILE_ELEMENTS // block_c, _MIN_BLOCK_V), max(triton.next_power_of_2(num_voxels), _MIN_BLOCK_V))
     num_warps = min(8, max(1, block_c * block_v // (32 * _ELEMENTS_PER_THREAD)))
     return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": num_warps}
+
+
+def voxel_tiling(num_images: int, num_classes: int, num_voxels: int, itemsize: int) -> dict[str, int]:
+    """Tiles of ``BLOCK_C x ROWS x VEC`` (padded classes x voxels) for kernels that keep a voxel's classes in a thread.
+
+    ``VEC`` consecutive voxels of every class sit in one thread's registers: one 128-bit access
+    per class for ``itemsize``-byte logits (fewer voxels when ``BLOCK_C x VEC`` would exceed
+    ``_THREAD_ELEMENTS``); the ``ROWS`` groups of ``VEC`` voxels go to the 32 lanes of each of
+    ``num_warps`` warps. Reductions over classes never leave a thread. A program loops over
+    ``tiles_per_program`` consecutive tiles of one image; ``programs_per_image`` programs cover
+    an image (the last one may run past its end: those tiles are masked off).
+
+    Registers (sm_90, ptxas, bf16 logits and uint8 labels, contiguous, both passes): 121-122 per
+    thread for C = 4, up to 150 / 185 / 255 for C = 8 / 16 / 32, no spills; from C = 64 on a
+    thread's 64+ classes spill (about 0.8 KB forward): correct, but such class counts would need
+    the class axis split over threads.
+    """
+    block_c = triton.next_power_of_2(num_classes)
+    vec = max(1, min(16 // itemsize, _THREAD_ELEMENTS // block_c))
+    num_warps = _VOXEL_WARPS
+    rows = _INTERPRETER_VOXEL_ROWS // vec if INTERPRETED else 32 * num_warps
+    tiles = triton.cdiv(num_voxels, rows * vec)
+    per_program = max(1, min(_MAX_TILES_PER_PROGRAM, num_images * tiles // _MIN_PROGRAMS))
+    return {
+        "BLOCK_C": block_c,
+        "ROWS": rows,
+        "VEC": vec,
+        "num_warps": num_warps,
+        "tiles_per_program": per_program,
+        "programs_per_image": triton.cdiv(tiles, per_program),
+    }
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -160,6 +206,50 @@ def nonfinite_probe(z):
     return tl.sum(z * 0.0, axis=0)
 
 
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# Below this mass of the other classes, log p of the arg-max class is -log1p(mass) from its series.
+_SERIES_BELOW = tl.constexpr(0.0625)
+
+
+@triton.jit
+def shifted_exponentials(z):
+    """Per voxel of a ``[BLOCK_C, ROWS, VEC]`` fp32 tile (padded classes at -inf): ``d = z - max_c z``, ``e = exp(d)``.
+
+    ``e`` of the arg-max class is exactly 1 (``exp2(0)``), which the callers use to find it.
+    """
+    d = z - tl.max(z, axis=0, keep_dims=True)
+    return d, fast_exp2(d * _LOG2E)
+
+
+@triton.jit
+def log_softmax_sum(s):
+    """``log s`` of a softmax sum ``s >= 1`` (hardware ``lg2``: absolute error about 1.1e-7)."""
+    return fast_log2(s) * _LN2
+
+
+@triton.jit
+def log1p_series(x):
+    """``log(1 + x)`` for ``0 <= x < 1/16`` to float32 accuracy: five terms (truncation below ``x^6 / 6``)."""
+    return x * (1.0 + x * (-0.5 + x * (1.0 / 3.0 + x * (-0.25 + x * 0.2))))
+
+
+@triton.jit
+def log_top_probability(mass, d, log_sum):
+    """``log p`` of a class whose others' mass is ``mass`` and ``d = z - max z``: ``-log1p(mass)``
+    from its series when ``mass < 1/16`` (only the arg-max class has ``mass < 1``), else ``d - log s``."""
+    return tl.where(mass < _SERIES_BELOW, -log1p_series(tl.minimum(mass, _SERIES_BELOW)), d - log_sum)
+
+
+@triton.jit
+def fast_power(x, g):
+    """``x ** g`` for ``x >= 0`` with ``0 ** 0 = 1``, by the hardware ``lg2`` / ``ex2``.
+
+    Relative error about ``2.4e-7 + 1.7e-7 |g| max(1, |log2 x|)`` (``ex2``'s, plus ``|g|`` times ``lg2``'s).
+    """
+    return tl.where(g == 0.0, 1.0, fast_exp2(g * fast_log2(x)))
+
+
 @triton.jit
 def log1p(x):
     """``log(1 + x)`` for ``x >= 0`` without losing small ``x`` (Goldberg's correction)."""
@@ -174,19 +264,21 @@ def power(x, g):
 
 
 @triton.jit
-def focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma):
+def focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma, FAST: tl.constexpr = False):
     """``G(p) = (1-p)^gamma - gamma p (1-p)^(gamma-1) log p``, with ``modulation = (1-p)^gamma``.
 
     Written as ``G = (1-p)^gamma (1 - gamma p r)``, ``r = log(p) / (1 - p)`` (losses.md 0.2): finite
     for ``gamma < 1`` and at ``p = 1``. Below ``1 - p = 1e-3`` the ratio comes from its series
-    ``r = -1 - u/2 - u^2/3`` (truncation below 3e-10), which also covers ``1 - p = 0``.
+    ``r = -1 - u/2 - u^2/3`` (truncation below 3e-10), which also covers ``1 - p = 0``. ``FAST``
+    divides by the hardware reciprocal (1 ulp) instead of a full-range division.
     """
     series = one_minus_p < 1e-3
-    ratio = tl.where(
-        series,
-        -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)),
-        log_p / tl.where(series, 1.0, one_minus_p),
-    )
+    divisor = tl.where(series, 1.0, one_minus_p)
+    if FAST:
+        quotient = log_p * fast_rcp(divisor)
+    else:
+        quotient = log_p / divisor
+    ratio = tl.where(series, -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)), quotient)
     return modulation * (1.0 - gamma * p * ratio)
 
 
