@@ -21,7 +21,7 @@ import warnings
 import torch
 
 from . import functional
-from ._backends import BACKEND_NAMES, preload
+from ._backends import BACKEND_NAMES, _user_stacklevel, preload
 from ._validation import check_ignore_index, check_target
 
 # Smallest eps the region family accepts; unused with clip=False (log q is taken in log space).
@@ -39,7 +39,7 @@ def warn_once(owner: str, reason: str, fallback: str) -> None:
     warnings.warn(
         f"{owner}: {reason} is not supported by the fused kernels; computed by {fallback} instead (not fused)",
         UserWarning,
-        stacklevel=4,
+        stacklevel=_user_stacklevel(),
     )
 
 

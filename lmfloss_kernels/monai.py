@@ -360,11 +360,6 @@ class DiceCELoss(_RegionLoss):
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
         kw = self._monai_kwargs
         target_map, is_label_map, reason = self._prepare(input, target, kw["to_onehot_y"], None)
-        if reason is None and not kw["to_onehot_y"] and target.shape[1] == 1:
-            raise ValueError(
-                f"DiceCELoss with to_onehot_y=False needs a one-hot target of the input's shape "
-                f"{tuple(input.shape)}, got {tuple(target.shape)}"
-            )
         reason = reason or self._region_reason()
         if reason is None and kw["label_smoothing"] != 0.0:
             reason = "label_smoothing != 0"
