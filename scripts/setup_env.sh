@@ -21,6 +21,7 @@ quiet() {
 python -c "import torch; assert torch.__version__.startswith('${LMFLOSS_TORCH:-2.14.1}')" 2>/dev/null \
   || quiet pip install -q "torch==${LMFLOSS_TORCH:-2.14.1}"
 quiet pip install -q -r "$root/requirements-test.txt"
+quiet pip install -q --no-deps -r "$root/requirements-test-nodeps.txt"
 # nvcc on PATH may be a wrapper script; point CUDA_HOME at the toolkit it runs.
 if [ -z "${CUDA_HOME:-}" ] && command -v nvcc >/dev/null 2>&1; then
   real=$(sed -n 's/^exec \(.*\)\/bin\/nvcc.*/\1/p' "$(command -v nvcc)" 2>/dev/null | head -n 1)

@@ -6,13 +6,13 @@ import re
 import sys
 import warnings
 
+import monai.losses as monai_losses  # a test requirement (requirements-test.txt)
 import pytest
 import torch
 
 from lmfloss_kernels import _compat, available_backends
 from lmfloss_kernels import monai as lm
 
-monai_losses = pytest.importorskip("monai.losses", reason="the MONAI comparison needs monai (requirements-test.txt)")
 
 FUSED_BACKENDS = available_backends("cpu")  # the eager reference, the C++ extension, Triton (interpreted)
 
