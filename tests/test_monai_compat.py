@@ -13,7 +13,6 @@ import torch
 from lmfloss_kernels import _compat, available_backends
 from lmfloss_kernels import monai as lm
 
-
 FUSED_BACKENDS = available_backends("cpu")  # the eager reference, the C++ extension, Triton (interpreted)
 
 
