@@ -327,3 +327,80 @@ def test_bad_inputs_raise_clear_errors():
         wrapper([logits] * 3, [target] * 3)
     with pytest.raises(ValueError, match="one-hot regions"):
         ln.DC_and_BCE_loss({}, {})(logits, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Two gloo ranks: DDP with batch_dice gives the single-process parameter gradient
+
+WORLD = 2
+DDP_DICE = {"batch_dice": True, "do_bg": False, "smooth": 1e-5, "ddp": True}
+
+
+def _ddp_data():
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(2 * WORLD, 3, 6, 5, generator=generator)
+    target = torch.randint(0, 4, (2 * WORLD, 1, 6, 5), generator=generator)
+    return features, target
+
+
+def _parameter_gradient(criterion, rank=None):
+    """Gradient of a 1x1 convolution's parameters: under DDP on this rank's half, else on the whole batch."""
+    torch.manual_seed(5)
+    net = torch.nn.Conv2d(3, 4, 1)
+    features, target = _ddp_data()
+    if rank is not None:
+        part = slice(2 * rank, 2 * rank + 2)
+        features, target = features[part], target[part]
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    else:
+        model = net
+    loss = criterion(model(features), target.float())
+    loss.backward()
+    return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
+
+
+def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        results["ours"] = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE), {}), rank)
+        if nnunet_losses is not None:
+            theirs = nnunet_losses.DC_and_CE_loss(dict(DDP_DICE), {}, dice_class=MemoryEfficientSoftDiceLoss)
+            results["nnunetv2"] = _parameter_gradient(theirs, rank)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+def test_ddp_batch_dice_gives_the_single_process_parameter_gradient(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+    from test_distributed import _free_port
+
+    context = mp.start_processes(
+        _ddp_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 240
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the two gloo ranks did not finish within 240 s")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    single_value, single_grad = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE, ddp=False), {}))
+    for result in ranks:
+        value, grad = result["ours"]
+        torch.testing.assert_close(value, single_value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grad, single_grad, rtol=1e-5, atol=1e-6)
+        if "nnunetv2" in result:
+            torch.testing.assert_close(grad, result["nnunetv2"][1], rtol=1e-5, atol=1e-6)
