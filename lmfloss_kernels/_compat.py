@@ -120,18 +120,33 @@ def label_map(target: torch.Tensor) -> torch.Tensor:
     return target
 
 
-def uniform_value(name: str, weight, length: int | None) -> float | None:
-    """The common value of a class weight given as a number or as equal entries; ``None`` when the
-    entries differ. Negative entries raise; a sequence of the wrong ``length`` raises."""
-    if isinstance(weight, torch.Tensor):
-        values = weight.detach().double().cpu().reshape(-1).tolist()
-        scalar = weight.dim() == 0
-    elif isinstance(weight, (int, float)) and not isinstance(weight, bool):
-        values, scalar = [float(weight)], True
+def host_values(name: str, value, *, non_negative: bool = True) -> tuple[tuple[float, ...], bool] | None:
+    """A per-class constant read to the host once, at construction (a GPU tensor would otherwise
+    cost a device sync per call): ``(values, given as a scalar)``, or ``None`` for ``None``."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        values, scalar = tuple(value.detach().double().cpu().reshape(-1).tolist()), value.dim() == 0
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        values, scalar = (float(value),), True
     else:
-        values, scalar = [float(v) for v in weight], False
-    if any(v < 0 for v in values):
-        raise ValueError(f"{name} must be non-negative, got {values}")
-    if not scalar and length is not None and len(values) != length:
+        values, scalar = tuple(float(v) for v in value), False
+    if non_negative and any(v < 0 for v in values):
+        raise ValueError(f"{name} must be non-negative, got {list(values)}")
+    return values, scalar
+
+
+def per_class_values(name: str, host: tuple[tuple[float, ...], bool], length: int) -> tuple[float, ...]:
+    """:func:`host_values` for ``length`` classes (a scalar is repeated); a wrong length raises."""
+    values, scalar = host
+    if scalar:
+        return values * length
+    if len(values) != length:
         raise ValueError(f"{name} must have one entry per class ({length}), got {len(values)}")
+    return values
+
+
+def uniform_value(name: str, host: tuple[tuple[float, ...], bool], length: int) -> float | None:
+    """The common value of a class weight, ``None`` when its entries differ."""
+    values = per_class_values(name, host, length)
     return values[0] if all(v == values[0] for v in values) else None

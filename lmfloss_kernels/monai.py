@@ -39,7 +39,16 @@ import torch
 from torch import nn
 
 from . import functional
-from ._compat import check_backend, kept_class_scaling, label_map, region_mean, uniform_value, warn_once
+from ._compat import (
+    check_backend,
+    host_values,
+    kept_class_scaling,
+    label_map,
+    per_class_values,
+    region_mean,
+    uniform_value,
+    warn_once,
+)
 from ._validation import check_bool, check_number
 
 __all__ = ["DiceCELoss", "DiceFocalLoss", "DiceLoss", "FocalLoss", "TverskyLoss"]
@@ -218,13 +227,13 @@ class DiceLoss(_RegionLoss):
             check_bool(name, kwargs[name])
         super().__init__(kwargs, backend)
         self.register_buffer("class_weight", None if weight is None else torch.as_tensor(weight))
+        self._weight_values = host_values("weight", weight)
 
     def _weight(self, num_classes: int) -> float | None:
         kept = num_classes if self._monai_kwargs["include_background"] else num_classes - 1
-        weight = self._monai_kwargs["weight"]
-        if weight is None or kept == 1:  # MONAI applies no weight to a single class
+        if self._weight_values is None or kept == 1:  # MONAI applies no weight to a single class
             return 1.0
-        return uniform_value("weight", weight, kept)
+        return uniform_value("weight", self._weight_values, kept)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002 (MONAI's name)
         kw = self._monai_kwargs
@@ -356,6 +365,7 @@ class DiceCELoss(_RegionLoss):
         if weight is not None and not isinstance(weight, torch.Tensor):
             raise TypeError(f"weight must be None or a torch.Tensor (as MONAI's), got {type(weight).__name__}")
         super().__init__(kwargs, backend)
+        self._weight_values = host_values("weight", weight)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
         kw = self._monai_kwargs
@@ -364,8 +374,8 @@ class DiceCELoss(_RegionLoss):
         if reason is None and kw["label_smoothing"] != 0.0:
             reason = "label_smoothing != 0"
         weight = 1.0
-        if reason is None and kw["weight"] is not None:
-            weight = uniform_value("weight", kw["weight"], input.shape[1])
+        if reason is None and self._weight_values is not None:
+            weight = uniform_value("weight", self._weight_values, input.shape[1])
             if weight is None:
                 reason = "a per-class weight"
         if reason is not None:
@@ -463,28 +473,21 @@ class FocalLoss(_MonaiCompatible):
             check_bool(name, kwargs[name])
         super().__init__(kwargs, backend)
         self.register_buffer("class_weight", None if weight is None else torch.as_tensor(weight))
+        self._alpha_values = host_values("alpha", alpha, non_negative=False)
+        self._weight_values = host_values("weight", weight)
 
     def _class_factor(self, num_classes: int) -> list[float]:
-        """Per-class ``alpha_c * weight_c``."""
-        kw = self._monai_kwargs
-        alpha, weight = kw["alpha"], kw["weight"]
+        """Per-class ``alpha_c * weight_c`` (a scalar ``alpha``: ``1 - alpha`` for the background)."""
         factor = [1.0] * num_classes
-        if alpha is not None:
-            if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-                factor = [1.0 - float(alpha)] + [float(alpha)] * (num_classes - 1)
+        if self._alpha_values is not None:
+            values, scalar = self._alpha_values
+            if scalar:
+                factor = [1.0 - values[0]] + [values[0]] * (num_classes - 1)
             else:
-                factor = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1).tolist()
-                if len(factor) != num_classes:
-                    raise ValueError(f"alpha must have one entry per class ({num_classes}), got {len(factor)}")
-        if weight is not None:
-            values = torch.as_tensor(weight, dtype=torch.float64).reshape(-1).tolist()
-            if len(values) == 1:
-                values = values * num_classes
-            if len(values) != num_classes:
-                raise ValueError(f"weight must have one entry per class ({num_classes}), got {len(values)}")
-            if min(values) < 0:
-                raise ValueError(f"weight must be non-negative, got {values}")
-            factor = [a * w for a, w in zip(factor, values, strict=True)]
+                factor = list(per_class_values("alpha", self._alpha_values, num_classes))
+        if self._weight_values is not None:
+            weight = per_class_values("weight", self._weight_values, num_classes)
+            factor = [a * w for a, w in zip(factor, weight, strict=True)]
         return factor
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002

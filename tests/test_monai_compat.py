@@ -246,6 +246,8 @@ def test_delegation_without_monai_raises_import_error(monkeypatch):
         (lambda: lm.DiceLoss(smooth_nr=float("nan")), ValueError, "smooth_nr"),
         (lambda: lm.DiceLoss(batch="yes"), TypeError, "batch"),
         (lambda: lm.DiceLoss(backend="tpu"), ValueError, "backend"),
+        (lambda: lm.DiceLoss(weight=[1.0, -1.0]), ValueError, "non-negative"),
+        (lambda: lm.FocalLoss(weight=torch.tensor(-2.0)), ValueError, "non-negative"),
     ],
 )
 def test_bad_constructor_arguments(build, error, match):
