@@ -107,6 +107,24 @@ def test_region_losses_equal_monai_on_every_backend_and_target_form(fused_only, 
     _compare(ours, theirs, logits, target)
 
 
+CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss", "FocalLoss"])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_losses_equal_monai_on_cuda(fused_only, backend, name, include_background, reduction):
+    logits, target = _inputs(2, 4, (6, 5, 7), "float_labels")
+    logits, target = logits.cuda(), target.cuda()
+    if name == "FocalLoss":
+        kwargs = {"use_softmax": True, "gamma": 1.5, "alpha": 0.3, "ignore_index": None if include_background else 2}
+    else:
+        kwargs = {"softmax": True, "include_background": include_background, "batch": not include_background}
+    ours, theirs = _both(name, backend, to_onehot_y=True, reduction=reduction, **kwargs)
+    _compare(ours, theirs, logits, target.to(torch.uint8) if include_background else target)
+
+
 def test_soft_targets_equal_monai(fused_only):
     logits = torch.randn(2, 3, 6, 5)
     target = torch.softmax(torch.randn(2, 3, 6, 5), 1)
