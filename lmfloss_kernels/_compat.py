@@ -21,8 +21,9 @@ import warnings
 import torch
 
 from . import functional
-from ._backends import BACKEND_NAMES, _user_stacklevel, preload
+from ._backends import _user_stacklevel
 from ._validation import check_ignore_index, check_target
+from .modules import _check_backend as check_backend  # noqa: F401 (re-exported for monai.py, nnunet.py)
 
 # Smallest eps the region family accepts; unused with clip=False (log q is taken in log space).
 _UNUSED_EPS = 1e-7
@@ -41,13 +42,6 @@ def warn_once(owner: str, reason: str, fallback: str) -> None:
         UserWarning,
         stacklevel=_user_stacklevel(),
     )
-
-
-def check_backend(backend: object) -> str:
-    if not isinstance(backend, str) or backend not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {list(BACKEND_NAMES)}, got {backend!r}")
-    preload(backend)
-    return backend
 
 
 def kept_class_scaling(num_classes: int, kept: int, factor: float) -> tuple[float, float]:
