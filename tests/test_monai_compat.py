@@ -299,3 +299,9 @@ def test_state_dict_keeps_monai_keys():
     ours = lm.DiceLoss(softmax=True, weight=[1.0, 2.0])
     theirs = monai_losses.DiceLoss(softmax=True, weight=[1.0, 2.0])
     assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_fused_criterion_compiles_with_fullgraph(fused_only):
+    logits, target = _inputs(2, 4, (3, 4, 5), "float_labels")
+    ours, theirs = _both("DiceCELoss", include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    _compare(torch.compile(ours, fullgraph=True), theirs, logits, target)
