@@ -54,12 +54,13 @@ else
 fi
 
 tools_stamp="$venv/.lmfloss-tools.stamp"
-tools_print=$(fingerprint "$torch_wanted" "$root/requirements-test.txt")
+tools_print=$(fingerprint "$torch_wanted" "$root/requirements-test.txt" "$root/requirements-test-nodeps.txt")
 if stamp_matches "$tools_stamp" "$tools_print"; then
   step "test and benchmark tools: unchanged since the last install, skipped"
 else
   step "installing the test and benchmark tools (requirements-test.txt)"
   pip_install -r "$root/requirements-test.txt"
+  pip_install --no-deps -r "$root/requirements-test-nodeps.txt"
   echo "$tools_print" >"$tools_stamp"
 fi
 

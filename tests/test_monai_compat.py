@@ -1,0 +1,307 @@
+"""lmfloss_kernels.monai: MONAI 1.6's values, gradients and shapes; fused where the options map, else MONAI's class."""
+
+from __future__ import annotations
+
+import re
+import sys
+import warnings
+
+import monai.losses as monai_losses  # a test requirement (requirements-test.txt)
+import pytest
+import torch
+
+from lmfloss_kernels import _compat, available_backends
+from lmfloss_kernels import monai as lm
+
+FUSED_BACKENDS = available_backends("cpu")  # the eager reference, the C++ extension, Triton (interpreted)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def fused_only(monkeypatch):
+    """Fail the test if the criterion hands the call to MONAI."""
+
+    def refuse(self, reason, logits, target):
+        raise AssertionError(f"expected the fused path, but it delegated: {reason}")
+
+    monkeypatch.setattr(lm._MonaiCompatible, "_delegate", refuse)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(_compat, "_warned", set())
+
+
+def _inputs(batch, classes, spatial, target_kind, dtype=torch.float32):
+    logits = torch.randn(batch, classes, *spatial, dtype=dtype) * 2
+    labels = torch.randint(0, classes, (batch, 1, *spatial))
+    if target_kind == "float_labels":
+        return logits, labels.float()
+    if target_kind == "int_labels":
+        return logits, labels
+    onehot = torch.nn.functional.one_hot(labels[:, 0], classes).movedim(-1, 1)
+    if target_kind == "onehot_int":
+        return logits, onehot
+    return logits, onehot.float()
+
+
+def _compare(ours, theirs, logits, target, rtol=1e-5):
+    """Values and input gradients of two criteria on the same data (fp32: within ``rtol``)."""
+    a = logits.clone().requires_grad_(True)
+    b = logits.clone().requires_grad_(True)
+    value = ours(a, target)
+    expected = theirs(b, target)
+    assert value.shape == expected.shape
+    torch.testing.assert_close(value.double(), expected.double(), rtol=rtol, atol=rtol * 1e-1)
+    weights = torch.rand_like(expected)  # a random cotangent also checks "none" per element
+    (value * weights).sum().backward()
+    (expected * weights).sum().backward()
+    scale = float(b.grad.abs().max()) + 1e-12
+    torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=rtol * scale)
+
+
+def _both(name, backend="cpu", **kwargs):
+    return getattr(lm, name)(**kwargs, backend=backend), getattr(monai_losses, name)(**kwargs)
+
+
+SPATIAL = {"2d": (5, 7), "3d": (3, 4, 5)}
+
+
+@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss"])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dims", ["2d", "3d"])
+def test_region_losses_equal_monai_with_label_maps(fused_only, name, include_background, batch, reduction, dims):
+    logits, target = _inputs(3, 4, SPATIAL[dims], "float_labels")
+    extra = {"alpha": 0.3, "beta": 0.7} if name == "TverskyLoss" else {}
+    if name == "DiceCELoss":
+        extra = {"lambda_dice": 0.6, "lambda_ce": 1.7}
+    ours, theirs = _both(
+        name,
+        include_background=include_background,
+        to_onehot_y=True,
+        softmax=True,
+        batch=batch,
+        reduction=reduction,
+        smooth_nr=1e-3,
+        smooth_dr=2e-3,
+        **extra,
+    )
+    _compare(ours, theirs, logits, target)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss"])
+@pytest.mark.parametrize("target_kind", ["int_labels", "onehot_float", "onehot_int"])
+def test_region_losses_equal_monai_on_every_backend_and_target_form(fused_only, backend, name, target_kind):
+    logits, target = _inputs(2, 3, (4, 6), target_kind)
+    ours, theirs = _both(name, backend, include_background=False, to_onehot_y=target_kind == "int_labels", softmax=True)
+    _compare(ours, theirs, logits, target)
+
+
+CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss", "FocalLoss"])
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_losses_equal_monai_on_cuda(fused_only, backend, name, include_background, reduction):
+    logits, target = _inputs(2, 4, (6, 5, 7), "float_labels")
+    logits, target = logits.cuda(), target.cuda()
+    if name == "FocalLoss":
+        kwargs = {"use_softmax": True, "gamma": 1.5, "alpha": 0.3, "ignore_index": None if include_background else 2}
+    else:
+        kwargs = {"softmax": True, "include_background": include_background, "batch": not include_background}
+    ours, theirs = _both(name, backend, to_onehot_y=True, reduction=reduction, **kwargs)
+    _compare(ours, theirs, logits, target.to(torch.uint8) if include_background else target)
+
+
+def test_soft_targets_equal_monai(fused_only):
+    logits = torch.randn(2, 3, 6, 5)
+    target = torch.softmax(torch.randn(2, 3, 6, 5), 1)
+    for name in ("DiceLoss", "DiceCELoss", "TverskyLoss"):
+        _compare(*_both(name, softmax=True), logits, target)
+
+
+@pytest.mark.parametrize("weight", [2.5, [0.7, 0.7, 0.7], torch.tensor([1.5, 1.5, 1.5])])
+@pytest.mark.parametrize("target_kind", ["int_labels", "onehot_float"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_uniform_weight_is_fused_and_equal(fused_only, weight, target_kind, reduction):
+    logits, target = _inputs(2, 3, (5, 5), target_kind)
+    onehot = target_kind == "int_labels"
+    _compare(*_both("DiceLoss", softmax=True, to_onehot_y=onehot, weight=weight, reduction=reduction), logits, target)
+    tensor_weight = torch.as_tensor(weight, dtype=torch.float32).expand(3).clone()
+    _compare(
+        *_both("DiceCELoss", softmax=True, to_onehot_y=onehot, weight=tensor_weight, reduction=reduction),
+        logits,
+        target,
+    )
+
+
+def test_weight_of_a_single_kept_class_is_ignored_as_in_monai(fused_only):
+    logits, target = _inputs(2, 2, (6, 4), "int_labels")
+    _compare(*_both("DiceLoss", softmax=True, to_onehot_y=True, include_background=False, weight=[3.0]), logits, target)
+
+
+@pytest.mark.parametrize("name", ["DiceLoss", "TverskyLoss"])
+@pytest.mark.parametrize("ignore_index", [1, -1, 255])
+@pytest.mark.parametrize("include_background", [True, False])
+def test_ignore_index_on_label_maps(fused_only, name, ignore_index, include_background):
+    logits, target = _inputs(3, 4, (5, 6), "int_labels")
+    target[0, 0, :2] = ignore_index
+    target[2] = ignore_index  # an image with no valid voxel
+    _compare(
+        *_both(name, softmax=True, to_onehot_y=True, include_background=include_background, ignore_index=ignore_index),
+        logits,
+        target,
+    )
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("alpha", [None, 0.25, [0.1, 0.5, 0.2, 0.9]])
+def test_softmax_focal_loss_equals_monai(fused_only, backend, reduction, alpha):
+    logits, target = _inputs(2, 4, (4, 5), "int_labels")
+    kwargs = {"use_softmax": True, "to_onehot_y": True, "gamma": 1.5, "alpha": alpha, "reduction": reduction}
+    _compare(*_both("FocalLoss", backend, **kwargs, weight=[1.0, 2.0, 0.5, 3.0]), logits, target)
+    _compare(*_both("FocalLoss", backend, **kwargs), logits, target.float())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("ignore_index", [2, -100])
+def test_softmax_focal_loss_with_ignore_index(fused_only, reduction, ignore_index):
+    logits, target = _inputs(3, 4, (5, 4), "int_labels")
+    target[1, 0, :3] = ignore_index
+    _compare(
+        *_both(
+            "FocalLoss", use_softmax=True, to_onehot_y=True, ignore_index=ignore_index, reduction=reduction, gamma=2
+        ),
+        logits,
+        target,
+    )
+
+
+def test_softmax_focal_loss_with_one_hot_target(fused_only):
+    logits, target = _inputs(2, 3, (3, 4, 5), "onehot_float")
+    _compare(*_both("FocalLoss", use_softmax=True, gamma=0.5), logits, target)
+
+
+DELEGATED = [
+    ("DiceLoss", {"sigmoid": True}, "sigmoid=True"),
+    ("DiceLoss", {"softmax": False}, "softmax=False"),
+    ("DiceLoss", {"other_act": torch.tanh}, "other_act"),
+    ("DiceLoss", {"softmax": True, "squared_pred": True}, "squared_pred=True"),
+    ("DiceLoss", {"softmax": True, "jaccard": True}, "jaccard=True"),
+    ("DiceLoss", {"softmax": True, "reduction": "none"}, 'reduction="none"'),
+    ("DiceLoss", {"softmax": True, "weight": [1.0, 2.0, 3.0]}, "a per-class weight"),
+    ("DiceCELoss", {"softmax": True, "weight": torch.tensor([1.0, 2.0, 3.0])}, "a per-class weight"),
+    ("DiceCELoss", {"softmax": True, "label_smoothing": 0.1}, "label_smoothing"),
+    ("DiceCELoss", {"sigmoid": True}, "sigmoid=True"),
+    ("TverskyLoss", {"softmax": True, "alpha": 0.5, "beta": 0.7}, "alpha + beta != 1"),
+    ("TverskyLoss", {"softmax": True, "reduction": "none"}, 'reduction="none"'),
+    ("DiceFocalLoss", {"softmax": True}, "sigmoid focal term"),
+    ("FocalLoss", {}, "use_softmax=False"),
+    ("FocalLoss", {"use_softmax": True, "include_background": False}, "include_background=False"),
+    ("FocalLoss", {"use_softmax": True, "reduction": "none"}, 'reduction="none"'),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "reason"), DELEGATED, ids=[f"{d[0]}-{d[2]}" for d in DELEGATED])
+def test_unsupported_options_delegate_to_monai_and_warn_once(fresh_warnings, name, kwargs, reason):
+    logits, target = _inputs(2, 3, (4, 5), "int_labels")
+    kwargs = {"to_onehot_y": True, **kwargs}
+    ours, theirs = _both(name, **kwargs)
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        _compare(ours, theirs, logits, target)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _compare(ours, theirs, logits, target)
+
+
+def test_one_hot_target_with_ignore_index_delegates(fresh_warnings):
+    logits, target = _inputs(2, 3, (4, 5), "onehot_float")
+    with pytest.warns(UserWarning, match="ignore_index with a one-hot target"):
+        _compare(*_both("DiceLoss", softmax=True, ignore_index=1), logits, target)
+
+
+def test_single_channel_input_delegates(fresh_warnings):
+    logits = torch.randn(2, 1, 4, 5)
+    target = torch.randint(0, 2, (2, 1, 4, 5)).float()
+    with pytest.warns(UserWarning, match="single-channel"):
+        _compare(*_both("DiceLoss", sigmoid=True), logits, target)
+
+
+def test_delegation_without_monai_raises_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "monai", None)
+    monkeypatch.setitem(sys.modules, "monai.losses", None)
+    logits, target = _inputs(2, 3, (4, 5), "int_labels")
+    with pytest.raises(ImportError, match="MONAI is not installed"):
+        lm.DiceLoss(sigmoid=True, to_onehot_y=True)(logits, target)
+    # fused options need no MONAI
+    assert torch.isfinite(lm.DiceLoss(softmax=True, to_onehot_y=True)(logits, target))
+
+
+@pytest.mark.parametrize(
+    ("build", "error", "match"),
+    [
+        (lambda: lm.DiceLoss(sigmoid=True, softmax=True), ValueError, "at most one of"),
+        (lambda: lm.DiceLoss(other_act=3), TypeError, "other_act"),
+        (lambda: lm.DiceLoss(reduction="avg"), ValueError, "reduction"),
+        (lambda: lm.DiceCELoss(reduction="none"), ValueError, "reduction"),
+        (lambda: lm.DiceCELoss(lambda_ce=-1.0), ValueError, "lambda_ce"),
+        (lambda: lm.DiceCELoss(weight=[1.0, 2.0]), TypeError, "weight"),
+        (lambda: lm.TverskyLoss(alpha=-0.1), ValueError, "alpha"),
+        (lambda: lm.FocalLoss(gamma=-1.0), ValueError, "gamma"),
+        (lambda: lm.DiceLoss(smooth_nr=float("nan")), ValueError, "smooth_nr"),
+        (lambda: lm.DiceLoss(batch="yes"), TypeError, "batch"),
+        (lambda: lm.DiceLoss(backend="tpu"), ValueError, "backend"),
+        (lambda: lm.DiceLoss(weight=[1.0, -1.0]), ValueError, "non-negative"),
+        (lambda: lm.FocalLoss(weight=torch.tensor(-2.0)), ValueError, "non-negative"),
+    ],
+)
+def test_bad_constructor_arguments(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
+def test_bad_inputs_raise_clear_errors():
+    logits, target = _inputs(2, 3, (4, 5), "int_labels")
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        lm.DiceLoss(softmax=True, to_onehot_y=True)(logits, target[:, 0])
+    with pytest.raises(ValueError, match="to_onehot_y=True needs a label map"):
+        lm.DiceLoss(softmax=True, to_onehot_y=True)(logits, torch.zeros_like(logits))
+    with pytest.raises(ValueError, match="must have the input's shape"):
+        lm.DiceLoss(softmax=True)(logits, target)
+    with pytest.raises(ValueError, match="must have the input's shape"):
+        lm.DiceCELoss(softmax=True)(logits, target.float())
+    bad = target.clone()
+    bad[0, 0, 0, 0] = 7
+    with pytest.raises(ValueError, match="7"):
+        lm.DiceLoss(softmax=True, to_onehot_y=True)(logits, bad)
+    with pytest.raises(ValueError, match="weight must have one entry per class"):
+        lm.DiceLoss(softmax=True, to_onehot_y=True, weight=[1.0, 1.0])(logits, target)
+    with pytest.raises(ValueError, match="alpha must have one entry per class"):
+        lm.FocalLoss(use_softmax=True, to_onehot_y=True, alpha=[0.5, 0.5])(logits, target)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        lm.DiceLoss(softmax=True)(logits.tolist(), target)
+
+
+def test_state_dict_keeps_monai_keys():
+    ours = lm.DiceLoss(softmax=True, weight=[1.0, 2.0])
+    theirs = monai_losses.DiceLoss(softmax=True, weight=[1.0, 2.0])
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+
+def test_fused_criterion_compiles_with_fullgraph(fused_only):
+    logits, target = _inputs(2, 4, (3, 4, 5), "float_labels")
+    ours, theirs = _both("DiceCELoss", include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    _compare(torch.compile(ours, fullgraph=True), theirs, logits, target)
