@@ -184,7 +184,7 @@ def main() -> None:
         f"ran in {clock.seconds():.0f} s on {common.machine()}",
     ]
     sections = [("Statistics of the training masks and CALF's pick", common.markdown_table(stats_shown)),
-                ("Held-out Dice of every loss the table can pick", common.markdown_table(shown))]  # fmt: skip
+                ("Held-out Dice of each loss the table can pick, and of Fisher+Dice", common.markdown_table(shown))]  # fmt: skip
     text = common.write_markdown(args.out / f"{NAME}.md", "CALF: statistics, pick and outcome", sections, notes)
     plot(stats_rows, summary, sizes_by_dataset, args.out / f"{NAME}.png")
     print(text)
