@@ -183,8 +183,10 @@ def main() -> None:
         "BCE+Dice (transform ln + 1 x Dice) is the Dice+CE baseline; Fisher has no Dice term (the table's row 1)",
         f"ran in {clock.seconds():.0f} s on {common.machine()}",
     ]
-    sections = [("Statistics of the training masks and CALF's pick", common.markdown_table(stats_shown)),
-                ("Held-out Dice of each loss the table can pick, and of Fisher+Dice", common.markdown_table(shown))]  # fmt: skip
+    sections = [
+        ("Statistics of the training masks and CALF's pick", common.markdown_table(stats_shown)),
+        ("Held-out Dice of each loss the table can pick, and of Fisher+Dice", common.markdown_table(shown)),
+    ]
     text = common.write_markdown(args.out / f"{NAME}.md", "CALF: statistics, pick and outcome", sections, notes)
     plot(stats_rows, summary, sizes_by_dataset, args.out / f"{NAME}.png")
     print(text)
