@@ -17,7 +17,7 @@ import torch
 
 from lmfloss_kernels import reference
 from lmfloss_kernels._backends import AUTO_ORDER, resolve_backend
-from lmfloss_kernels.triton import BACKEND, _common
+from lmfloss_kernels.triton import BACKEND, _common, row
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -115,8 +115,9 @@ def test_auto_prefers_triton_for_cuda_tensors():
 @pytest.mark.parametrize(
     ("num_classes", "num_voxels"), [(2, 1), (3, 1000), (5, 17 * 19 * 23), (32, 5), (33, 100), (8, 65536)]
 )
-def test_launch_config_covers_every_class_and_voxel(num_classes, num_voxels):
-    config = _common.launch_config(num_classes, num_voxels)
+@pytest.mark.parametrize("class_last", [False, True])
+def test_launch_config_covers_every_class_and_voxel(num_classes, num_voxels, class_last):
+    config = row.launch_config(num_classes, num_voxels, class_last)
     assert config["BLOCK_C"] >= num_classes and config["BLOCK_C"] & (config["BLOCK_C"] - 1) == 0
     assert config["BLOCK_V"] & (config["BLOCK_V"] - 1) == 0 and config["BLOCK_V"] >= 16
     assert 1 <= config["num_warps"] <= 8

@@ -17,7 +17,7 @@ from test_triton_helpers import (
 
 import lmfloss_kernels.functional as F
 from lmfloss_kernels import reference
-from lmfloss_kernels.triton import BACKEND, row
+from lmfloss_kernels.triton import BACKEND, _common, row
 
 pytestmark = INTERPRETER_WARNINGS
 
@@ -298,8 +298,8 @@ def _log_low(x):
 def test_fast_log_error_within_budget(monkeypatch, sign, shape, scale):
     # fp32 results within 2e-5 relative of the float64 truth with the approximate logarithm's
     # worst-case error injected (per row for "none", for the mean and the gradient norm-wise).
-    monkeypatch.setattr(row, "fast_log2", _log2_high if sign > 0 else _log2_low)
-    monkeypatch.setattr(row, "fast_log", _log_high if sign > 0 else _log_low)
+    monkeypatch.setattr(_common, "fast_log2", _log2_high if sign > 0 else _log2_low)  # powers (fast_power)
+    monkeypatch.setattr(row, "fast_log", _log_high if sign > 0 else _log_low)  # log of the softmax sum
     logits, labels, *vectors = _row_inputs(shape, scale=scale)
     kwargs = dict(alpha=1.5, beta=1.0, gamma=1.5, s=30.0, ignore_index=-100)
     wide = (labels, *(v.double() for v in vectors))

@@ -5,17 +5,14 @@ dense map ``(B, C, *S)`` is ``x.reshape(B, C, -1)`` (a view for contiguous and c
 tensors, a copy only when the spatial axes cannot be merged), rows ``(N, C)`` are
 ``x.t().unsqueeze(0)`` (``B = 1``, ``V = N``, class stride 1). All offsets are int64.
 
-Tiles. :func:`launch_config` (row family): a program owns one ``BLOCK_C x BLOCK_V`` tile of one
-image, classes possibly spread over warps. :func:`voxel_tiling` (region family): ``BLOCK_C x
-ROWS x VEC`` tiles with every class of a voxel in one thread, several tiles per program; with it
-:func:`shifted_exponentials`, :func:`log_softmax_sum`, :func:`log_top_probability` and
-:func:`fast_power` build one voxel's softmax with one hardware logarithm (``._fastmath``).
-
-Softmax. :func:`softmax_columns` returns, per voxel, ``p``, ``log p`` and ``1 - p`` in float32.
-``1 - p`` is never formed as a difference close to 1: for the arg-max class ``k`` it is
-``sum_{j != k} e_j / sum_j e_j`` (the other classes' mass, a sum of small positive terms) and
-``log p_k = -log1p(sum_{j != k} e_j)`` (``e_k = 1`` after the max shift), which keeps the focal
-factor ``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 6.1, 6.4).
+Tiles. :func:`voxel_tiling` (region family): ``BLOCK_C x ROWS x VEC`` tiles with every class of
+a voxel in one thread, several tiles per program (the row family sizes its own tiles:
+:func:`.row.launch_config`). :func:`shifted_exponentials`, :func:`log_softmax_sum`,
+:func:`log_top_probability` and :func:`fast_power` build one voxel's softmax with one hardware
+logarithm (``._fastmath``). ``1 - p`` is never formed as a difference close to 1: for a class
+``k`` it is the other classes' mass over the sum (a sum of small positive terms) and, when that
+mass is small, ``log p_k = -log1p(mass)`` from its series, which keeps the focal factor
+``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 6.1, 6.4).
 """
 
 from __future__ import annotations
@@ -29,14 +26,6 @@ import triton
 import triton.language as tl
 
 from ._fastmath import INTERPRETED, fast_exp2, fast_log2, fast_rcp
-
-# Elements of one tile. The interpreter costs about 1 ms per program whatever its size, so it gets
-# big tiles. On a GPU, 2048 elements over 8 warps (8 per thread) keep ptxas at 48-110 registers
-# per thread without spills for C = 2..32 (sm_90, checked with ptxas -v); 4096 needed 104-162,
-# which halves the resident warps of a kernel that must hide memory latency.
-_TILE_ELEMENTS = 1 << 16 if INTERPRETED else 2048
-_ELEMENTS_PER_THREAD = 8
-_MIN_BLOCK_V = 16
 
 SERVED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -74,18 +63,6 @@ def unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
             "importing triton); use backend='cpu' or 'reference'"
         )
     return f"Triton serves CUDA tensors, got a {device.type} tensor"
-
-
-def launch_config(num_classes: int, num_voxels: int) -> dict[str, int]:
-    """Block sizes: classes padded to a power of two, voxels filling the tile budget.
-
-    One tile per program: looping over several tiles (to shorten the partial sums) raised ptxas'
-    register count from 58-107 to 115-128 per thread, halving the resident warps.
-    """
-    block_c = triton.next_power_of_2(num_classes)
-    block_v = min(max(_TILE_ELEMENTS // block_c, _MIN_BLOCK_V), max(triton.next_power_of_2(num_voxels), _MIN_BLOCK_V))
-    num_warps = min(8, max(1, block_c * block_v // (32 * _ELEMENTS_PER_THREAD)))
-    return {"BLOCK_C": block_c, "BLOCK_V": block_v, "num_warps": num_warps}
 
 
 def voxel_tiling(num_images: int, num_classes: int, num_voxels: int, itemsize: int) -> dict[str, int]:
@@ -251,13 +228,6 @@ def fast_power(x, g):
 
 
 @triton.jit
-def log1p(x):
-    """``log(1 + x)`` for ``x >= 0`` without losing small ``x`` (Goldberg's correction)."""
-    w = 1.0 + x
-    return tl.where(w == 1.0, x, tl.log(w) * (x / (w - 1.0)))
-
-
-@triton.jit
 def power(x, g):
     """``x ** g`` for ``x >= 0`` with ``0 ** 0 = 1`` (``exp2(g * log2 x)`` is NaN there)."""
     return tl.where(g == 0.0, 1.0, tl.exp2(g * tl.log2(x)))
@@ -280,24 +250,3 @@ def focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma, FAST: tl.con
         quotient = log_p / divisor
     ratio = tl.where(series, -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)), quotient)
     return modulation * (1.0 - gamma * p * ratio)
-
-
-@triton.jit
-def softmax_columns(z, cls, cmask):
-    """Softmax over axis 0 of a ``[BLOCK_C, BLOCK_V]`` fp32 tile whose padded classes hold -inf.
-
-    Returns ``(p, log p, 1 - p, is_top)``; padded classes get ``p = 0``, ``log p = 0``,
-    ``1 - p = 1`` so that products with their zero targets stay finite; ``is_top`` marks the one
-    class per voxel whose ``1 - p`` was taken from the others' mass.
-    """
-    top = tl.max(z, axis=0)
-    e = tl.exp(z - top[None, :])
-    total = tl.sum(e, axis=0)
-    is_top = cls[:, None] == tl.argmax(z, axis=0)[None, :]
-    rest = tl.sum(tl.where(is_top, 0.0, e), axis=0)
-    inv_total = 1.0 / total
-    p = e * inv_total[None, :]
-    one_minus_p = tl.where(is_top, rest[None, :], total[None, :] - e) * inv_total[None, :]
-    log_p = tl.where(is_top, -log1p(rest)[None, :], z - top[None, :] - tl.log(total)[None, :])
-    cm = cmask[:, None]
-    return p, tl.where(cm, log_p, 0.0), tl.where(cm, one_minus_p, 1.0), is_top

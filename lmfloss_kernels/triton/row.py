@@ -66,13 +66,16 @@ from ._common import (
     INTERPRETED,
     class_view,
     empty,
+    fast_power,
     finish_gradient,
+    focal_gradient_factor,
     fp32,
     gradient_buffer,
     label_view,
+    log1p_series,
     tile_position,
 )
-from ._fastmath import fast_log, fast_log2
+from ._fastmath import fast_log
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -124,23 +127,8 @@ def _log1p(x):
     """``log(1 + x)`` for ``x >= 0`` with one fast logarithm: a series ``x - x^2/2 + ... + x^5/5``
     below ``1/16`` (truncation below 2e-7 relative), ``fast_log(1 + x)`` above (its ~1.7e-7
     absolute error is below 3e-6 relative there)."""
-    series = x * (1.0 - x * (0.5 - x * (1.0 / 3.0 - x * (0.25 - x * 0.2))))
-    return tl.where(x < 0.0625, series, fast_log(1.0 + x))
-
-
-@triton.jit
-def _power(x, g):
-    """``x ** g`` for ``x >= 0`` through ``fast_log2``, with ``0 ** 0 = 1``."""
-    return tl.where(g == 0.0, 1.0, tl.exp2(g * fast_log2(x)))
-
-
-@triton.jit
-def _focal_factor(p, log_p, u, modulation, gamma):
-    """``G = u^gamma (1 - gamma p log(p) / u)`` (losses.md 0.2), the series ``log(p) / u = -1 - u/2 - u^2/3``
-    below ``u = 1e-3`` (covers ``u = 0``)."""
-    series = u < 1e-3
-    ratio = tl.where(series, -1.0 - u * (0.5 + u * (1.0 / 3.0)), tl.fdiv(log_p, tl.where(series, 1.0, u)))
-    return modulation * (1.0 - gamma * p * ratio)
+    small = x < 0.0625
+    return tl.where(small, log1p_series(tl.where(small, x, 0.0)), fast_log(1.0 + x))
 
 
 @triton.jit
@@ -244,10 +232,10 @@ def _row_tile(
         inv_total = tl.fdiv(1.0, total)
         u = rest * inv_total
         log_pt = d_t - log_total
-        modulation = _power(u, gamma)
+        modulation = fast_power(u, gamma)
         focal = tl.where(valid, -modulation * log_pt, 0.0)
         # 0 on ignored rows (log p_t = -inf there), so that their gradient is 0 * finite.
-        factor = tl.where(valid, _focal_factor(e_t * inv_total, log_pt, u, modulation, gamma), 0.0)
+        factor = tl.where(valid, focal_gradient_factor(e_t * inv_total, log_pt, u, modulation, gamma, FAST=True), 0.0)
         scale_e = factor * inv_total
         rest_e = factor * u
     return valid, probe, w_t, a_t, ldam, focal, onehot, e, scale_e, rest_e, e_q, scale_q, rest_q
