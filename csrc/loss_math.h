@@ -244,7 +244,8 @@ LMF_HD TverskyTerm<T> tversky_term(T tp, T fn, T fp, T delta, T smooth_nr, T smo
   const T ti = (tp + smooth_nr) / den;
   const T tiny = Limits<T>::tiny();
   TverskyTerm<T> r;
-  r.value = math_pow(x > tiny ? x : tiny, exponent);
+  // Written so that a NaN x (a NaN batch sum) stays NaN, as the reference's clamp_min keeps it.
+  r.value = math_pow(x < tiny ? tiny : x, exponent);
   T k = T(0);
   if (exponent == T(1)) {
     k = x >= tiny ? T(1) : T(0);

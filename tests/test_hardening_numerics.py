@@ -90,6 +90,20 @@ def test_nonfinite_logits_give_nan_loss_on_gpu(loss, clip, bad, dtype):
         assert per_item[1].isnan().all() and per_item[0].isfinite().all(), f"{backend} {loss} {dtype}"
 
 
+@pytest.mark.parametrize(("device", "backend"), DEVICE_BACKENDS)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_logit_with_batch_sums_poisons_every_image_like_the_reference(device, backend, bad):
+    """With ``batch=True`` the Tversky sums are shared by the batch, so a NaN / +inf logit in one image
+    makes every image's loss NaN, as in the reference (a clamp at the smallest normal must not turn the
+    NaN index into a finite one)."""
+    x, t = _inputs(True, device=device)
+    x[1, 1] = bad
+    per_item = _tversky(x, t, backend, batch=True, reduction="none")
+    truth = _tversky(x.cpu(), t.cpu(), "reference", batch=True, reduction="none")
+    assert truth.isnan().all()
+    assert per_item.isnan().all(), f"{backend}: {per_item.tolist()}"
+
+
 IGNORING_LOSSES = {
     "lmf": lambda x, t, backend, **kw: F.lmf_loss(x, t, COUNTS, backend=backend, **kw),
     "ldam": lambda x, t, backend, **kw: F.ldam_loss(x, t, COUNTS, backend=backend, **kw),

@@ -95,7 +95,8 @@ from ._common import (
 )
 from ._fastmath import fast_exp2, fast_rcp
 
-# Smallest normal float32: the reference clamps 1 - TI to it before the power.
+# Smallest normal float32: the reference clamps 1 - TI to it before the power (clamp_min, which
+# keeps a NaN index NaN: hence propagate_nan=ALL in the clamps below).
 _TINY = tl.constexpr(1.1754943508222875e-38)
 _NONE = tl.constexpr(0)
 _MEAN = tl.constexpr(2)
@@ -420,7 +421,7 @@ def _finalize_kernel(
                 if REDUCTION == _NONE:
                     image_weight_sum += tl.sum(tl.load(grad_loss_ptr + rows, mask=rows < B, other=0.0), axis=0)
         den_c, index_c, ti_c = _index_from_sums(tp, fn, fp, delta, smooth_nr, smooth_dr)
-        clamped_c = tl.maximum(index_c, _TINY)
+        clamped_c = tl.maximum(index_c, _TINY, propagate_nan=tl.PropagateNan.ALL)
         shared_region = tl.sum(tl.where(cmask, power(clamped_c, exponent), 0.0), axis=0) / C
         if BACKWARD:
             if REDUCTION != _NONE:
@@ -450,7 +451,7 @@ def _finalize_kernel(
                     coef_e = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32) + e_c[None, :]
                 else:
                     den, index, ti = _tversky_index(stats_ptr, rows, cls, mask, C, K, delta, smooth_nr, smooth_dr)
-                    clamped = tl.maximum(index, _TINY)
+                    clamped = tl.maximum(index, _TINY, propagate_nan=tl.PropagateNan.ALL)
                     slope = exponent[None, :] * power(clamped, exponent[None, :] - 1.0)
                     g = tversky_coef * image_weight[:, None] * slope * (index >= _TINY).to(tl.float32) / C
                     coef_a = -g / den
@@ -468,7 +469,8 @@ def _finalize_kernel(
                     loss += tversky_coef * shared_region
                 else:
                     _, index, _ = _tversky_index(stats_ptr, rows, cls, mask, C, K, delta, smooth_nr, smooth_dr)
-                    terms = tl.where(mask, power(tl.maximum(index, _TINY), exponent[None, :]), 0.0)
+                    clamped = tl.maximum(index, _TINY, propagate_nan=tl.PropagateNan.ALL)
+                    terms = tl.where(mask, power(clamped, exponent[None, :]), 0.0)
                     loss += tversky_coef * tl.sum(terms, axis=1) / C
             if REDUCTION == _NONE:
                 tl.store(loss_ptr + rows, loss, mask=bmask)
