@@ -226,10 +226,14 @@ def test_ignored_rows_have_zero_gradient_and_no_influence(case_id):
 
 
 def test_every_row_ignored():
-    """As torch's cross_entropy: "mean" is NaN (0 / 0), "sum" and "none" are 0."""
+    """The package's one rule for losses with nothing valid (README, Guarantees): 0 with a zero
+    gradient for every reduction ("mean" included, unlike torch's cross_entropy's 0 / 0 = NaN)."""
     x = torch.randn(4, 3, requires_grad=True)
     y = torch.full((4,), -100)
-    assert torch.isnan(F.lmf_loss(x, y, [3, 2, 1], backend="reference"))
+    mean = F.lmf_loss(x, y, [3, 2, 1], backend="reference")
+    assert mean == 0.0
+    mean.backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
     assert F.lmf_loss(x, y, [3, 2, 1], reduction="sum", backend="reference") == 0.0
     assert torch.equal(F.focal_loss(x, y, reduction="none", backend="reference"), torch.zeros(4))
 
