@@ -102,6 +102,24 @@ class Stopwatch:
         return time.perf_counter() - self.start
 
 
+def train_segmenter(make_model, criterion, inputs, targets, seed: int, steps: int, batch_size: int, lr: float):
+    """A model from ``make_model()`` (built after seeding) trained with Adam for ``steps`` steps of
+    ``batch_size`` samples, in a seeded order that walks through shuffled passes of the data."""
+    seed_everything(seed)
+    model = make_model()
+    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    passes = steps * batch_size // len(targets) + 1
+    order = torch.cat([torch.randperm(len(targets), generator=generator) for _ in range(passes)])
+    for step in range(steps):
+        batch = order[batch_size * step : batch_size * step + batch_size]
+        loss = criterion(model(inputs[batch]), targets[batch])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return model
+
+
 def median_ms(function, repeats: int, warmup: int = 2) -> float:
     """Median wall time of ``function()`` in milliseconds (after ``warmup`` untimed calls)."""
     for _ in range(warmup):

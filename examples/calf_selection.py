@@ -106,18 +106,7 @@ class UNet2D(nn.Module):
 
 
 def train(criterion: CALFLoss, images, masks, seed: int, steps: int) -> nn.Module:
-    common.seed_everything(seed)
-    model = UNet2D()
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(masks), generator=generator) for _ in range(steps * 4 // len(masks) + 1)])
-    for step in range(steps):
-        batch = order[4 * step : 4 * step + 4]
-        loss = criterion(model(images[batch]), masks[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model
+    return common.train_segmenter(UNet2D, criterion, images, masks, seed, steps, batch_size=4, lr=3e-3)
 
 
 def dice_scores(model: nn.Module, images, masks) -> np.ndarray:

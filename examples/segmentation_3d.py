@@ -115,18 +115,7 @@ def make_losses(backend: str) -> dict[str, Callable]:
 
 
 def train(criterion: Callable, images, labels, seed: int, steps: int) -> nn.Module:
-    common.seed_everything(seed)
-    model = UNet3D()
-    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(labels), generator=generator) for _ in range(steps * 2 // len(labels) + 1)])
-    for step in range(steps):
-        batch = order[2 * step : 2 * step + 2]
-        loss = criterion(model(images[batch]), labels[batch])
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return model
+    return common.train_segmenter(UNet3D, criterion, images, labels, seed, steps, batch_size=2, lr=1e-2)
 
 
 def dice_per_class(model: nn.Module, images, labels) -> np.ndarray:
