@@ -224,17 +224,25 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
 
 
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
-    """Integer label map (see :func:`check_labels`) or float one-hot / soft map of the logits' shape.
+    """A region loss's target: a dense map of the logits' shape, or an integer label map.
 
-    A soft map's entries must be finite and in ``[0, 1]``; that is verified where label ranges
+    * Dense map ``(B, C, *S)``: float one-hot / soft map, or a bool / integer 0-1 one-hot /
+      multi-hot map, returned as uint8 (bool is reinterpreted, no copy; other integer dtypes are
+      converted) because that is what the kernels read natively.
+    * Label map: integer labels (see :func:`check_labels`), when the shape is not the logits'.
+
+    A dense map's entries must be finite and in ``[0, 1]``; that is verified where label ranges
     are (CPU tensors always, other devices with the ``check_labels`` option).
     """
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if not target.is_floating_point():
+    dense = target.shape == logits.shape
+    if not target.is_floating_point() and not dense:
         return check_labels(logits, target, ignore_index=ignore_index)
+    if target.is_complex():
+        raise TypeError(f"target must be a real (float, integer or bool) tensor, got dtype {target.dtype}")
     _check_same_device(target, logits)
-    if target.shape != logits.shape:
+    if not dense:
         raise ValueError(
             f"a floating-point target is a one-hot / soft map and must have the logits' shape "
             f"{tuple(logits.shape)}, got {tuple(target.shape)}; pass integer labels of shape "
@@ -245,8 +253,12 @@ def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | No
             f"ignore_index={ignore_index} applies to integer label maps only; a one-hot / soft target "
             f"marks nothing to ignore (pass ignore_index=None or an integer label map)"
         )
+    if target.dtype == torch.bool:
+        target = target.view(torch.uint8)
     if _can_inspect(target):
         check_soft_range(target)
+    if not target.is_floating_point() and target.dtype != torch.uint8:
+        return target.to(torch.uint8)
     return target
 
 

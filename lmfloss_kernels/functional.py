@@ -541,8 +541,16 @@ def _region_family(
     backend,
     dist_sync=False,
     process_group=None,
+    sigmoid=False,
+    negative_weight=None,
+    negative_gamma=None,
 ) -> torch.Tensor:
-    """Checks shared by every region loss, then the region family on the chosen backend."""
+    """Checks shared by every region loss, then the region family on the chosen backend.
+
+    ``sigmoid=True``: the multi-label mode of :func:`lmfloss_kernels.reference.region_loss`;
+    ``focal_weight`` / ``focal_gamma`` are the positive side's per-class values and
+    ``negative_weight`` / ``negative_gamma`` the negative side's, stacked into ``(2, C)``.
+    """
     reduction = check_reduction(reduction)
     clip = check_bool("clip", clip)
     batch = check_bool("batch", batch)
@@ -550,13 +558,20 @@ def _region_family(
     ignore_index = check_ignore_index(ignore_index, optional=True)
     target = check_target(logits, target, ignore_index=ignore_index)
     sync = make_sync(check_bool("dist_sync", dist_sync), process_group)
+    extra = {} if sync is None else {"sync": sync}
+    if check_bool("sigmoid", sigmoid):
+        extra["sigmoid"] = True
+        focal_weight = _sides(focal_weight, negative_weight, logits)
+        focal_gamma = _sides(focal_gamma, negative_gamma, logits)
+    elif not isinstance(focal_weight, torch.Tensor):
+        focal_weight = _per_class(focal_weight, logits)
     return _run(
         "region_loss",
         backend,
         logits,
         target,
-        _per_class(focal_weight, logits) if not isinstance(focal_weight, torch.Tensor) else focal_weight,
-        _per_class(focal_gamma, logits),
+        focal_weight,
+        focal_gamma if isinstance(focal_gamma, torch.Tensor) else _per_class(focal_gamma, logits),
         _per_class(tversky_exponent, logits),
         delta=delta,
         focal_coef=focal_coef,
@@ -568,8 +583,19 @@ def _region_family(
         batch=batch,
         ignore_index=ignore_index,
         reduction=reduction,
-        **({} if sync is None else {"sync": sync}),
+        **extra,
     )
+
+
+def _sides(positive, negative, logits: torch.Tensor) -> torch.Tensor:
+    """The ``(2, C)`` per-class values of the sigmoid mode: row 0 the positive side, row 1 the negative."""
+    rows = [positive, negative]
+    for index, values in enumerate(rows):
+        if isinstance(values, torch.Tensor):
+            rows[index] = values.to(device=logits.device, dtype=_vector_dtype(logits)).reshape(-1)
+        else:
+            rows[index] = _per_class(values, logits)
+    return torch.stack(rows)
 
 
 def _unified_coefficients(weight) -> tuple[float, float]:

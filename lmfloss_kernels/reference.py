@@ -159,6 +159,7 @@ def region_loss(
     reduction: str,
     upcast: bool = True,
     sync: _distributed.DistSync | None = None,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     r"""Region family: per-voxel focal cross-entropy plus per-class focal Tversky terms.
 
@@ -191,14 +192,31 @@ def region_loss(
     ``P_b`` is the part of ``L_b`` private to image ``b``; the other ranks' numbers are
     constants, so each rank's gradient is its slice of the global one
     (:mod:`lmfloss_kernels._distributed`).
+
+    ``sigmoid=True`` (multi-label): ``p_c = sigmoid(z_c)``, every channel an independent binary
+    problem, and ``target`` a multi-hot map ``(B, C, *S)`` (float in ``[0, 1]``, bool or uint8;
+    channels may overlap) or an integer label map (one-hot implied, as above). ``focal_weight``
+    and ``focal_gamma`` then have shape ``(2, C)``: row 0 for the positive side ``y``, row 1 for
+    the negative side ``1 - y``, and the focal sum becomes
+
+    .. math::
+
+        F_b = \frac{1}{V_b}\sum_i \sum_c a^+_c\, y\, (1 - q)^{\gamma^+_c} (-\log q)
+              + a^-_c (1 - y)\, q^{\gamma^-_c} (-\log (1 - q))
+
+    (binary cross-entropy for ``a = 1, gamma = 0``; the two-channel softmax focal term of logits
+    ``(0, z)`` for ``a^- = a_0, gamma^- = gamma_0, a^+ = a_1, gamma^+ = gamma_1``). ``q`` and
+    ``1 - q`` are clipped to ``[eps, 1 - eps]`` when ``clip``, and ``log q = logsigmoid(z)``,
+    ``log(1 - q) = logsigmoid(-z)`` are taken in log space. TP, FN, FP and the Tversky terms are
+    those above, per channel, on ``q``.
     """
     z = _math_dtype(logits, upcast)
     batch_size, num_classes = z.shape[:2]
     z = z.reshape(batch_size, num_classes, -1)
-    log_p = F.log_softmax(z, dim=1)
+    log_p = F.logsigmoid(z) if sigmoid else F.log_softmax(z, dim=1)
     p = log_p.exp()
 
-    if target.is_floating_point():
+    if target.dim() == logits.dim():  # one-hot / soft / multi-hot map
         y = target.reshape(batch_size, num_classes, -1).to(z.dtype)
         valid = torch.ones_like(z[:, :1])
     else:
@@ -218,13 +236,20 @@ def region_loss(
         q = p
         one_minus_q = -torch.expm1(log_p)
         log_q = log_p
+    if sigmoid:
+        log_one_minus_q = F.logsigmoid(-z)
+        if clip:
+            log_one_minus_q = log_one_minus_q.clamp(math.log(eps), math.log1p(-eps))
 
     private = z.new_zeros(batch_size)
     shared = None
     if focal_coef != 0.0:
-        weight = focal_weight.to(z.dtype).view(1, -1, 1)
-        gamma = focal_gamma.to(z.dtype).view(1, -1, 1)
-        voxel = (weight * y * _focal_modulation(one_minus_q, gamma) * (-log_q)).sum(1) * valid[:, 0]
+        weight = focal_weight.to(z.dtype).view(-1, 1, num_classes, 1)
+        gamma = focal_gamma.to(z.dtype).view(-1, 1, num_classes, 1)
+        terms = weight[0] * y * _focal_modulation(one_minus_q, gamma[0]) * (-log_q)
+        if sigmoid:
+            terms = terms + weight[1] * (1.0 - y) * _focal_modulation(q, gamma[1]) * (-log_one_minus_q)
+        voxel = terms.sum(1) * valid[:, 0]
         private = private + focal_coef * voxel.sum(1) / valid.sum((1, 2)).clamp_min(1.0)
     if tversky_coef != 0.0:
         tp = (y * q * valid).sum(-1)
