@@ -86,16 +86,21 @@ class TritonBackend:
         ignore_index,
         reduction,
         sync=None,
+        sigmoid=False,
     ) -> torch.Tensor:
+        """The region family; ``sigmoid``: the multi-label mode, focal weight and gamma ``(2, C)``."""
         vectors = (_vector(focal_weight), _vector(focal_gamma), _vector(tversky_exponent))
+        sigmoid = bool(sigmoid)
         scalars = (
             float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
             bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
         )  # fmt: skip
         if sync is not None:
             kernels = _distributed.RegionKernels(
-                statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none"),
-                gradient=lambda w, stats: ops.region_backward_op(w, logits, target, stats, *vectors, *scalars, "none"),
+                statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none", sigmoid),
+                gradient=lambda w, stats: ops.region_backward_op(
+                    w, logits, target, stats, *vectors, *scalars, "none", sigmoid
+                ),
                 layout=(0, 1, 2),
                 backend=self.name,
             )  # fmt: skip
@@ -104,13 +109,14 @@ class TritonBackend:
                 smooth_dr=smooth_dr, batch=batch, reduction=reduction,
             )  # fmt: skip
             return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = call_op(ops.region_forward_op, logits, target, *vectors, *scalars, reduction)
+        loss, _ = call_op(ops.region_forward_op, logits, target, *vectors, *scalars, reduction, sigmoid)
         return loss
 
 
 def _vector(values: torch.Tensor) -> torch.Tensor:
-    """Per-class constants as the kernels read them: contiguous float32, detached."""
-    return values.detach().to(torch.float32).contiguous()
+    """Per-class constants as the kernels read them: contiguous float32, detached (a sigmoid mode's
+    ``(2, C)`` focal constants flattened: positive row, then negative)."""
+    return values.detach().to(torch.float32).reshape(-1).contiguous()
 
 
 BACKEND = TritonBackend()

@@ -250,3 +250,30 @@ def focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma, FAST: tl.con
         quotient = log_p / divisor
     ratio = tl.where(series, -1.0 - one_minus_p * (0.5 + one_minus_p * (1.0 / 3.0)), quotient)
     return modulation * (1.0 - gamma * p * ratio)
+
+
+@triton.jit
+def sigmoid_parts(z, keep):
+    """Per element of a fp32 logit tile: ``(p, 1 - p, log p, log(1 - p))`` of ``p = sigmoid(z)``.
+
+    One exponential, one reciprocal and one logarithm: ``e = exp(-|z|) <= 1``, ``sp = log1p(e)``
+    (its series below 1/16, where ``lg2(1 + e)`` would lose the digits, else the hardware
+    ``lg2``), ``log p = min(z, 0) - sp``, ``log(1 - p) = -max(z, 0) - sp``; ``p = 1 / (1 + e)``
+    for ``z >= 0`` else ``e / (1 + e)``, and ``1 - p`` the other one, so that neither is a
+    difference close to 1. Where ``keep`` is false (padding, ignored voxels) ``p = 1 - p = 0``;
+    the logarithms are those of ``z`` there (callers mask what they sum).
+    """
+    e = fast_exp2(-tl.abs(z) * _LOG2E)
+    rcp = tl.where(keep, fast_rcp(1.0 + e), 0.0)
+    small = e * rcp
+    positive = z >= 0.0
+    sp = tl.where(e < _SERIES_BELOW, log1p_series(tl.minimum(e, _SERIES_BELOW)), fast_log2(1.0 + e) * _LN2)
+    log_p = tl.minimum(z, 0.0) - sp
+    log_one_minus_p = -tl.maximum(z, 0.0) - sp
+    return tl.where(positive, rcp, small), tl.where(positive, small, rcp), log_p, log_one_minus_p
+
+
+@triton.jit
+def power_of_log(log_x, g):
+    """``x ** g`` from ``log x`` (natural), with ``0 ** 0 = 1``: one hardware ``ex2``, no ``lg2``."""
+    return tl.where(g == 0.0, 1.0, fast_exp2(g * log_x * _LOG2E))

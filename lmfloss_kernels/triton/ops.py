@@ -13,7 +13,8 @@ order only: backward with ``create_graph=True`` raises (:func:`.._backends.refus
   for it.
 * ``triton_region_forward(...) -> (loss, stats)`` and ``triton_region_backward(...) -> grad``:
   the region family's statistics pass + finalize and its gradient pass; only ``stats``
-  (``B x (2 + 3C)`` floats) is kept between them.
+  (``B x (2 + 3C)`` floats) is kept between them. ``sigmoid`` (last, default False) selects the
+  multi-label mode, whose focal weight and gamma are ``(2, C)`` (positive row, then negative).
 """
 
 from __future__ import annotations
@@ -116,19 +117,20 @@ def region_forward_op(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     return region.region_forward(
         logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef,
-        smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction,
+        smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid,
     )  # fmt: skip
 
 
 @region_forward_op.register_fake
-def _(logits, target, focal_weight, focal_gamma, tversky_exponent, *args):
-    reduction = args[-1]
-    batch, num_classes = logits.shape[:2]
-    loss = logits.new_empty((batch,) if reduction == "none" else (), dtype=torch.float32)
-    return loss, logits.new_empty((batch, 2 + 3 * num_classes), dtype=torch.float32)
+def _(logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef, smooth_nr,
+      smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid=False):  # fmt: skip
+    num_images, num_classes = logits.shape[:2]
+    loss = logits.new_empty((num_images,) if reduction == "none" else (), dtype=torch.float32)
+    return loss, logits.new_empty((num_images, 2 + 3 * num_classes), dtype=torch.float32)
 
 
 @torch.library.custom_op("lmfloss::triton_region_backward", mutates_args=())
@@ -150,10 +152,11 @@ def region_backward_op(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     return region.region_backward(
         grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef,
-        tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction,
+        tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid,
     )  # fmt: skip
 
 
@@ -174,7 +177,7 @@ def _region_backward(ctx, grad_loss, _grad_of_stats):
     grad = region_backward_op(
         grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, *ctx.options
     )
-    return (grad,) + (None,) * 14
+    return (grad,) + (None,) * (len(ctx.options) + 4)
 
 
 region_forward_op.register_autograd(_region_backward, setup_context=_region_setup)

@@ -90,7 +90,9 @@ from ._common import (
     log_softmax_sum,
     log_top_probability,
     power,
+    power_of_log,
     shifted_exponentials,
+    sigmoid_parts,
     voxel_tiling,
 )
 from ._fastmath import fast_exp2, fast_rcp
@@ -138,6 +140,43 @@ def _clip(x, low, high):
 
 
 @triton.jit
+def _sigmoid_focal_term(y, pos, log_q, log_one_minus_q, alpha, alpha_neg, gamma, gamma_neg, BINARY: tl.constexpr):
+    """Sigmoid focal term per element: ``a+ y (1-q)^g+ (-log q) + a- (1-y) q^g- (-log(1-q))``.
+
+    A 0/1 target (``BINARY``, ``pos = y != 0``) has one side per element: one power, not two.
+    """
+    if BINARY:
+        own = tl.where(pos, log_q, log_one_minus_q)
+        other = tl.where(pos, log_one_minus_q, log_q)
+        return tl.where(pos, alpha, alpha_neg) * power_of_log(other, tl.where(pos, gamma, gamma_neg)) * (-own)
+    else:
+        positive = alpha * power_of_log(log_one_minus_q, gamma) * (-log_q)
+        negative = alpha_neg * power_of_log(log_q, gamma_neg) * (-log_one_minus_q)
+        return y * positive + (1.0 - y) * negative
+
+
+@triton.jit
+def _sigmoid_focal_gradient(y, pos, p, one_minus_p, log_p, log_one_minus_p, alpha, alpha_neg, gamma, gamma_neg,
+                            BINARY: tl.constexpr):  # fmt: skip
+    """``d/dz`` of :func:`_sigmoid_focal_term` on the unclipped ``p`` (the spec's closed form):
+    ``a+ y (1-p)^g+ (g+ p log p - (1-p)) + a- (1-y) p^g- (p - g- (1-p) log(1-p))``.
+
+    The negative side is the positive one at ``-z`` (``p`` and ``1 - p`` swapped), sign flipped.
+    """
+    if BINARY:
+        gamma_side = tl.where(pos, gamma, gamma_neg)
+        modulation = power_of_log(tl.where(pos, log_one_minus_p, log_p), gamma_side)
+        own_p = tl.where(pos, p, one_minus_p)
+        slope = gamma_side * own_p * tl.where(pos, log_p, log_one_minus_p) - tl.where(pos, one_minus_p, p)
+        side = tl.where(pos, alpha, alpha_neg) * modulation * slope
+        return tl.where(pos, side, -side)
+    else:
+        positive = alpha * power_of_log(log_one_minus_p, gamma) * (gamma * p * log_p - one_minus_p)
+        negative = alpha_neg * power_of_log(log_p, gamma_neg) * (p - gamma_neg * one_minus_p * log_one_minus_p)
+        return y * positive + (1.0 - y) * negative
+
+
+@triton.jit
 def _region_kernel(
     logit_ptr,
     target_ptr,
@@ -166,7 +205,9 @@ def _region_kernel(
     log_one_minus_eps,
     ignore_index,
     C: tl.constexpr,
-    SOFT: tl.constexpr,
+    DENSE: tl.constexpr,
+    SIGMOID: tl.constexpr,
+    BINARY: tl.constexpr,
     HAS_IGNORE: tl.constexpr,
     CLIP: tl.constexpr,
     HAS_FOCAL: tl.constexpr,
@@ -191,9 +232,13 @@ def _region_kernel(
     logit_base = logit_ptr + b * szb + cls3.to(tl.int64) * szc
     target_base = target_ptr + b * stb + cls3.to(tl.int64) * stc
     grad_base = grad_ptr + b * sgb + cls3.to(tl.int64) * sgc
-    if HAS_FOCAL and SOFT:
+    if HAS_FOCAL and (DENSE or SIGMOID):
+        # Sigmoid: row 0 of the (2, C) constants is the positive side, row 1 the negative one.
         alpha = _class_column(focal_weight_ptr, cls3, C)
         gamma = _class_column(focal_gamma_ptr, cls3, C)
+        if SIGMOID:
+            alpha_neg = _class_column(focal_weight_ptr + C, cls3, C)
+            gamma_neg = _class_column(focal_gamma_ptr + C, cls3, C)
     if BACKWARD:
         if HAS_FOCAL:
             focal_scale = tl.load(focal_coef_ptr + b)
@@ -217,10 +262,29 @@ def _region_kernel(
         if not BACKWARD:
             # Non-finite probe (._common.nonfinite_probe): 0, or NaN for a NaN / infinite logit.
             focal_acc += tl.sum(_class_sum(z * 0.0), axis=2)
-        d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
-        if SOFT:
-            y = tl.load(target_base + v * stv, mask=tile_mask, other=0.0).to(tl.float32)
+        if DENSE:
+            # Float soft / one-hot maps and uint8 0/1 maps alike: converted to float32 in registers.
+            y = tl.load(target_base + v * stv, mask=tile_mask, other=0).to(tl.float32)
             valid = vmask
+        else:
+            label = tl.load(target_ptr + b * stb + v * stv, mask=vmask, other=0)
+            if label.dtype != tl.int64:
+                label = label.to(tl.int32)  # uint8 / int8 / bool / int32, compared in 32 bits
+            valid = vmask
+            if HAS_IGNORE:
+                valid = valid & (label != ignore_index)
+            # A label outside [0, C) selects no class (an ignored voxel neither, but is not counted).
+            label = tl.where(valid & (label >= 0) & (label < C), label, -1).to(tl.int32)
+            y = (cls3 == label) & cmask3
+        if SIGMOID:
+            # Every class on its own: p = q = 0 on ignored voxels and outside the image, as below.
+            if DENSE:
+                pos = y != 0.0
+            else:
+                pos = y
+            p, one_minus_p, log_p, log_one_minus_p = sigmoid_parts(z, valid)
+        elif DENSE:
+            d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
             total = _class_sum(e)
             # The arg-max class (d = 0 exactly) of a voxel whose other classes weigh less than half
             # of it (total < 1.5, so it is the only one): its 1 - p and log p come from the others'
@@ -234,15 +298,7 @@ def _region_kernel(
             log_sum = log_softmax_sum(total)
             log_p = tl.where(top, log_top_probability(mass, d, log_sum), d - log_sum)
         else:
-            label = tl.load(target_ptr + b * stb + v * stv, mask=vmask, other=0)
-            if label.dtype != tl.int64:
-                label = label.to(tl.int32)  # uint8 / int8 / bool / int32, compared in 32 bits
-            valid = vmask
-            if HAS_IGNORE:
-                valid = valid & (label != ignore_index)
-            # A label outside [0, C) selects no class (an ignored voxel neither, but is not counted).
-            label = tl.where(valid & (label >= 0) & (label < C), label, -1).to(tl.int32)
-            y = (cls3 == label) & cmask3
+            d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
             # What the labelled class t needs is one number per voxel: its d, and the others'
             # mass, from which 1 - p_t and (t being the arg-max) log p_t stay accurate.
             mass = _class_sum(tl.where(y, 0.0, e))
@@ -261,48 +317,67 @@ def _region_kernel(
                 gamma_t = _label_entry(label, focal_gamma_ptr, C)
 
         if BACKWARD:
-            if CLIP:
-                inside = (p >= eps) & (p <= one_minus_eps)
-            if SOFT:
-                h = tl.zeros([BLOCK_C, ROWS, VEC], dtype=tl.float32)
-                if HAS_FOCAL:
-                    factor = focal_gradient_factor(p, log_p, one_minus_p, fast_power(one_minus_p, gamma), gamma, True)
-                    h -= focal_scale * alpha * y * factor
+            if SIGMOID:
+                # Channels are independent: dL/dz = dL/dq dq/dz with dq/dz = p (1 - p), no coupling.
+                # Ignored voxels get 0 without a mask: p = 1 - p = 0 there.
+                grad = tl.zeros([BLOCK_C, ROWS, VEC], dtype=tl.float32)
                 if HAS_TVERSKY:
-                    h += p * (coef_a * y + coef_e)
+                    if DENSE:
+                        grad += p * one_minus_p * (coef_a * y + coef_e)
+                    else:
+                        grad += p * one_minus_p * tl.where(y, coef_a + coef_e, coef_e)
+                if HAS_FOCAL:
+                    grad += focal_scale * _sigmoid_focal_gradient(
+                        y, pos, p, one_minus_p, log_p, log_one_minus_p, alpha, alpha_neg, gamma, gamma_neg, BINARY
+                    )
                 if CLIP:
-                    h = tl.where(inside, h, 0.0)
-                h = tl.where(cmask3, h, 0.0)
-                # Softmax backward dL/dz_j = h_j - p_j sum_c h_c; for the confident arg-max class
-                # it is (1 - p_j) h_j - p_j sum_{c != j} h_c with the accurate 1 - p_j.
-                others = _class_sum(tl.where(top, 0.0, h))
-                grad = tl.where(top, one_minus_p * h - p * others, h - p * _class_sum(h))
+                    # The dead zone of the clip, with 1 - p as accurate as p.
+                    grad = tl.where((p >= eps) & (one_minus_p >= eps), grad, 0.0)
             else:
-                if HAS_TVERSKY:
-                    h = p * tl.where(y, coef_a + coef_e, coef_e)
-                else:
-                    h = tl.zeros([BLOCK_C, ROWS, VEC], dtype=tl.float32)
-                if HAS_FOCAL:
-                    # G_t on the unclipped, accurate p_t (q = p inside the clip mask).
-                    modulation = fast_power(one_minus_p_t, gamma_t)
-                    factor = focal_gradient_factor(p_t, log_p_t, one_minus_p_t, modulation, gamma_t, True)
-                    h += tl.where(y, -focal_scale * alpha_t * factor, 0.0)
                 if CLIP:
-                    h = tl.where(inside, h, 0.0)
-                # As above with the labelled class t in the role of the arg-max: its 1 - p_t is
-                # always accurate, and a confident voxel is (nearly always) a correct one.
-                others = _class_sum(tl.where(y, 0.0, h))
-                grad = tl.where(y, one_minus_p_t * h - p * others, h - p * _class_sum(h))
+                    inside = (p >= eps) & (p <= one_minus_eps)
+                if DENSE:
+                    h = tl.zeros([BLOCK_C, ROWS, VEC], dtype=tl.float32)
+                    if HAS_FOCAL:
+                        modulation = fast_power(one_minus_p, gamma)
+                        factor = focal_gradient_factor(p, log_p, one_minus_p, modulation, gamma, True)
+                        h -= focal_scale * alpha * y * factor
+                    if HAS_TVERSKY:
+                        h += p * (coef_a * y + coef_e)
+                    if CLIP:
+                        h = tl.where(inside, h, 0.0)
+                    h = tl.where(cmask3, h, 0.0)
+                    # Softmax backward dL/dz_j = h_j - p_j sum_c h_c; for the confident arg-max class
+                    # it is (1 - p_j) h_j - p_j sum_{c != j} h_c with the accurate 1 - p_j.
+                    others = _class_sum(tl.where(top, 0.0, h))
+                    grad = tl.where(top, one_minus_p * h - p * others, h - p * _class_sum(h))
+                else:
+                    if HAS_TVERSKY:
+                        h = p * tl.where(y, coef_a + coef_e, coef_e)
+                    else:
+                        h = tl.zeros([BLOCK_C, ROWS, VEC], dtype=tl.float32)
+                    if HAS_FOCAL:
+                        # G_t on the unclipped, accurate p_t (q = p inside the clip mask).
+                        modulation = fast_power(one_minus_p_t, gamma_t)
+                        factor = focal_gradient_factor(p_t, log_p_t, one_minus_p_t, modulation, gamma_t, True)
+                        h += tl.where(y, -focal_scale * alpha_t * factor, 0.0)
+                    if CLIP:
+                        h = tl.where(inside, h, 0.0)
+                    # As above with the labelled class t in the role of the arg-max: its 1 - p_t is
+                    # always accurate, and a confident voxel is (nearly always) a correct one.
+                    others = _class_sum(tl.where(y, 0.0, h))
+                    grad = tl.where(y, one_minus_p_t * h - p * others, h - p * _class_sum(h))
             tl.store(grad_base + v * sgv, grad.to(grad_ptr.dtype.element_ty), mask=tile_mask)
         else:
-            if HAS_IGNORE and not SOFT:
+            if HAS_IGNORE and not DENSE:
                 valid_acc += tl.sum(valid.to(tl.float32), axis=2)
             if CLIP:
                 low = tl.where(valid, eps, 0.0)
                 q = _clip(p, low, one_minus_eps)
             else:
                 q = p
-            if SOFT:
+            # One minus q: of every class (sigmoid, dense softmax), of the labelled one (label softmax).
+            if SIGMOID or DENSE:
                 if CLIP:
                     one_minus_q = _clip(one_minus_p, eps, one_minus_eps)
                     log_q = _clip(log_p, log_eps, log_one_minus_eps)
@@ -310,24 +385,35 @@ def _region_kernel(
                     one_minus_q = one_minus_p
                     log_q = log_p
                 if HAS_FOCAL:
-                    term = tl.where(cmask3, alpha * y * fast_power(one_minus_q, gamma) * (-log_q), 0.0)
+                    if SIGMOID:
+                        if CLIP:
+                            log_one_minus_q = _clip(log_one_minus_p, log_eps, log_one_minus_eps)
+                        else:
+                            log_one_minus_q = log_one_minus_p
+                        term = _sigmoid_focal_term(
+                            y, pos, log_q, log_one_minus_q, alpha, alpha_neg, gamma, gamma_neg, BINARY
+                        )
+                        term = tl.where(cmask3 & valid, term, 0.0)
+                    else:
+                        term = tl.where(cmask3, alpha * y * fast_power(one_minus_q, gamma) * (-log_q), 0.0)
                     focal_acc += tl.sum(_class_sum(term), axis=2)
-                if HAS_TVERSKY:
+            else:
+                if CLIP:
+                    one_minus_q = _clip(one_minus_p_t, eps, one_minus_eps)
+                    log_q_t = _clip(log_p_t, log_eps, log_one_minus_eps)
+                else:
+                    one_minus_q = one_minus_p_t
+                    log_q_t = log_p_t
+                if HAS_FOCAL:
+                    focal_acc += tl.sum(alpha_t * fast_power(one_minus_q, gamma_t) * (-log_q_t), axis=2)
+            if HAS_TVERSKY:
+                if DENSE:
                     tp_acc += tl.sum(y * q, axis=2)
                     fn_acc += tl.sum(y * one_minus_q, axis=2)
                     fp_acc += tl.sum((1.0 - y) * q, axis=2)
-            else:
-                if CLIP:
-                    one_minus_q_t = _clip(one_minus_p_t, eps, one_minus_eps)
-                    log_q_t = _clip(log_p_t, log_eps, log_one_minus_eps)
                 else:
-                    one_minus_q_t = one_minus_p_t
-                    log_q_t = log_p_t
-                if HAS_FOCAL:
-                    focal_acc += tl.sum(alpha_t * fast_power(one_minus_q_t, gamma_t) * (-log_q_t), axis=2)
-                if HAS_TVERSKY:
                     tp_acc += tl.sum(tl.where(y, q, 0.0), axis=2)
-                    fn_acc += tl.sum(tl.where(y, one_minus_q_t, 0.0), axis=2)
+                    fn_acc += tl.sum(tl.where(y, one_minus_q, 0.0), axis=2)
                     fp_acc += tl.sum(tl.where(y, 0.0, q), axis=2)
 
     if not BACKWARD:
@@ -336,7 +422,7 @@ def _region_kernel(
         # backward never reads the column, so the gradient stays as the softmax makes it.
         out = partial_ptr + pid * (2 + 3 * C)
         tl.store(out, tl.sum(tl.sum(focal_acc, axis=1), axis=0))
-        if HAS_IGNORE and not SOFT:
+        if HAS_IGNORE and not DENSE:
             valid_count = tl.sum(tl.sum(valid_acc, axis=1), axis=0)
         else:  # the program's voxels inside the image
             first = first_tile * (ROWS * VEC)
@@ -488,12 +574,15 @@ def _clip_bounds(eps: float) -> tuple[float, float, float, float]:
     return low, high, fp32(math.log(low)) if low > 0 else -math.inf, fp32(math.log(high)) if high > 0 else -math.inf
 
 
-def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_index, has_focal, has_tversky, **buffers):
+def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_index, has_focal, has_tversky, sigmoid,
+            **buffers):  # fmt: skip
     """Run :func:`_region_kernel` in the mode given by ``buffers``: the partials, or the gradient."""
     z = class_view(logits)
-    soft = target.is_floating_point()
-    t = class_view(target) if soft else label_view(target)
-    t_strides = t.stride() if soft else (t.stride(0), 0, t.stride(1))
+    dense = target.dim() == logits.dim()  # a (B, C, *S) map: float, or uint8 0/1 (bool read as uint8)
+    if dense and target.dtype == torch.bool:
+        target = target.view(torch.uint8)
+    t = class_view(target) if dense else label_view(target)
+    t_strides = t.stride() if dense else (t.stride(0), 0, t.stride(1))
     batch, num_classes, num_voxels = z.shape
     config = voxel_tiling(batch, num_classes, num_voxels, logits.element_size())
     tiles_per_program = config.pop("tiles_per_program")
@@ -513,7 +602,8 @@ def _launch(logits, target, focal_weight, focal_gamma, *, clip, eps, ignore_inde
         z, t, focal_weight, focal_gamma, *args,
         num_voxels, tiles_per_program, programs_per_image, *z.stride(), *t_strides, *grad_strides,
         *_clip_bounds(eps), 0 if ignore_index is None else ignore_index,
-        C=num_classes, SOFT=soft, HAS_IGNORE=ignore_index is not None, CLIP=clip,
+        C=num_classes, DENSE=dense, SIGMOID=sigmoid, BINARY=sigmoid and not (dense and target.is_floating_point()),
+        HAS_IGNORE=ignore_index is not None, CLIP=clip,
         HAS_FOCAL=has_focal, HAS_TVERSKY=has_tversky, BACKWARD=backward, **config,
     )  # fmt: skip
     if backward:
@@ -550,11 +640,12 @@ def region_forward(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss (float32) and the per-image statistics ``[focal sum, valid count, TP, FN, FP]``."""
     partial = _launch(
         logits, target, focal_weight, focal_gamma, clip=clip, eps=eps, ignore_index=ignore_index,
-        has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0,
+        has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0, sigmoid=sigmoid,
     )  # fmt: skip
     stats = partial.sum(1)  # a fixed-order reduction over programs: deterministic
     loss = empty((logits.shape[0],) if reduction == "none" else (), dtype=torch.float32, device=logits.device)
@@ -583,6 +674,7 @@ def region_backward(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     """Gradient w.r.t. the logits, in their dtype, for upstream ``grad_loss`` (shape of the loss)."""
     num_images, num_classes = logits.shape[:2]
@@ -600,6 +692,6 @@ def region_backward(
     )  # fmt: skip
     return _launch(
         logits, target, focal_weight, focal_gamma, clip=clip, eps=eps, ignore_index=ignore_index,
-        has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0,
+        has_focal=focal_coef != 0.0, has_tversky=tversky_coef != 0.0, sigmoid=sigmoid,
         focal_coef=focal, coef_a=coef_a, coef_e=coef_e,
     )  # fmt: skip
