@@ -262,6 +262,8 @@ def _region_kernel(
         if not BACKWARD:
             # Non-finite probe (._common.nonfinite_probe): 0, or NaN for a NaN / infinite logit.
             focal_acc += tl.sum(_class_sum(z * 0.0), axis=2)
+        if not SIGMOID:
+            d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
         if DENSE:
             # Float soft / one-hot maps and uint8 0/1 maps alike: converted to float32 in registers.
             y = tl.load(target_base + v * stv, mask=tile_mask, other=0).to(tl.float32)
@@ -284,7 +286,6 @@ def _region_kernel(
                 pos = y
             p, one_minus_p, log_p, log_one_minus_p = sigmoid_parts(z, valid)
         elif DENSE:
-            d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
             total = _class_sum(e)
             # The arg-max class (d = 0 exactly) of a voxel whose other classes weigh less than half
             # of it (total < 1.5, so it is the only one): its 1 - p and log p come from the others'
@@ -298,7 +299,6 @@ def _region_kernel(
             log_sum = log_softmax_sum(total)
             log_p = tl.where(top, log_top_probability(mass, d, log_sum), d - log_sum)
         else:
-            d, e = shifted_exponentials(tl.where(cmask3, z, float("-inf")))
             # What the labelled class t needs is one number per voxel: its d, and the others'
             # mass, from which 1 - p_t and (t being the arg-max) log p_t stay accurate.
             mass = _class_sum(tl.where(y, 0.0, e))
