@@ -239,6 +239,10 @@ def _region_kernel(
         if SIGMOID:
             alpha_neg = _class_column(focal_weight_ptr + C, cls3, C)
             gamma_neg = _class_column(focal_gamma_ptr + C, cls3, C)
+    if SIGMOID and CLIP:
+        # clip(sigmoid(z), eps, 1 - eps) = sigmoid(clip(z, -bound, bound)), bound = log((1 - eps) / eps):
+        # one clip of z clips q, 1 - q and both logarithms (and |z| <= bound is the clip's dead zone).
+        logit_bound = log_one_minus_eps - log_eps
     if BACKWARD:
         if HAS_FOCAL:
             focal_scale = tl.load(focal_coef_ptr + b)
@@ -284,6 +288,11 @@ def _region_kernel(
                 pos = y != 0.0
             else:
                 pos = y
+            if CLIP:
+                if BACKWARD:
+                    inside = tl.abs(z) <= logit_bound
+                else:
+                    z = _clip(z, -logit_bound, logit_bound)
             p, one_minus_p, log_p, log_one_minus_p = sigmoid_parts(z, valid)
         elif DENSE:
             total = _class_sum(e)
@@ -331,8 +340,7 @@ def _region_kernel(
                         y, pos, p, one_minus_p, log_p, log_one_minus_p, alpha, alpha_neg, gamma, gamma_neg, BINARY
                     )
                 if CLIP:
-                    # The dead zone of the clip, with 1 - p as accurate as p.
-                    grad = tl.where((p >= eps) & (one_minus_p >= eps), grad, 0.0)
+                    grad = tl.where(inside, grad, 0.0)
             else:
                 if CLIP:
                     inside = (p >= eps) & (p <= one_minus_eps)
@@ -371,14 +379,15 @@ def _region_kernel(
         else:
             if HAS_IGNORE and not DENSE:
                 valid_acc += tl.sum(valid.to(tl.float32), axis=2)
-            if CLIP:
+            # Sigmoid: clipped already, through z.
+            if CLIP and not SIGMOID:
                 low = tl.where(valid, eps, 0.0)
                 q = _clip(p, low, one_minus_eps)
             else:
                 q = p
             # One minus q: of every class (sigmoid, dense softmax), of the labelled one (label softmax).
             if SIGMOID or DENSE:
-                if CLIP:
+                if CLIP and not SIGMOID:
                     one_minus_q = _clip(one_minus_p, eps, one_minus_eps)
                     log_q = _clip(log_p, log_eps, log_one_minus_eps)
                 else:
@@ -386,12 +395,8 @@ def _region_kernel(
                     log_q = log_p
                 if HAS_FOCAL:
                     if SIGMOID:
-                        if CLIP:
-                            log_one_minus_q = _clip(log_one_minus_p, log_eps, log_one_minus_eps)
-                        else:
-                            log_one_minus_q = log_one_minus_p
                         term = _sigmoid_focal_term(
-                            y, pos, log_q, log_one_minus_q, alpha, alpha_neg, gamma, gamma_neg, BINARY
+                            y, pos, log_q, log_one_minus_p, alpha, alpha_neg, gamma, gamma_neg, BINARY
                         )
                         term = tl.where(cmask3 & valid, term, 0.0)
                     else:
