@@ -12,7 +12,9 @@ a voxel in one thread, several tiles per program (the row family sizes its own t
 logarithm (``._fastmath``). ``1 - p`` is never formed as a difference close to 1: for a class
 ``k`` it is the other classes' mass over the sum (a sum of small positive terms) and, when that
 mass is small, ``log p_k = -log1p(mass)`` from its series, which keeps the focal factor
-``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 6.1, 6.4).
+``(1 - p)^gamma`` and ``log p`` accurate for confident voxels (losses.md 6.1, 6.4). The sigmoid
+mode's counterparts: :func:`sigmoid_parts` (``p``, ``1 - p`` and both logarithms of one logit)
+and :func:`power_of_log` (a power from a logarithm already at hand).
 """
 
 from __future__ import annotations

@@ -40,6 +40,29 @@ accurate ``1 - p_j``, so confident voxels keep a float32-accurate gradient (the 
 reference loses about 1e-7 / (1 - p) there): the labelled class ``t`` for label maps, the
 arg-max class (when it holds more than 2/3 of the mass) for soft targets.
 
+Targets (constexpr ``DENSE``): an integer label map ``(B, *S)``, or a dense map ``(B, C, *S)``,
+float (soft / one-hot) or uint8 0/1 (bool is read as uint8), loaded in its own dtype and converted
+in registers: a uint8 map moves a quarter of a float32 one.
+
+Sigmoid (multi-label) mode (constexpr ``SIGMOID``, same kernels, tiling and statistics layout):
+every class is an independent binary problem, ``p = sigmoid(z)``, focal weight and gamma are
+``(2, C)`` (row 0 the positive side ``y``, row 1 the negative side ``1 - y``), and the focal sum is
+``sum_i sum_c a+_c y (1-q)^{g+_c} (-log q) + a-_c (1-y) q^{g-_c} (-log(1-q))`` (TP, FN, FP as
+above). Per element (``._common.sigmoid_parts``) one ``ex2``, one ``rcp`` and one ``lg2``:
+``e = exp(-|z|)``, ``log p = min(z, 0) - log1p(e)``, ``log(1-p) = -max(z, 0) - log1p(e)``, ``p``
+and ``1 - p`` from ``1 / (1 + e)`` and ``e / (1 + e)``; the powers come from those logarithms
+(one ``ex2`` each). ``clip`` clips ``z`` to ``+-log((1-eps)/eps)`` (the same as clipping ``q``,
+``1 - q`` and both logarithms; ``|z|`` beyond it is the dead zone of the gradient). For a 0/1
+target (label maps, uint8 maps: constexpr ``BINARY``) only one side of a class is non-zero, and
+one power is evaluated instead of two. Gradient, channels independent (``dq/dz = p (1-p)``):
+
+.. math::
+
+    \frac{\partial L}{\partial z_{ic}} = \mathrm{mask}_{ic}\Big[\frac{w_F W_b}{n_b}\big(
+        a^+_c y (1-p)^{g^+_c} (g^+_c p \log p - (1 - p))
+        + a^-_c (1-y) p^{g^-_c} (p - g^-_c (1-p) \log(1-p))\big)
+        + p (1 - p) (A_{bc} y_{ic} + E_{bc})\Big]
+
 Memory-bound design (an H100 moves 3 TB/s; the instruction budget is some 25 instructions per
 logit element forward, 47 backward, for bf16 logits and uint8 labels):
 
