@@ -17,7 +17,9 @@ reads the result. Per launch:
   kernel with a loop (a backward branch in its SASS) the loop body counts once: the figure is then
   a lower bound that falls as a program loops over more tiles, flagged ``loop`` in the table.
 
-The expectations are data, ``tests/sass_budget.json``: the workloads (public call, shape, dtypes),
+The expectations are data, ``tests/sass_budget.json``: the workloads (public call, shape, dtypes;
+``"mask"`` targets are uint8 0/1 maps of the logits' shape, the dense uint8 path of the region
+kernels; the sigmoid mode is reached through ``functional._region_family(..., sigmoid=True)``),
 a tolerance, and per launch (``workload``, ``pass:kernel#n``) its budget of SASS/el and the rules it
 is known to break today (``known``: ``spills`` / ``scalar_logits`` with the reason), which the lead
 removes once a kernel is rewritten. A launch fails the guard when it spills, loads logits narrower

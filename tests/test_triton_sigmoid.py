@@ -178,17 +178,20 @@ def test_several_tiles_per_program(monkeypatch, kind, num_classes, per_program):
     _compare(torch.randn(shape, device=DEVICE) * 3, _target(kind, shape, ignore_index), _sides(num_classes), options)
 
 
-@pytest.mark.parametrize("clip", [True, False])
-def test_confident_voxels_and_gamma_below_one(clip):
+@pytest.mark.parametrize(("clip", "wrong"), [(True, True), (False, True), (False, False)])
+def test_confident_voxels_and_gamma_below_one(clip, wrong):
     # |z| ~ 12-18: p within 1e-5..1e-8 of 0 or 1, some inside the clip dead zone. 1 - p and the
-    # logarithms come from exp(-|z|) and its log1p, so the kernel is held to the float64 truth.
+    # logarithms come from exp(-|z|) and its log1p, so the kernel is held to the float64 truth,
+    # also when every voxel is right and the loss is made of terms of size exp(-|z|) alone.
     shape = (2, 3, 6, 7)
     target = _target("multihot", shape)
     sign = target.float() * 2 - 1
     logits = sign * (12.0 + 6.0 * torch.rand(shape, device=DEVICE))
-    logits[0, 0, :2] *= -1  # confidently wrong voxels too
+    if wrong:
+        logits[0, 0, :2] *= -1
     vectors = _sides(3, gamma=(0.25, 0.5))
-    _compare(logits, target, vectors, _options(clip=clip, reduction="none"))
+    terms = _TERMS["both" if wrong else "focal"]
+    _compare(logits, target, vectors, _options(clip=clip, focal_coef=terms[0], tversky_coef=terms[1], reduction="none"))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
