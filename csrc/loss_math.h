@@ -253,7 +253,7 @@ LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
 // exp and one log1p per channel): log p = min(z, 0) - log1p(e^-|z|), log(1 - p) = -max(z, 0) - log1p(e^-|z|).
 template <typename T>
 struct SigmoidChannel {
-  T p, u;                  // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
+  T p, u;                   // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
   ClippedProb<T> pos, neg;  // pos: (q, 1 - q, log q); neg: (1 - q, q, log(1 - q)), its masks likewise
 };
 
@@ -297,8 +297,8 @@ LMF_HD T sigmoid_focal_term(const SigmoidChannel<T>& ch, T y, T valid, T a_pos, 
 // negative side through log(1 - p) (+a- (1 - y) G- p, G- the mirrored channel's factor). d_tp,
 // d_fn, d_fp: d loss / d TP, FN, FP of the channel; a_pos, a_neg already times the focal scale.
 template <typename M, typename T>
-LMF_HD T sigmoid_logit_grad(const SigmoidChannel<T>& ch, T y, T valid, T d_tp, T d_fn, T d_fp, bool with_focal,
-                            T a_pos, T g_pos, T a_neg, T g_neg) {
+LMF_HD T sigmoid_logit_grad(const SigmoidChannel<T>& ch, T y, T valid, T d_tp, T d_fn, T d_fp, bool with_focal, T a_pos,
+                            T g_pos, T a_neg, T g_neg) {
   const T n = valid - y;
   const T tversky = ch.p * (ch.pos.mask_q * (d_tp * y + d_fp * n) - ch.pos.mask_u * d_fn * y);
   if (!with_focal) return ch.u * tversky;

@@ -124,47 +124,47 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
           }
           acc[RegionStats<double>::focal(C)] += focal;
         } else {
-        if (P.with_tversky) {
-          for (int64_t c = 0; c < C; ++c) {
-            math_t tp = 0, fn = 0, fp = 0;
-            // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
-#pragma omp simd reduction(+ : tp, fn, fp)
-            for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-              const math_t yt = tile.target_of(c, t);
-              tp += yt * cp.q;
-              fn += yt * cp.u;
-              fp += (tile.valid[t] - yt) * cp.q;
-            }
-            acc[c] += tp;
-            acc[C + c] += fn;
-            acc[2 * C + c] += fp;
-          }
-        }
-        if (P.with_focal) {
-          math_t focal = 0;
-          if constexpr (Target::kSoft) {
+          if (P.with_tversky) {
             for (int64_t c = 0; c < C; ++c) {
-              const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+              math_t tp = 0, fn = 0, fp = 0;
+              // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
+#pragma omp simd reduction(+ : tp, fn, fp)
               for (int64_t t = 0; t < kTile; ++t) {
                 const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-                // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
                 const math_t yt = tile.target_of(c, t);
-                const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
-                focal += yt != math_t(0) ? term : math_t(0);
+                tp += yt * cp.q;
+                fn += yt * cp.u;
+                fp += (tile.valid[t] - yt) * cp.q;
               }
-            }
-          } else {
-            math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
-            tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
-#pragma omp simd reduction(+ : focal)
-            for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-              focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+              acc[c] += tp;
+              acc[C + c] += fn;
+              acc[2 * C + c] += fp;
             }
           }
-          acc[RegionStats<double>::focal(C)] += focal;
-        }
+          if (P.with_focal) {
+            math_t focal = 0;
+            if constexpr (Target::kSoft) {
+              for (int64_t c = 0; c < C; ++c) {
+                const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+                for (int64_t t = 0; t < kTile; ++t) {
+                  const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
+                  // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
+                  const math_t yt = tile.target_of(c, t);
+                  const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
+                  focal += yt != math_t(0) ? term : math_t(0);
+                }
+              }
+            } else {
+              math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
+              tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+#pragma omp simd reduction(+ : focal)
+              for (int64_t t = 0; t < kTile; ++t) {
+                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+                focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+              }
+            }
+            acc[RegionStats<double>::focal(C)] += focal;
+          }
         }
         math_t count = 0;
 #pragma omp simd reduction(+ : count)
@@ -215,42 +215,42 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             }
           }
         } else {
-        for (int64_t c = 0; c < C; ++c) {
-          const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
-          const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
-          const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
-          math_t* hc = tile.h + c * kTile;
-          for (int64_t t = 0; t < kTile; ++t) {
-            const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
-            const math_t yt = tile.target_of(c, t);
-            // Branch-free so that it vectorises: a skipped term has zero coefficients here.
-            math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
-            // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
-            // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
-            // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
-            if constexpr (Target::kSoft) {
-              const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
-              d -= yt != math_t(0) ? focal : math_t(0);
+          for (int64_t c = 0; c < C; ++c) {
+            const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
+            const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
+            const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
+            math_t* hc = tile.h + c * kTile;
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
+              const math_t yt = tile.target_of(c, t);
+              // Branch-free so that it vectorises: a skipped term has zero coefficients here.
+              math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
+              // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
+              // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
+              // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
+              if constexpr (Target::kSoft) {
+                const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
+                d -= yt != math_t(0) ? focal : math_t(0);
+              }
+              hc[t] = d;
             }
-            hc[t] = d;
           }
-        }
-        if (!Target::kSoft && P.with_focal) {
-          math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
-          tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
-          for (int64_t t = 0; t < kTile; ++t) {
-            const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-            d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+          if (!Target::kSoft && P.with_focal) {
+            math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
+            tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+              d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+            }
+            for (int64_t t = 0; t < kTile; ++t) {
+              if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
+            }
           }
-          for (int64_t t = 0; t < kTile; ++t) {
-            if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
+          // d/dz_j = h_j - p_j sum_c h_c (the log-softmax backward; in sigmoid mode h is d/dz already).
+          for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t t = 0; t < kTile; ++t) hsum[t] += tile.h[c * kTile + t];
           }
-        }
-        // d/dz_j = h_j - p_j sum_c h_c (the log-softmax backward; in sigmoid mode h is d/dz already).
-        for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t t = 0; t < kTile; ++t) hsum[t] += tile.h[c * kTile + t];
-        }
         }
         for (int64_t c = 0; c < C; ++c) {
           scalar_t* out = dx + b * gg.sb + c * gg.sc + v0 * gg.sv;
@@ -341,7 +341,8 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cpu", [&] {
     const auto P = region_params<math_of<scalar_t>>(fw, fg, focal_coef, tversky_coef, eps, clip);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_mode(sigmoid, [&](auto mode) { region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, st); });
+      dispatch_mode(sigmoid,
+                    [&](auto mode) { region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, st); });
     });
   });
   // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c.
@@ -419,7 +420,9 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     const std::vector<math_t> k(coef.begin(), coef.end());
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_mode(sigmoid, [&](auto mode) { region_backward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, k, grad_in); });
+      dispatch_mode(sigmoid, [&](auto mode) {
+        region_backward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, k, grad_in);
+      });
     });
   });
   return grad_in;

@@ -123,7 +123,8 @@ struct SoftMap {
   template <typename T>
   __device__ T y(int64_t b, int64_t c, int64_t v, int64_t) const {
     const int64_t i = b * g.sb + c * g.sc + v * g.sv;
-    return bytes ? static_cast<T>(static_cast<const uint8_t*>(ptr)[i]) : static_cast<T>(static_cast<const target_t*>(ptr)[i]);
+    return bytes ? static_cast<T>(static_cast<const uint8_t*>(ptr)[i])
+                 : static_cast<T>(static_cast<const target_t*>(ptr)[i]);
   }
 };
 
@@ -451,8 +452,7 @@ __device__ void sigmoid_voxel_sums(const scalar_t* row, const Target& target, in
 
 template <typename scalar_t, typename Target, int kMaxC, bool kSigmoid>
 __global__ void __launch_bounds__(kThreads) region_forward_kernel(const scalar_t* x, Geometry g, Target target,
-                                                                  RegionParams<math_of<scalar_t>> P,
-                                                                  double* partials) {
+                                                                  RegionParams<math_of<scalar_t>> P, double* partials) {
   using math_t = math_of<scalar_t>;
   __shared__ math_t shared[kWarps];
   const int64_t b = blockIdx.y;
@@ -691,10 +691,9 @@ __device__ void sigmoid_voxel_grad(const scalar_t* row, const Target& target, in
 }
 
 template <typename scalar_t, typename Target, int kMaxC, bool kSigmoid>
-__global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_t* x, Geometry g, Target target,
-                                                                   RegionParams<math_of<scalar_t>> P,
-                                                                   const math_of<scalar_t>* coef, scalar_t* dx,
-                                                                   Geometry gg) {
+__global__ void __launch_bounds__(kThreads)
+    region_backward_kernel(const scalar_t* x, Geometry g, Target target, RegionParams<math_of<scalar_t>> P,
+                           const math_of<scalar_t>* coef, scalar_t* dx, Geometry gg) {
   using math_t = math_of<scalar_t>;
   const int64_t b = blockIdx.y;
   const int64_t C = g.classes;
@@ -704,7 +703,8 @@ __global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_
     const scalar_t* row = x + b * g.sb + v * g.sv;
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
     if constexpr (kSigmoid) {
-      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) sigmoid_voxel_grad<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC)
+        sigmoid_voxel_grad<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
       continue;
     }
     math_t h[kMaxC], p[kMaxC], hsum = 0;
@@ -994,9 +994,8 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
         constexpr bool kSigmoid = decltype(mode)::value;
         dispatch_capacity<math_t, kSigmoid>(C, [&](auto capacity) {
           region_backward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value, kSigmoid>
-              <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P,
-                                                               coef.data_ptr<math_t>(),
-                                                               grad_view.data_ptr<scalar_t>(), gg);
+              <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(
+                  logits.data_ptr<scalar_t>(), g, acc, P, coef.data_ptr<math_t>(), grad_view.data_ptr<scalar_t>(), gg);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
