@@ -219,9 +219,12 @@ LMF_HD T focal_bracket(const ClippedProb<T>& cp, T p, T gamma) {
   return cp.mask_log - gamma * p * r * cp.mask_u;
 }
 
+// The bracket (its division) first, then the modulation: the order the CUDA kernels' registers
+// were sized for (the precise division's slow path is a call; fewer values live across it).
 template <typename M, typename T>
 LMF_HD T focal_factor(const ClippedProb<T>& cp, T p, T gamma) {
-  return focal_modulation<M>(cp.u, gamma) * focal_bracket(cp, p, gamma);
+  const T bracket = focal_bracket(cp, p, gamma);
+  return focal_modulation<M>(cp.u, gamma) * bracket;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,23 +256,25 @@ LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
 // exp and one log1p per channel): log p = min(z, 0) - log1p(e^-|z|), log(1 - p) = -max(z, 0) - log1p(e^-|z|).
 template <typename T>
 struct SigmoidChannel {
-  T p, u;                   // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
-  ClippedProb<T> pos, neg;  // pos: (q, 1 - q, log q); neg: (1 - q, q, log(1 - q)), its masks likewise
+  T p, u;                                // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
+  T q, one_minus_q, log_q, log_one_minus_q;  // clipped
+  T mask_q, mask_u, mask_log_q, mask_log_u;  // their clamps' derivatives: 1 or 0
+  // The two sides as the softmax mode's ClippedProb: (q, 1 - q, log q) and the mirror (1 - q, q, log(1 - q)).
+  LMF_HD ClippedProb<T> positive() const { return {q, one_minus_q, log_q, mask_q, mask_u, mask_log_q}; }
+  LMF_HD ClippedProb<T> negative() const { return {one_minus_q, q, log_one_minus_q, mask_u, mask_q, mask_log_u}; }
 };
 
+// Flat, built from locals in one go: a nested or member-by-member struct stays in memory in the
+// CPU tile loops (GCC's per-lane copies of `omp simd`), which then neither vectorise nor run fast.
 template <typename M, typename T>
 LMF_HD SigmoidChannel<T> sigmoid_channel(T z, const ClipBounds<T>& b) {
   const SigmoidParts<T> s = sigmoid_parts<M>(z);
-  SigmoidChannel<T> r;
-  r.p = s.p;
-  r.u = s.q;
-  r.pos = clip_prob(s.log_p, s.p, s.q, b);
-  r.neg.q = r.pos.u;
-  r.neg.u = r.pos.q;
-  r.neg.mask_q = r.pos.mask_u;
-  r.neg.mask_u = r.pos.mask_q;
-  r.neg.log_q = clamp_with_mask(s.log_q, b.log_lo, b.log_hi, r.neg.mask_log);
-  return r;
+  T mask_q, mask_u, mask_log_q, mask_log_u;
+  const T q = clamp_with_mask(s.p, b.lo, b.hi, mask_q);
+  const T one_minus_q = clamp_with_mask(s.q, b.lo, b.hi, mask_u);
+  const T log_q = clamp_with_mask(s.log_p, b.log_lo, b.log_hi, mask_log_q);
+  const T log_one_minus_q = clamp_with_mask(s.log_q, b.log_lo, b.log_hi, mask_log_u);
+  return {s.p, s.q, q, one_minus_q, log_q, log_one_minus_q, mask_q, mask_u, mask_log_q, mask_log_u};
 }
 
 // u^gamma from log u, which the sigmoid mode has without a log: the reference's clamp of u to the
@@ -281,30 +286,37 @@ LMF_HD T focal_modulation_of_log(T log_u, T gamma) {
   return gamma == T(0) ? T(1) : m;
 }
 
-// Focal sum of one channel of one voxel (y already times valid, 0 on ignored voxels):
+// Focal sum of one channel of one voxel (y already times valid, 0 on ignored voxels), from the
+// clipped log q and log(1 - q) (scalars, not the struct: the CPU kernels call it in `omp simd` loops,
+// where a struct passed by reference stays in memory and the loop neither vectorises nor runs fast):
 //     a+ y (1 - q)^g+ (-log q) + a- (valid - y) q^g- (-log(1 - q)).
 // Selects, not products, so that a side with weight 0 drops a -log q = inf (no clip, z = -+inf).
 template <typename M, typename T>
-LMF_HD T sigmoid_focal_term(const SigmoidChannel<T>& ch, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
+LMF_HD T sigmoid_focal_term(T log_q, T log_one_minus_q, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
   const T n = valid - y;
-  const T pos = a_pos * y * focal_modulation_of_log<M>(ch.neg.log_q, g_pos) * (-ch.pos.log_q);
-  const T neg = a_neg * n * focal_modulation_of_log<M>(ch.pos.log_q, g_neg) * (-ch.neg.log_q);
+  const T pos = a_pos * y * focal_modulation_of_log<M>(log_one_minus_q, g_pos) * (-log_q);
+  const T neg = a_neg * n * focal_modulation_of_log<M>(log_q, g_neg) * (-log_one_minus_q);
   return (y != T(0) ? pos : T(0)) + (n != T(0) ? neg : T(0));
 }
 
-// d loss / d z of one channel: the Tversky part of the softmax backward's h (d/d log p, Tversky sums
-// of q and 1 - q) times d log p/dz = 1 - p, the positive focal side likewise (-a+ y G+), the
-// negative side through log(1 - p) (+a- (1 - y) G- p, G- the mirrored channel's factor). d_tp,
-// d_fn, d_fp: d loss / d TP, FN, FP of the channel; a_pos, a_neg already times the focal scale.
+// d loss / d z of one channel, two parts that the kernels add (the focal one only with a focal term):
+// the Tversky part of the softmax backward's h (d/d log p, sums of q and 1 - q) times d log p/dz = 1 - p;
+// the focal part, positive side likewise (-a+ y G+ (1 - p)), negative side through log(1 - p)
+// (+a- (1 - y) G- p, G- the mirrored channel's factor). d_tp, d_fn, d_fp: d loss / d TP, FN, FP of
+// the channel; a_pos, a_neg already times the focal scale.
+template <typename T>
+LMF_HD T sigmoid_tversky_grad(const SigmoidChannel<T>& ch, T y, T valid, T d_tp, T d_fn, T d_fp) {
+  return ch.u * ch.p * (ch.mask_q * (d_tp * y + d_fp * (valid - y)) - ch.mask_u * d_fn * y);
+}
+
 template <typename M, typename T>
-LMF_HD T sigmoid_logit_grad(const SigmoidChannel<T>& ch, T y, T valid, T d_tp, T d_fn, T d_fp, bool with_focal, T a_pos,
-                            T g_pos, T a_neg, T g_neg) {
+LMF_HD T sigmoid_focal_grad(const SigmoidChannel<T>& ch, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
   const T n = valid - y;
-  const T tversky = ch.p * (ch.pos.mask_q * (d_tp * y + d_fp * n) - ch.pos.mask_u * d_fn * y);
-  if (!with_focal) return ch.u * tversky;
-  const T pos = a_pos * y * focal_modulation_of_log<M>(ch.neg.log_q, g_pos) * focal_bracket(ch.pos, ch.p, g_pos);
-  const T neg = a_neg * n * focal_modulation_of_log<M>(ch.pos.log_q, g_neg) * focal_bracket(ch.neg, ch.u, g_neg);
-  return ch.u * (tversky - (y != T(0) ? pos : T(0))) + ch.p * (n != T(0) ? neg : T(0));
+  const T bracket_pos = focal_bracket(ch.positive(), ch.p, g_pos);
+  const T bracket_neg = focal_bracket(ch.negative(), ch.u, g_neg);
+  const T pos = a_pos * y * focal_modulation_of_log<M>(ch.log_one_minus_q, g_pos) * bracket_pos;
+  const T neg = a_neg * n * focal_modulation_of_log<M>(ch.log_q, g_neg) * bracket_neg;
+  return ch.p * (n != T(0) ? neg : T(0)) - ch.u * (y != T(0) ? pos : T(0));
 }
 
 // ---------------------------------------------------------------------------------------------

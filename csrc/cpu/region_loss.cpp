@@ -74,6 +74,12 @@ struct RegionTile {
     }
   }
 
+  // Target of class c at every lane, as target_of: a plain array, which the sigmoid mode's loops
+  // read (selects on the int64 labels inside them kept GCC from vectorising well: 4x slower).
+  void channel_target(int64_t c, math_t* out) const {
+    for (int64_t t = 0; t < kTile; ++t) out[t] = target_of(c, t);
+  }
+
   // Target of class c at lane t (one-hot for label maps), 0 on ignored and padding lanes.
   math_t target_of(int64_t c, int64_t t) const {
     if constexpr (Target::kSoft) {
@@ -102,27 +108,39 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
       for_tiles(chunk, per_image, g.voxels, [&](int64_t, int64_t v0, int64_t n) {
         tile.load(chunk / per_image, v0, n);
         if constexpr (kSigmoid) {
-          // Channels are independent: one loop per channel gives its sums and its focal terms.
-          math_t focal = 0;
-          for (int64_t c = 0; c < C; ++c) {
-            const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
-            const math_t a_neg = P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
-            math_t tp = 0, fn = 0, fp = 0, fc = 0;
+          // Channels are independent: one loop per channel gives its sums and its focal terms (the
+          // focal switch a compile-time one, so that every version of the loop vectorises).
+          const auto channels = [&](auto with_focal) {
+            const ClipBounds<math_t> bounds = P.bounds;
+            math_t focal = 0;
+            for (int64_t c = 0; c < C; ++c) {
+              const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
+              const math_t a_neg = P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
+              math_t tp = 0, fn = 0, fp = 0, fc = 0, y[kTile];
+              tile.channel_target(c, y);
 #pragma omp simd reduction(+ : tp, fn, fp, fc)
-            for (int64_t t = 0; t < kTile; ++t) {
-              const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], P.bounds);
-              const math_t yt = tile.target_of(c, t), vt = tile.valid[t];
-              tp += yt * ch.pos.q;
-              fn += yt * ch.pos.u;
-              fp += (vt - yt) * ch.pos.q;
-              if (P.with_focal) fc += sigmoid_focal_term<TileMath>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);
+              for (int64_t t = 0; t < kTile; ++t) {
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], bounds);
+                const math_t yt = y[t], vt = tile.valid[t];
+                tp += yt * ch.q;
+                fn += yt * ch.one_minus_q;
+                fp += (vt - yt) * ch.q;
+                if constexpr (decltype(with_focal)::value) {
+                  fc += sigmoid_focal_term<TileMath>(ch.log_q, ch.log_one_minus_q, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                }
+              }
+              acc[c] += tp;
+              acc[C + c] += fn;
+              acc[2 * C + c] += fp;
+              focal += fc;
             }
-            acc[c] += tp;
-            acc[C + c] += fn;
-            acc[2 * C + c] += fp;
-            focal += fc;
+            acc[RegionStats<double>::focal(C)] += focal;
+          };
+          if (P.with_focal) {
+            channels(std::true_type{});
+          } else {
+            channels(std::false_type{});
           }
-          acc[RegionStats<double>::focal(C)] += focal;
         } else {
           if (P.with_tversky) {
             for (int64_t c = 0; c < C; ++c) {
@@ -203,16 +221,30 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
         const math_t focal_scale = k[3 * C];
         tile.load(b, v0, n);
         if constexpr (kSigmoid) {
-          for (int64_t c = 0; c < C; ++c) {
-            const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
-            const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
-            const math_t a_neg = focal_scale * P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
-            math_t* hc = tile.h + c * kTile;
-            for (int64_t t = 0; t < kTile; ++t) {
-              const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], P.bounds);
-              hc[t] = sigmoid_logit_grad<TileMath>(ch, tile.target_of(c, t), tile.valid[t], d_tp, d_fn, d_fp,
-                                                   P.with_focal, a_pos, g_pos, a_neg, g_neg);
+          const auto channels = [&](auto with_focal) {
+            const ClipBounds<math_t> bounds = P.bounds;
+            for (int64_t c = 0; c < C; ++c) {
+              const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
+              const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
+              const math_t a_neg = focal_scale * P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
+              math_t* hc = tile.h + c * kTile;
+              math_t y[kTile];
+              tile.channel_target(c, y);
+              for (int64_t t = 0; t < kTile; ++t) {
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], bounds);
+                const math_t yt = y[t], vt = tile.valid[t];
+                math_t d = sigmoid_tversky_grad(ch, yt, vt, d_tp, d_fn, d_fp);
+                if constexpr (decltype(with_focal)::value) {
+                  d += sigmoid_focal_grad<TileMath>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                }
+                hc[t] = d;
+              }
             }
+          };
+          if (P.with_focal) {
+            channels(std::true_type{});
+          } else {
+            channels(std::false_type{});
           }
         } else {
           for (int64_t c = 0; c < C; ++c) {

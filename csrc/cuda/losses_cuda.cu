@@ -108,23 +108,20 @@ struct LabelMap {
   }
 };
 
-// Dense map (B, C, V): a float one-hot / soft map read in its own dtype (target_t: the logits'
-// dtype or the math type), or (bytes) a uint8 0/1 one-hot / multi-hot map, converted to the math
-// type per element; every voxel is valid (label() = 0). The uint8 case is a runtime field, a
-// uniform branch per element, for the same reason as LabelMap's width.
+// Dense map (B, C, V), read in its own dtype (target_t: a float one-hot / soft map in the logits'
+// dtype or the math type, or a uint8 0/1 one-hot / multi-hot map) and converted to the math type
+// per element; every voxel is valid (label() = 0). uint8 is a type of its own, not a runtime field
+// as LabelMap's width: a flag in the float maps' kernels cost them 11-12 registers (ptxas, sm_90).
 template <typename target_t>
 struct SoftMap {
   static constexpr bool kSoft = true;
-  const void* ptr;
+  const target_t* ptr;
   Geometry g;
-  bool bytes;
 
   __device__ int64_t label(int64_t, int64_t) const { return 0; }
   template <typename T>
   __device__ T y(int64_t b, int64_t c, int64_t v, int64_t) const {
-    const int64_t i = b * g.sb + c * g.sc + v * g.sv;
-    return bytes ? static_cast<T>(static_cast<const uint8_t*>(ptr)[i])
-                 : static_cast<T>(static_cast<const target_t*>(ptr)[i]);
+    return static_cast<T>(ptr[b * g.sb + c * g.sc + v * g.sv]);
   }
 };
 
@@ -360,7 +357,7 @@ __global__ void __launch_bounds__(kThreads)
 // Sigmoid (multi-label) mode (kSigmoid; same passes, reductions, finalize and coefficients): each
 // channel is its own binary problem (loss_math.h, sigmoid_channel), so a pass over the channels
 // [c0, c0 + kMaxC) reads only their logits and C > kMaxC costs no re-read; the capacity is 4 or 8
-// (sigmoid_capacity), and the backward writes d loss / d z_c directly (no sum over the classes).
+// (dispatch_capacity), and the backward writes d loss / d z_c directly (no sum over the classes).
 
 // The largest class capacity of a math type (dispatch_capacity): only its kernels meet C > kMaxC,
 // the others compile without the multi-pass code.
@@ -439,13 +436,13 @@ __device__ void sigmoid_voxel_sums(const scalar_t* row, const Target& target, in
     if (c >= C) break;
     const SigmoidChannel<math_t> ch = sigmoid_channel<LibmMath>(z[j], P.bounds);
     const math_t y = valid * target.template y<math_t>(b, c, v, l);
-    tp[j] += y * ch.pos.q;
-    fn[j] += y * ch.pos.u;
-    fp[j] += (valid - y) * ch.pos.q;
+    tp[j] += y * ch.q;
+    fn[j] += y * ch.one_minus_q;
+    fp[j] += (valid - y) * ch.q;
     focal += math_t(0) * z[j];
     if (P.with_focal) {
-      focal += sigmoid_focal_term<LibmMath>(ch, y, valid, P.focal_weight[c], P.focal_gamma[c], P.focal_weight[C + c],
-                                            P.focal_gamma[C + c]);
+      focal += sigmoid_focal_term<LibmMath>(ch.log_q, ch.log_one_minus_q, y, valid, P.focal_weight[c], P.focal_gamma[c],
+                                            P.focal_weight[C + c], P.focal_gamma[C + c]);
     }
   }
 }
@@ -683,9 +680,11 @@ __device__ void sigmoid_voxel_grad(const scalar_t* row, const Target& target, in
     if (c >= C) break;
     const SigmoidChannel<math_t> ch = sigmoid_channel<LibmMath>(z[j], P.bounds);
     const math_t y = valid * target.template y<math_t>(b, c, v, l);
-    const math_t d = sigmoid_logit_grad<LibmMath>(ch, y, valid, k[c], k[C + c], k[2 * C + c], P.with_focal,
-                                                  focal_scale * P.focal_weight[c], P.focal_gamma[c],
-                                                  focal_scale * P.focal_weight[C + c], P.focal_gamma[C + c]);
+    math_t d = sigmoid_tversky_grad(ch, y, valid, k[c], k[C + c], k[2 * C + c]);
+    if (P.with_focal) {
+      d += sigmoid_focal_grad<LibmMath>(ch, y, valid, focal_scale * P.focal_weight[c], P.focal_gamma[c],
+                                        focal_scale * P.focal_weight[C + c], P.focal_gamma[C + c]);
+    }
     out[c * osc] = static_cast<scalar_t>(d);
   }
 }
@@ -861,19 +860,19 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
       if (target_in.scalar_type() == logits.scalar_type()) {
         at::Tensor target = target_in;
         const Geometry tg = class_geometry(target);
-        fn(SoftMap<scalar_t>{target.const_data_ptr(), tg, false});
+        fn(SoftMap<scalar_t>{target.data_ptr<scalar_t>(), tg});
         return;
       }
     }
     at::Tensor target = target_in.to(c10::CppTypeToScalarType<math_t>());
     const Geometry tg = class_geometry(target);
-    fn(SoftMap<math_t>{target.const_data_ptr(), tg, false});
+    fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
     return;
   }
   if (is_dense_map(target_in, logits)) {
     at::Tensor target = dense_byte_map(target_in);
     const Geometry tg = class_geometry(target);
-    fn(SoftMap<math_t>{target.const_data_ptr(), tg, true});
+    fn(SoftMap<uint8_t>{target.data_ptr<uint8_t>(), tg});
     return;
   }
   at::Tensor labels = native_labels(target_in);
