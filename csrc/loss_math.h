@@ -256,7 +256,7 @@ LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
 // exp and one log1p per channel): log p = min(z, 0) - log1p(e^-|z|), log(1 - p) = -max(z, 0) - log1p(e^-|z|).
 template <typename T>
 struct SigmoidChannel {
-  T p, u;                                // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
+  T p, u;  // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
   T q, one_minus_q, log_q, log_one_minus_q;  // clipped
   T mask_q, mask_u, mask_log_q, mask_log_u;  // their clamps' derivatives: 1 or 0
   // The two sides as the softmax mode's ClippedProb: (q, 1 - q, log q) and the mirror (1 - q, q, log(1 - q)).

@@ -53,7 +53,16 @@ struct RegionTile {
   void load(int64_t b, int64_t v0, int64_t n) {
     load_tile(x, g, b, v0, n, z);
     target.load(b, v0, n, label, valid, y);
-    if constexpr (!kSigmoid) softmax_tile(z, p, g.classes);
+    if constexpr (!kSigmoid) {
+      softmax_tile(z, p, g.classes);
+    } else if constexpr (!Target::kSoft) {
+      // The sigmoid loops read every target from y: a label map's one-hot, 0 on ignored and padding
+      // lanes (a soft map's y is 0 there already). Label selects inside those loops kept GCC from
+      // vectorising them (5x slower).
+      for (int64_t c = 0; c < g.classes; ++c) {
+        for (int64_t t = 0; t < kTile; ++t) y[c * kTile + t] = label[t] == c ? math_t(1) : math_t(0);
+      }
+    }
   }
 
   ClippedProb<math_t> clipped(int64_t c, int64_t t, const ClipBounds<math_t>& bounds) const {
@@ -72,12 +81,6 @@ struct RegionTile {
       w[t] = weight[c] * valid[t];
       g[t] = gamma[c];
     }
-  }
-
-  // Target of class c at every lane, as target_of: a plain array, which the sigmoid mode's loops
-  // read (selects on the int64 labels inside them kept GCC from vectorising well: 4x slower).
-  void channel_target(int64_t c, math_t* out) const {
-    for (int64_t t = 0; t < kTile; ++t) out[t] = target_of(c, t);
   }
 
   // Target of class c at lane t (one-hot for label maps), 0 on ignored and padding lanes.
@@ -116,12 +119,13 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             for (int64_t c = 0; c < C; ++c) {
               const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
               const math_t a_neg = P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
-              math_t tp = 0, fn = 0, fp = 0, fc = 0, y[kTile];
-              tile.channel_target(c, y);
+              // Row pointers taken out of the tile first: loaded in the loop, they kept GCC from vectorising it.
+              const math_t *zc = tile.z + c * kTile, *y = tile.y + c * kTile, *valid = tile.valid;
+              math_t tp = 0, fn = 0, fp = 0, fc = 0;
 #pragma omp simd reduction(+ : tp, fn, fp, fc)
               for (int64_t t = 0; t < kTile; ++t) {
-                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], bounds);
-                const math_t yt = y[t], vt = tile.valid[t];
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const math_t yt = y[t], vt = valid[t];
                 tp += yt * ch.q;
                 fn += yt * ch.one_minus_q;
                 fp += (vt - yt) * ch.q;
@@ -228,11 +232,10 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
               const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
               const math_t a_neg = focal_scale * P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
               math_t* hc = tile.h + c * kTile;
-              math_t y[kTile];
-              tile.channel_target(c, y);
+              const math_t *zc = tile.z + c * kTile, *y = tile.y + c * kTile, *valid = tile.valid;
               for (int64_t t = 0; t < kTile; ++t) {
-                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(tile.z[c * kTile + t], bounds);
-                const math_t yt = y[t], vt = tile.valid[t];
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const math_t yt = y[t], vt = valid[t];
                 math_t d = sigmoid_tversky_grad(ch, yt, vt, d_tp, d_fn, d_fp);
                 if constexpr (decltype(with_focal)::value) {
                   d += sigmoid_focal_grad<TileMath>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);

@@ -702,8 +702,12 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* row = x + b * g.sb + v * g.sv;
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
     if constexpr (kSigmoid) {
-      for (int64_t c0 = 0; c0 < C; c0 += kMaxC)
-        sigmoid_voxel_grad<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
+      // Groups of 4 channels whatever the capacity: with 8 logits in flight, the focal gradient's two
+      // precise divisions (a call on their slow path) spilled 8 bytes (ptxas, sm_90, uint8 maps).
+      constexpr int kGroup = kMaxC < 4 ? kMaxC : 4;
+      for (int64_t c0 = 0; c0 < C; c0 += kGroup) {
+        sigmoid_voxel_grad<kGroup>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
+      }
       continue;
     }
     math_t h[kMaxC], p[kMaxC], hsum = 0;
@@ -1032,3 +1036,9 @@ TORCH_LIBRARY_IMPL(lmfloss_ext, CUDA, m) {
 // (the call's ABI leaves too few registers across it at 80 live values).
 // Build cost: 67 kernels, about 2 CPU-minutes per architecture (before: 62 kernels, 46 s); one
 // template parameter per label dtype and a capacity of 32 had made it 151 kernels and 4 minutes.
+// Issue 13 (sigmoid mode, uint8 dense maps; CUDA 13.0, sm_90, same flags): 122 region kernels, no
+// spills. Softmax: every forward and every label-map backward as before; float-map backward at
+// kMaxC 4 / 8 within 2 registers, at 16 112 registers and no spill (was 80 with 32 + 116 bytes).
+// uint8 maps: the float maps' numbers (forward 55 / 79 / 127, backward 34-53 / 47 / 112). Sigmoid:
+// forward kMaxC 4: 40-59 (labels 48), 8: 63-64; backward (groups of 4 channels) 55-62; float64
+// forward 96-100, backward 88-95. About 11 minutes of nvcc on this 2-core machine (was 16 loaded).
