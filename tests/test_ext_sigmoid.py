@@ -301,3 +301,13 @@ def test_opcheck_sigmoid_ops():
     assert torch.autograd.gradcheck(
         lambda x: ops.region_loss_op(x, target, *vectors, *scalars, "none", True)[0], (double,)
     )
+
+
+def test_sigmoid_outputs_fully_written(monkeypatch):
+    """Every output buffer starts as NaN (LMFLOSS_EXT_POISON=1): unwritten elements would show."""
+    monkeypatch.setenv("LMFLOSS_EXT_POISON", "1")
+    for shape, kind in (((2, 3, 7, 9, 11), "labels"), ((1, 5, 4099), "multihot"), ((2, 17, 5, 13), "soft")):
+        logits, target, *constants = _sigmoid_inputs(shape, kind, ignore_index=2 if kind == "labels" else None)
+        for options in (_options(reduction="none"), _options(batch=True, focal_coef=0.0, tversky_coef=1.0)):
+            options["ignore_index"] = 2 if kind == "labels" else None
+            _against_float64_truth(logits, target, *constants, options)
