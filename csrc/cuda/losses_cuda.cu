@@ -357,7 +357,8 @@ __global__ void __launch_bounds__(kThreads)
 // Sigmoid (multi-label) mode (kSigmoid; same passes, reductions, finalize and coefficients): each
 // channel is its own binary problem (loss_math.h, sigmoid_channel), so a pass over the channels
 // [c0, c0 + kMaxC) reads only their logits and C > kMaxC costs no re-read; the capacity is 4 or 8
-// (dispatch_capacity), and the backward writes d loss / d z_c directly (no sum over the classes).
+// in the forward (dispatch_capacity), 4 in the backward, which writes d loss / d z_c directly (no
+// sum over the classes).
 
 // The largest class capacity of a math type (dispatch_capacity): only its kernels meet C > kMaxC,
 // the others compile without the multi-pass code.
@@ -702,11 +703,8 @@ __global__ void __launch_bounds__(kThreads)
     const scalar_t* row = x + b * g.sb + v * g.sv;
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
     if constexpr (kSigmoid) {
-      // Groups of 4 channels whatever the capacity: with 8 logits in flight, the focal gradient's two
-      // precise divisions (a call on their slow path) spilled 8 bytes (ptxas, sm_90, uint8 maps).
-      constexpr int kGroup = kMaxC < 4 ? kMaxC : 4;
-      for (int64_t c0 = 0; c0 < C; c0 += kGroup) {
-        sigmoid_voxel_grad<kGroup>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {
+        sigmoid_voxel_grad<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
       }
       continue;
     }
@@ -995,12 +993,19 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
       dispatch_mode(sigmoid, [&](auto mode) {
         constexpr bool kSigmoid = decltype(mode)::value;
-        dispatch_capacity<math_t, kSigmoid>(C, [&](auto capacity) {
+        const auto launch = [&](auto capacity) {
           region_backward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value, kSigmoid>
               <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(
                   logits.data_ptr<scalar_t>(), g, acc, P, coef.data_ptr<math_t>(), grad_view.data_ptr<scalar_t>(), gg);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
-        });
+        };
+        // The sigmoid backward takes 4 channels at a time whatever C: with 8 logits in flight, the focal
+        // gradient's two precise divisions (a call on their slow path) spilled 8 bytes (ptxas, sm_90).
+        if constexpr (kSigmoid) {
+          launch(std::integral_constant<int, 4>{});
+        } else {
+          dispatch_capacity<math_t, false>(C, launch);
+        }
       });
     });
   });
@@ -1036,9 +1041,9 @@ TORCH_LIBRARY_IMPL(lmfloss_ext, CUDA, m) {
 // (the call's ABI leaves too few registers across it at 80 live values).
 // Build cost: 67 kernels, about 2 CPU-minutes per architecture (before: 62 kernels, 46 s); one
 // template parameter per label dtype and a capacity of 32 had made it 151 kernels and 4 minutes.
-// Issue 13 (sigmoid mode, uint8 dense maps; CUDA 13.0, sm_90, same flags): 122 region kernels, no
+// Issue 13 (sigmoid mode, uint8 dense maps; CUDA 13.0, sm_90, same flags): 111 region kernels, no
 // spills. Softmax: every forward and every label-map backward as before; float-map backward at
 // kMaxC 4 / 8 within 2 registers, at 16 112 registers and no spill (was 80 with 32 + 116 bytes).
 // uint8 maps: the float maps' numbers (forward 55 / 79 / 127, backward 34-53 / 47 / 112). Sigmoid:
-// forward kMaxC 4: 40-59 (labels 48), 8: 63-64; backward (groups of 4 channels) 55-62; float64
-// forward 96-100, backward 88-95. About 11 minutes of nvcc on this 2-core machine (was 16 loaded).
+// forward kMaxC 4: 40-59 (labels 48), 8: 63-64; backward (kMaxC 4 only) 55-62; float64 forward
+// 96-100, backward 88-95. 126 kernels in all (67 before): about 5 minutes of nvcc for sm_90 here.
