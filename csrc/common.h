@@ -34,6 +34,12 @@ Geometry label_geometry(at::Tensor& labels, int64_t logits_dim);
 // int8 / int16 are widened to int32 (half the bytes of int64), other integer dtypes to int64.
 at::Tensor native_labels(const at::Tensor& labels);
 
+// An integer target of the logits' rank and class count is a dense 0/1 map (B, C, *S) (a (B, 1, *S)
+// one next to C > 1 classes is a label map); dense_byte_map returns it as uint8, the dtype the
+// kernels read (bool is reinterpreted, other integer dtypes are converted: validation has already).
+bool is_dense_map(const at::Tensor& target, const at::Tensor& logits);
+at::Tensor dense_byte_map(const at::Tensor& target);
+
 // Calls fn(label_t{}) with the C++ type of labels that native_labels returned.
 template <typename Fn>
 void dispatch_labels(const at::Tensor& labels, Fn&& fn) {
@@ -49,6 +55,9 @@ void dispatch_labels(const at::Tensor& labels, Fn&& fn) {
 
 // Per-class vector as a contiguous tensor of the math dtype on the logits' device.
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name);
+// The region family's focal weight / gamma: a class vector (C,), or in sigmoid mode a (2, C) table
+// (row 0 the positive side, row 1 the negative side: element [C + c]), contiguous, math dtype.
+at::Tensor focal_table(const at::Tensor& v, const at::Tensor& logits, const char* name, bool sigmoid);
 at::ScalarType math_type(const at::Tensor& logits);
 
 // Uninitialised gradient of the logits' shape and dtype whose spatial axes (dims first_voxel_axis..)
@@ -59,6 +68,8 @@ at::Tensor gradient_like(const at::Tensor& logits, int64_t first_voxel_axis = 2)
 // an element a kernel forgets to write shows up in the tests. Returns `t`.
 at::Tensor debug_poison(at::Tensor t);
 
-void check_logits(const at::Tensor& logits, const char* op);
+// Logits (N, C) or (B, C, *S) of a float dtype with at least min_classes classes (the sigmoid mode
+// of the region family takes C = 1).
+void check_logits(const at::Tensor& logits, const char* op, int64_t min_classes = 2);
 
 }  // namespace lmfloss

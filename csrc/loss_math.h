@@ -46,11 +46,13 @@ template <>
 struct Limits<float> {
   // Smallest positive normal number: the reference clamps (1 - q) and (1 - TI) to it before pow.
   LMF_HD static float tiny() { return FLT_MIN; }
+  LMF_HD static float log_tiny() { return -87.336544750553102f; }  // log(FLT_MIN)
   LMF_HD static float lowest() { return -FLT_MAX; }
 };
 template <>
 struct Limits<double> {
   LMF_HD static double tiny() { return DBL_MIN; }
+  LMF_HD static double log_tiny() { return -708.39641853226408; }  // log(DBL_MIN)
   LMF_HD static double lowest() { return -DBL_MAX; }
 };
 
@@ -208,12 +210,113 @@ LMF_HD T focal_modulation(T u, T gamma) {
 // would have lost most of its digits. The division is by max(u, tiny) so that the lane a
 // vectorised loop computes and then discards stays finite (no 0 / 0) and has no subnormal
 // operand (which costs x86 a microcode assist per instruction).
-template <typename M, typename T>
-LMF_HD T focal_factor(const ClippedProb<T>& cp, T p, T gamma) {
+// G / u^gamma, the bracket, which the sigmoid mode multiplies by a modulation taken from log u.
+template <typename T>
+LMF_HD T focal_bracket(const ClippedProb<T>& cp, T p, T gamma) {
   const T tiny = Limits<T>::tiny();
   const T ratio = cp.log_q / (cp.u > tiny ? cp.u : tiny);
   const T r = cp.u >= tiny ? ratio : T(-1);
-  return focal_modulation<M>(cp.u, gamma) * (cp.mask_log - gamma * p * r * cp.mask_u);
+  return cp.mask_log - gamma * p * r * cp.mask_u;
+}
+
+// The bracket (its division) first, then the modulation: the order the CUDA kernels' registers
+// were sized for (the precise division's slow path is a call; fewer values live across it).
+template <typename M, typename T>
+LMF_HD T focal_factor(const ClippedProb<T>& cp, T p, T gamma) {
+  const T bracket = focal_bracket(cp, p, gamma);
+  return focal_modulation<M>(cp.u, gamma) * bracket;
+}
+
+// ---------------------------------------------------------------------------------------------
+// p = sigmoid(z), q = 1 - p = sigmoid(-z), log p, log q from e = exp(-|z|) <= 1: nothing overflows
+// and nothing is formed by cancellation. A NaN logit gives NaN in all four (through e).
+template <typename T>
+struct SigmoidParts {
+  T p, q, log_p, log_q;
+};
+
+template <typename M, typename T>
+LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
+  const T e = M::exp_nonpos(z < T(0) ? z : -z);
+  const T inv = T(1) / (T(1) + e);
+  const T softplus = M::log1p_unit(e);  // ln(1 + e^{-|z|})
+  const bool positive = z >= T(0);
+  SigmoidParts<T> r;
+  r.p = positive ? inv : e * inv;
+  r.q = positive ? e * inv : inv;
+  r.log_p = (z < T(0) ? z : T(0)) - softplus;
+  r.log_q = -(z > T(0) ? z : T(0)) - softplus;
+  return r;
+}
+
+// Sigmoid (multi-label) mode of the region family (reference.region_loss(sigmoid=True)): every
+// channel an independent binary problem, p = sigmoid(z), q = clip(p). The positive side (target y)
+// is the focal term of q; the negative side (1 - y) is the positive side of the mirrored channel
+// (z -> -z, p <-> 1 - p), so both are ClippedProb and share focal_bracket. From sigmoid_parts (one
+// exp and one log1p per channel): log p = min(z, 0) - log1p(e^-|z|), log(1 - p) = -max(z, 0) - log1p(e^-|z|).
+template <typename T>
+struct SigmoidChannel {
+  T p, u;  // p and 1 - p, unclipped: dp/dz = p u, d log p/dz = u, d log(1 - p)/dz = -p
+  T q, one_minus_q, log_q, log_one_minus_q;  // clipped
+  T mask_q, mask_u, mask_log_q, mask_log_u;  // their clamps' derivatives: 1 or 0
+  // The two sides as the softmax mode's ClippedProb: (q, 1 - q, log q) and the mirror (1 - q, q, log(1 - q)).
+  LMF_HD ClippedProb<T> positive() const { return {q, one_minus_q, log_q, mask_q, mask_u, mask_log_q}; }
+  LMF_HD ClippedProb<T> negative() const { return {one_minus_q, q, log_one_minus_q, mask_u, mask_q, mask_log_u}; }
+};
+
+// Flat, built from locals in one go: a nested or member-by-member struct stays in memory in the
+// CPU tile loops (GCC's per-lane copies of `omp simd`), which then neither vectorise nor run fast.
+template <typename M, typename T>
+LMF_HD SigmoidChannel<T> sigmoid_channel(T z, const ClipBounds<T>& b) {
+  const SigmoidParts<T> s = sigmoid_parts<M>(z);
+  T mask_q, mask_u, mask_log_q, mask_log_u;
+  const T q = clamp_with_mask(s.p, b.lo, b.hi, mask_q);
+  const T one_minus_q = clamp_with_mask(s.q, b.lo, b.hi, mask_u);
+  const T log_q = clamp_with_mask(s.log_p, b.log_lo, b.log_hi, mask_log_q);
+  const T log_one_minus_q = clamp_with_mask(s.log_q, b.log_lo, b.log_hi, mask_log_u);
+  return {s.p, s.q, q, one_minus_q, log_q, log_one_minus_q, mask_q, mask_u, mask_log_q, mask_log_u};
+}
+
+// u^gamma from log u, which the sigmoid mode has without a log: the reference's clamp of u to the
+// smallest normal number is a clamp of log u; gamma = 0 gives exactly 1 (NaN stays in the other factor).
+template <typename M, typename T>
+LMF_HD T focal_modulation_of_log(T log_u, T gamma) {
+  const T lo = Limits<T>::log_tiny();
+  const T m = M::exp(gamma * (log_u > lo ? log_u : lo));
+  return gamma == T(0) ? T(1) : m;
+}
+
+// Focal sum of one channel of one voxel (y already times valid, 0 on ignored voxels), from the
+// clipped log q and log(1 - q) (scalars, not the struct: the CPU kernels call it in `omp simd` loops,
+// where a struct passed by reference stays in memory and the loop neither vectorises nor runs fast):
+//     a+ y (1 - q)^g+ (-log q) + a- (valid - y) q^g- (-log(1 - q)).
+// Selects, not products, so that a side with weight 0 drops a -log q = inf (no clip, z = -+inf).
+template <typename M, typename T>
+LMF_HD T sigmoid_focal_term(T log_q, T log_one_minus_q, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
+  const T n = valid - y;
+  const T pos = a_pos * y * focal_modulation_of_log<M>(log_one_minus_q, g_pos) * (-log_q);
+  const T neg = a_neg * n * focal_modulation_of_log<M>(log_q, g_neg) * (-log_one_minus_q);
+  return (y != T(0) ? pos : T(0)) + (n != T(0) ? neg : T(0));
+}
+
+// d loss / d z of one channel, two parts that the kernels add (the focal one only with a focal term):
+// the Tversky part of the softmax backward's h (d/d log p, sums of q and 1 - q) times d log p/dz = 1 - p;
+// the focal part, positive side likewise (-a+ y G+ (1 - p)), negative side through log(1 - p)
+// (+a- (1 - y) G- p, G- the mirrored channel's factor). d_tp, d_fn, d_fp: d loss / d TP, FN, FP of
+// the channel; a_pos, a_neg already times the focal scale.
+template <typename T>
+LMF_HD T sigmoid_tversky_grad(const SigmoidChannel<T>& ch, T y, T valid, T d_tp, T d_fn, T d_fp) {
+  return ch.u * ch.p * (ch.mask_q * (d_tp * y + d_fp * (valid - y)) - ch.mask_u * d_fn * y);
+}
+
+template <typename M, typename T>
+LMF_HD T sigmoid_focal_grad(const SigmoidChannel<T>& ch, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
+  const T n = valid - y;
+  const T bracket_pos = focal_bracket(ch.positive(), ch.p, g_pos);
+  const T bracket_neg = focal_bracket(ch.negative(), ch.u, g_neg);
+  const T pos = a_pos * y * focal_modulation_of_log<M>(ch.log_one_minus_q, g_pos) * bracket_pos;
+  const T neg = a_neg * n * focal_modulation_of_log<M>(ch.log_q, g_neg) * bracket_neg;
+  return ch.p * (n != T(0) ? neg : T(0)) - ch.u * (y != T(0) ? pos : T(0));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -286,27 +389,6 @@ enum CalfTransform : int64_t { kCalfLn = 0, kCalfLog10 = 1, kCalfFisher = 2, kCa
 // The terms take three transcendental functions from the math policy (LibmMath above), each on a
 // restricted range: exp_nonpos(x) for x <= 0, log1p_unit(e) = ln(1 + e) and atan_unit(h) for e, h
 // in [0, 1].
-
-// p = sigmoid(z), q = 1 - p = sigmoid(-z), log p, log q from e = exp(-|z|) <= 1: nothing overflows
-// and nothing is formed by cancellation. A NaN logit gives NaN in all four (through e).
-template <typename T>
-struct SigmoidParts {
-  T p, q, log_p, log_q;
-};
-
-template <typename M, typename T>
-LMF_HD SigmoidParts<T> sigmoid_parts(T z) {
-  const T e = M::exp_nonpos(z < T(0) ? z : -z);
-  const T inv = T(1) / (T(1) + e);
-  const T softplus = M::log1p_unit(e);  // ln(1 + e^{-|z|})
-  const bool positive = z >= T(0);
-  SigmoidParts<T> r;
-  r.p = positive ? inv : e * inv;
-  r.q = positive ? e * inv : inv;
-  r.log_p = (z < T(0) ? z : T(0)) - softplus;
-  r.log_q = -(z > T(0) ? z : T(0)) - softplus;
-  return r;
-}
 
 template <typename T>
 struct CalfTerm {

@@ -7,6 +7,8 @@
 //   row_loss_backward    -> grad_logits     recomputes the softmax from the logits
 //   region_loss_forward  -> (loss, stats)   stats = per-image TP, FN, FP per class, focal sum, valid count
 //   region_loss_backward -> grad_logits     finalizes A, E per (image, class) from stats, then one pass
+//                           (both: sigmoid = the multi-label mode, focal weight / gamma (2, C), C >= 1;
+//                           targets: integer label map (B, *S), float or uint8 dense map (B, C, *S))
 //   calf_transform_forward  -> (loss, stats)  loss per image (B,); stats = per image [sum of l_T (+ 0 z
 //                                             over every logit), valid voxels, TP, FP, FN] (B, 5) float64
 //   calf_transform_backward -> grad_logits    c_b, A_b, E_b per image from stats, then one pass
@@ -113,6 +115,16 @@ at::Tensor native_labels(const at::Tensor& labels) {
   }
 }
 
+bool is_dense_map(const at::Tensor& target, const at::Tensor& logits) {
+  return target.dim() == logits.dim() && target.size(1) == logits.size(1);
+}
+
+at::Tensor dense_byte_map(const at::Tensor& target) {
+  if (target.scalar_type() == at::kByte) return target;
+  if (target.scalar_type() == at::kBool) return target.view(at::kByte);
+  return target.to(at::kByte);
+}
+
 at::ScalarType math_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -120,6 +132,13 @@ at::ScalarType math_type(const at::Tensor& logits) {
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(1), "lmfloss_ext: ", name, " must have shape (",
               logits.size(1), ",), got ", v.sizes());
+  return v.to(logits.device(), math_type(logits)).contiguous();
+}
+
+at::Tensor focal_table(const at::Tensor& v, const at::Tensor& logits, const char* name, bool sigmoid) {
+  if (!sigmoid) return class_vector(v, logits, name);
+  TORCH_CHECK(v.dim() == 2 && v.size(0) == 2 && v.size(1) == logits.size(1), "lmfloss_ext: ", name,
+              " must have shape (2, ", logits.size(1), ") in sigmoid mode (positive, negative side), got ", v.sizes());
   return v.to(logits.device(), math_type(logits)).contiguous();
 }
 
@@ -143,9 +162,9 @@ at::Tensor gradient_like(const at::Tensor& logits, int64_t first_voxel_axis) {
   return debug_poison(grad);
 }
 
-void check_logits(const at::Tensor& logits, const char* op) {
-  TORCH_CHECK(logits.dim() >= 2 && logits.size(1) >= 2, "lmfloss_ext::", op,
-              ": logits must be (N, C) or (B, C, *S) with C >= 2, got ", logits.sizes());
+void check_logits(const at::Tensor& logits, const char* op, int64_t min_classes) {
+  TORCH_CHECK(logits.dim() >= 2 && logits.size(1) >= min_classes, "lmfloss_ext::", op,
+              ": logits must be (N, C) or (B, C, *S) with C >= ", min_classes, ", got ", logits.sizes());
   const auto t = logits.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, "lmfloss_ext::", op,
               ": logits must be float16, bfloat16, float32 or float64, got ", t);
@@ -164,11 +183,13 @@ TORCH_LIBRARY(lmfloss_ext, m) {
   m.def(
       "region_loss_forward(Tensor logits, Tensor target, Tensor focal_weight, Tensor focal_gamma, "
       "Tensor tversky_exponent, float delta, float focal_coef, float tversky_coef, float smooth_nr, "
-      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction) -> (Tensor, Tensor)");
+      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction, bool sigmoid=False) -> "
+      "(Tensor, Tensor)");
   m.def(
       "region_loss_backward(Tensor grad, Tensor logits, Tensor target, Tensor focal_weight, Tensor focal_gamma, "
       "Tensor tversky_exponent, Tensor stats, float delta, float focal_coef, float tversky_coef, float smooth_nr, "
-      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction) -> Tensor");
+      "float smooth_dr, float eps, bool clip, bool batch, int? ignore_index, int reduction, bool sigmoid=False) -> "
+      "Tensor");
   m.def(
       "calf_transform_forward(Tensor logits, Tensor target, str transform, float transform_coef, float dice_coef, "
       "float eps, float smooth_nr, float smooth_dr, bool batch, int? ignore_index) -> (Tensor, Tensor)");

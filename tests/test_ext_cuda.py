@@ -258,3 +258,114 @@ def test_bitwise_deterministic_staged_rows_and_capacities():
         first = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
         second = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
         assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+# Sigmoid (multi-label) mode and uint8 dense maps: the CPU tests' checks (test_ext_sigmoid.py) on
+# CUDA tensors, through the sigmoid capacities 4 and 8 and passes of 8 channels beyond.
+
+SIGMOID_CLASS_COUNTS = [1, 3, 5, 8, 9, 17]
+
+
+def _sigmoid_inputs(shape, kind, dtype=torch.float32):
+    num_classes = shape[1]
+    logits = (3 * torch.randn(shape, dtype=torch.float64)).to(dtype).cuda()
+    if kind == "labels":
+        target = torch.randint(0, num_classes, shape[:1] + shape[2:])
+        target.view(-1)[::5] = 255
+    elif kind == "soft":
+        target = torch.rand(shape).to(dtype if dtype != torch.float64 else torch.float32)
+    else:  # uint8 multi-hot, overlapping channels
+        target = (torch.rand(shape) < 0.4).to(torch.uint8)
+    vector_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.rand(2, num_classes, dtype=vector_dtype) + 0.2
+    gamma = torch.tensor([[0.5, 0.0, 2.0, 1.0], [1.5, 2.0, 0.0, 0.75]], dtype=vector_dtype).repeat(1, num_classes)
+    exponent = torch.tensor([1.0, 0.5, 0.75, 0.0] * num_classes, dtype=vector_dtype)[:num_classes]
+    return logits, target.cuda(), weight.cuda(), gamma[:, :num_classes].cuda(), exponent.cuda()
+
+
+def _sigmoid_options(kind, **changes):
+    return _region_options(sigmoid=True, ignore_index=255 if kind == "labels" else None, smooth_nr=1e-6,
+                           smooth_dr=1e-6, **changes)  # fmt: skip
+
+
+SIGMOID_CASES = [
+    dict(),
+    dict(clip=False, batch=True, reduction="none"),
+    dict(focal_coef=1.0, tversky_coef=0.0, reduction="sum"),
+    dict(focal_coef=0.0, tversky_coef=1.0, clip=False),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["labels", "soft", "multihot"])
+@pytest.mark.parametrize("num_classes", SIGMOID_CLASS_COUNTS)
+def test_sigmoid_every_class_count(num_classes, kind, dtype):
+    for case in SIGMOID_CASES:
+        options = _sigmoid_options(kind, **case)
+        logits, target, *vectors = _sigmoid_inputs((2, num_classes, 9, 10, 7), kind, dtype)
+        grad_output = torch.randn((2,) if options["reduction"] == "none" else (), device="cuda")
+        compare_with_reference(
+            reference.region_loss, CUDA_BACKEND.region_loss, logits, target, *vectors, grad_output=grad_output,
+            **options,
+        )  # fmt: skip
+
+
+def test_sigmoid_channels_last_and_deterministic():
+    logits, target, *vectors = _sigmoid_inputs((2, 5, 48, 40, 32), "multihot", torch.bfloat16)
+    channels_last = logits.contiguous(memory_format=torch.channels_last_3d)
+    options = _sigmoid_options("multihot", batch=True)
+    compare_with_reference(reference.region_loss, CUDA_BACKEND.region_loss, channels_last, target, *vectors, **options)
+    first = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+    second = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_uint8_dense_maps_equal_float_ones_and_are_not_copied(sigmoid):
+    labels = torch.randint(0, 3, (2, 9, 10, 11), device="cuda")
+    dense = torch.nn.functional.one_hot(labels, 3).movedim(-1, 1)
+    if sigmoid:
+        dense = dense | (torch.rand(dense.shape, device="cuda") < 0.3)
+    logits = 3 * torch.randn(dense.shape, device="cuda")
+    shape = (2, 3) if sigmoid else (3,)
+    vectors = (
+        torch.rand(shape, device="cuda") + 0.2,
+        2 * torch.rand(shape, device="cuda"),
+        torch.ones(3, device="cuda"),
+    )
+    options = _region_options(sigmoid=sigmoid, reduction="none")
+    expected = loss_and_grad(CUDA_BACKEND.region_loss, logits, dense.float(), *vectors, **options)
+    target = dense.to(torch.uint8)
+    compare_with_reference(reference.region_loss, CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+    actual = loss_and_grad(CUDA_BACKEND.region_loss, logits, target, *vectors, **options)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7)
+    x = logits.clone().requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        CUDA_BACKEND.region_loss(x, target, *vectors, **options).sum().backward()
+    copies = [e.name for e in prof.events() if e.name == "aten::_to_copy" and e.input_shapes[:1] == [[*target.shape]]]
+    assert not copies, copies
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_sigmoid_nonfinite_policy_is_applied_in_kernel(bad, monkeypatch):
+    from lmfloss_kernels import functional as F
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cuda backend must not need _propagate_nonfinite")
+
+    monkeypatch.setattr(F, "_propagate_nonfinite", fail)
+    logits, target, weight, gamma, exponent = _sigmoid_inputs((3, 9, 5, 6, 7), "multihot")
+    logits[1, 8, 0, 0, 0] = bad  # in the second pass of 8 channels
+    kwargs = dict(delta=0.6, focal_coef=0.5, tversky_coef=0.5, smooth=1e-6, eps=1e-7, clip=True, batch=False,
+                  reduction="none", ignore_index=None, sigmoid=True, negative_weight=weight[1],
+                  negative_gamma=gamma[1])  # fmt: skip
+    for focal_coef in (0.5, 0.0):
+        kwargs["focal_coef"] = focal_coef
+        per_image = F._region_family(logits, target, weight[0], gamma[0], exponent, backend="cuda", **kwargs)
+        assert bool(per_image[1].isnan()) and bool(per_image[[0, 2]].isfinite().all()), per_image
+
+
+def test_opcheck_cuda_sigmoid():
+    logits, target, *vectors = _sigmoid_inputs((2, 3, 5, 6), "multihot")
+    scalars = (0.6, 0.5, 0.5, 1e-5, 1e-5, 1e-7, True, False, None)
+    torch.library.opcheck(ops.region_loss_op, (logits.requires_grad_(), target, *vectors, *scalars, "mean", True))

@@ -5,12 +5,15 @@
 //   backward : one pass that recomputes the softmax and writes
 //              h_c = p_c [mask_q (dTP y_c + dFP (1 - y_c)) - mask_u dFN y_c] - s_F a_c y_c G_c
 //              d/dz_j = h_j - p_j sum_c h_c
+// Sigmoid (multi-label) mode, kSigmoid: the same passes, finalize, chunks and reductions; only the
+// per-voxel terms differ (loss_math.h, sigmoid_channel: every channel on its own, no softmax).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "tile.h"
@@ -20,20 +23,22 @@ namespace {
 
 template <typename math_t>
 struct RegionParams {
-  const math_t* focal_weight;
+  const math_t* focal_weight;  // (C,), or (2, C) in sigmoid mode: [c] positive, [C + c] negative side
   const math_t* focal_gamma;
   ClipBounds<math_t> bounds;
   bool with_focal, with_tversky;
 };
 
-template <typename scalar_t, typename Target>
+template <typename scalar_t, typename Target, bool kSigmoid>
 struct RegionTile {
   using math_t = math_of<scalar_t>;
   const scalar_t* x;
   Geometry g;
   const Target& target;
   std::vector<math_t> buf;
-  math_t *z, *p, *y, *h;  // log p, p, soft target, gradient w.r.t. log p
+  // log p, p, soft target, gradient w.r.t. log p; in sigmoid mode z keeps the logits, p is unused
+  // and h is the gradient w.r.t. the logits.
+  math_t *z, *p, *y, *h;
   int64_t label[kTile];
   math_t valid[kTile];
 
@@ -48,7 +53,16 @@ struct RegionTile {
   void load(int64_t b, int64_t v0, int64_t n) {
     load_tile(x, g, b, v0, n, z);
     target.load(b, v0, n, label, valid, y);
-    softmax_tile(z, p, g.classes);
+    if constexpr (!kSigmoid) {
+      softmax_tile(z, p, g.classes);
+    } else if constexpr (!Target::kSoft) {
+      // The sigmoid loops read every target from y: a label map's one-hot, 0 on ignored and padding
+      // lanes (a soft map's y is 0 there already). Label selects inside those loops kept GCC from
+      // vectorising them (5x slower).
+      for (int64_t c = 0; c < g.classes; ++c) {
+        for (int64_t t = 0; t < kTile; ++t) y[c * kTile + t] = label[t] == c ? math_t(1) : math_t(0);
+      }
+    }
   }
 
   ClippedProb<math_t> clipped(int64_t c, int64_t t, const ClipBounds<math_t>& bounds) const {
@@ -79,7 +93,7 @@ struct RegionTile {
   }
 };
 
-template <typename scalar_t, typename Target>
+template <typename scalar_t, bool kSigmoid, typename Target>
 void region_forward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
                          double* stats) {
   using math_t = math_of<scalar_t>;
@@ -91,51 +105,88 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
   std::vector<double> partials(g.batch * per_image * width, 0.0);
 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
-    RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
+    RegionTile<scalar_t, Target, kSigmoid> tile(logits.data_ptr<scalar_t>(), g, target);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * width;
       for_tiles(chunk, per_image, g.voxels, [&](int64_t, int64_t v0, int64_t n) {
         tile.load(chunk / per_image, v0, n);
-        if (P.with_tversky) {
-          for (int64_t c = 0; c < C; ++c) {
-            math_t tp = 0, fn = 0, fp = 0;
-            // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
-#pragma omp simd reduction(+ : tp, fn, fp)
-            for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-              const math_t yt = tile.target_of(c, t);
-              tp += yt * cp.q;
-              fn += yt * cp.u;
-              fp += (tile.valid[t] - yt) * cp.q;
-            }
-            acc[c] += tp;
-            acc[C + c] += fn;
-            acc[2 * C + c] += fp;
-          }
-        }
-        if (P.with_focal) {
-          math_t focal = 0;
-          if constexpr (Target::kSoft) {
+        if constexpr (kSigmoid) {
+          // Channels are independent: one loop per channel gives its sums and its focal terms (the
+          // focal switch a compile-time one, so that every version of the loop vectorises).
+          const auto channels = [&](auto with_focal) {
+            const ClipBounds<math_t> bounds = P.bounds;
+            math_t focal = 0;
             for (int64_t c = 0; c < C; ++c) {
-              const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+              const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
+              const math_t a_neg = P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
+              // Row pointers taken out of the tile first: loaded in the loop, they kept GCC from vectorising it.
+              const math_t *zc = tile.z + c * kTile, *y = tile.y + c * kTile, *valid = tile.valid;
+              math_t tp = 0, fn = 0, fp = 0, fc = 0;
+#pragma omp simd reduction(+ : tp, fn, fp, fc)
+              for (int64_t t = 0; t < kTile; ++t) {
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const math_t yt = y[t], vt = valid[t];
+                tp += yt * ch.q;
+                fn += yt * ch.one_minus_q;
+                fp += (vt - yt) * ch.q;
+                if constexpr (decltype(with_focal)::value) {
+                  fc += sigmoid_focal_term<TileMath>(ch.log_q, ch.log_one_minus_q, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                }
+              }
+              acc[c] += tp;
+              acc[C + c] += fn;
+              acc[2 * C + c] += fp;
+              focal += fc;
+            }
+            acc[RegionStats<double>::focal(C)] += focal;
+          };
+          if (P.with_focal) {
+            channels(std::true_type{});
+          } else {
+            channels(std::false_type{});
+          }
+        } else {
+          if (P.with_tversky) {
+            for (int64_t c = 0; c < C; ++c) {
+              math_t tp = 0, fn = 0, fp = 0;
+              // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
+#pragma omp simd reduction(+ : tp, fn, fp)
               for (int64_t t = 0; t < kTile; ++t) {
                 const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
-                // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
                 const math_t yt = tile.target_of(c, t);
-                const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
-                focal += yt != math_t(0) ? term : math_t(0);
+                tp += yt * cp.q;
+                fn += yt * cp.u;
+                fp += (tile.valid[t] - yt) * cp.q;
               }
-            }
-          } else {
-            math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
-            tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
-#pragma omp simd reduction(+ : focal)
-            for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-              focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+              acc[c] += tp;
+              acc[C + c] += fn;
+              acc[2 * C + c] += fp;
             }
           }
-          acc[RegionStats<double>::focal(C)] += focal;
+          if (P.with_focal) {
+            math_t focal = 0;
+            if constexpr (Target::kSoft) {
+              for (int64_t c = 0; c < C; ++c) {
+                const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+                for (int64_t t = 0; t < kTile; ++t) {
+                  const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
+                  // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
+                  const math_t yt = tile.target_of(c, t);
+                  const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
+                  focal += yt != math_t(0) ? term : math_t(0);
+                }
+              }
+            } else {
+              math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
+              tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+#pragma omp simd reduction(+ : focal)
+              for (int64_t t = 0; t < kTile; ++t) {
+                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+                focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+              }
+            }
+            acc[RegionStats<double>::focal(C)] += focal;
+          }
         }
         math_t count = 0;
 #pragma omp simd reduction(+ : count)
@@ -154,7 +205,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
 }
 
 // coef: per image [dTP_c, dFN_c, dFP_c (3C), focal scale s_F], already times d loss / d L_b.
-template <typename scalar_t, typename Target>
+template <typename scalar_t, bool kSigmoid, typename Target>
 void region_backward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
                           const std::vector<math_of<scalar_t>>& coef, at::Tensor& grad_in) {
   using math_t = math_of<scalar_t>;
@@ -166,59 +217,92 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
   const int64_t per_image = chunks_per_image(g.voxels);
 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
-    RegionTile<scalar_t, Target> tile(logits.data_ptr<scalar_t>(), g, target);
+    RegionTile<scalar_t, Target, kSigmoid> tile(logits.data_ptr<scalar_t>(), g, target);
     math_t hsum[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
         const math_t* k = coef.data() + b * (3 * C + 1);
         const math_t focal_scale = k[3 * C];
         tile.load(b, v0, n);
-        for (int64_t c = 0; c < C; ++c) {
-          const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
-          const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
-          const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
-          math_t* hc = tile.h + c * kTile;
-          for (int64_t t = 0; t < kTile; ++t) {
-            const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
-            const math_t yt = tile.target_of(c, t);
-            // Branch-free so that it vectorises: a skipped term has zero coefficients here.
-            math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
-            // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
-            // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
-            // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
-            if constexpr (Target::kSoft) {
-              const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
-              d -= yt != math_t(0) ? focal : math_t(0);
+        if constexpr (kSigmoid) {
+          const auto channels = [&](auto with_focal) {
+            const ClipBounds<math_t> bounds = P.bounds;
+            for (int64_t c = 0; c < C; ++c) {
+              const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
+              const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
+              const math_t a_neg = focal_scale * P.focal_weight[C + c], g_neg = P.focal_gamma[C + c];
+              math_t* hc = tile.h + c * kTile;
+              const math_t *zc = tile.z + c * kTile, *y = tile.y + c * kTile, *valid = tile.valid;
+              for (int64_t t = 0; t < kTile; ++t) {
+                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const math_t yt = y[t], vt = valid[t];
+                math_t d = sigmoid_tversky_grad(ch, yt, vt, d_tp, d_fn, d_fp);
+                if constexpr (decltype(with_focal)::value) {
+                  d += sigmoid_focal_grad<TileMath>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                }
+                hc[t] = d;
+              }
             }
-            hc[t] = d;
+          };
+          if (P.with_focal) {
+            channels(std::true_type{});
+          } else {
+            channels(std::false_type{});
           }
-        }
-        if (!Target::kSoft && P.with_focal) {
-          math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
-          tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
-          for (int64_t t = 0; t < kTile; ++t) {
-            const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
-            d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+        } else {
+          for (int64_t c = 0; c < C; ++c) {
+            const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
+            const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
+            const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
+            math_t* hc = tile.h + c * kTile;
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
+              const math_t yt = tile.target_of(c, t);
+              // Branch-free so that it vectorises: a skipped term has zero coefficients here.
+              math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
+              // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
+              // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
+              // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
+              if constexpr (Target::kSoft) {
+                const math_t focal = a * yt * focal_factor<TileMath>(cp, pc[t], gamma);
+                d -= yt != math_t(0) ? focal : math_t(0);
+              }
+              hc[t] = d;
+            }
           }
-          for (int64_t t = 0; t < kTile; ++t) {
-            if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
+          if (!Target::kSoft && P.with_focal) {
+            math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
+            tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+            for (int64_t t = 0; t < kTile; ++t) {
+              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+              d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+            }
+            for (int64_t t = 0; t < kTile; ++t) {
+              if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
+            }
           }
-        }
-        for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;
-        for (int64_t c = 0; c < C; ++c) {
-          for (int64_t t = 0; t < kTile; ++t) hsum[t] += tile.h[c * kTile + t];
+          // d/dz_j = h_j - p_j sum_c h_c (the log-softmax backward; in sigmoid mode h is d/dz already).
+          for (int64_t t = 0; t < kTile; ++t) hsum[t] = 0;
+          for (int64_t c = 0; c < C; ++c) {
+            for (int64_t t = 0; t < kTile; ++t) hsum[t] += tile.h[c * kTile + t];
+          }
         }
         for (int64_t c = 0; c < C; ++c) {
           scalar_t* out = dx + b * gg.sb + c * gg.sc + v0 * gg.sv;
           const math_t *hc = tile.h + c * kTile, *pc = tile.p + c * kTile;
-          for (int64_t t = 0; t < n; ++t) out[t * gg.sv] = static_cast<scalar_t>(hc[t] - pc[t] * hsum[t]);
+          if constexpr (kSigmoid) {
+            for (int64_t t = 0; t < n; ++t) out[t * gg.sv] = static_cast<scalar_t>(hc[t]);
+          } else {
+            for (int64_t t = 0; t < n; ++t) out[t * gg.sv] = static_cast<scalar_t>(hc[t] - pc[t] * hsum[t]);
+          }
         }
       });
     }
   });
 }
 
-// Calls fn(target accessor) for a label map or a float map (read in the math dtype).
+// Calls fn(target accessor) for a label map, a float map (read in the math dtype) or a uint8 dense
+// map (dense_byte_map).
 template <typename scalar_t, typename Fn>
 void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std::optional<int64_t> ignore_index,
                      Fn&& fn) {
@@ -229,6 +313,12 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
     fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
     return;
   }
+  if (is_dense_map(target_in, logits)) {
+    at::Tensor target = dense_byte_map(target_in);
+    const Geometry tg = class_geometry(target);
+    fn(SoftMap<uint8_t>{target.data_ptr<uint8_t>(), tg});
+    return;
+  }
   at::Tensor labels = native_labels(target_in);
   if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
   const Geometry lg = label_geometry(labels, logits.dim());
@@ -237,6 +327,13 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
     fn(LabelMap<label_t>{labels.data_ptr<label_t>(), lg, logits.size(1), ignore_index.has_value(),
                          ignore_index.value_or(0)});
   });
+}
+
+// Calls fn(std::bool_constant<sigmoid>): the softmax or the sigmoid (multi-label) kernels.
+template <typename Fn>
+void dispatch_mode(bool sigmoid, Fn&& fn) {
+  if (sigmoid) return fn(std::true_type{});
+  fn(std::false_type{});
 }
 
 template <typename math_t>
@@ -265,11 +362,12 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
                                                        const at::Tensor& tversky_exponent, double delta,
                                                        double focal_coef, double tversky_coef, double smooth_nr,
                                                        double smooth_dr, double eps, bool clip, bool batch,
-                                                       std::optional<int64_t> ignore_index, int64_t reduction) {
-  check_cpu(logits, target, "region_loss_forward");
+                                                       std::optional<int64_t> ignore_index, int64_t reduction,
+                                                       bool sigmoid) {
+  check_cpu(logits, target, "region_loss_forward", sigmoid ? 1 : 2);
   TORCH_CHECK(logits.dim() >= 3, "lmfloss_ext::region_loss_forward: logits must be (B, C, *S), got ", logits.sizes());
-  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+  const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
+  const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
   const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t width = RegionStats<double>::width(C);
@@ -277,8 +375,10 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   double* st = stats.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cpu", [&] {
     const auto P = region_params<math_of<scalar_t>>(fw, fg, focal_coef, tversky_coef, eps, clip);
-    dispatch_target<scalar_t>(logits, target, ignore_index,
-                              [&](const auto& acc) { region_forward_impl<scalar_t>(logits, acc, P, st); });
+    dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
+      dispatch_mode(sigmoid,
+                    [&](auto mode) { region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, st); });
+    });
   });
   // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c.
   const double* e = ex.data_ptr<double>();
@@ -312,10 +412,11 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
                                 const at::Tensor& focal_weight, const at::Tensor& focal_gamma,
                                 const at::Tensor& tversky_exponent, const at::Tensor& stats_in, double delta,
                                 double focal_coef, double tversky_coef, double smooth_nr, double smooth_dr, double eps,
-                                bool clip, bool batch, std::optional<int64_t> ignore_index, int64_t reduction) {
-  check_cpu(logits, target, "region_loss_backward");
-  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+                                bool clip, bool batch, std::optional<int64_t> ignore_index, int64_t reduction,
+                                bool sigmoid) {
+  check_cpu(logits, target, "region_loss_backward", sigmoid ? 1 : 2);
+  const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
+  const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
   const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
   const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
   const at::Tensor go = grad.to(at::kDouble).contiguous();
@@ -353,8 +454,11 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
     using math_t = math_of<scalar_t>;
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     const std::vector<math_t> k(coef.begin(), coef.end());
-    dispatch_target<scalar_t>(logits, target, ignore_index,
-                              [&](const auto& acc) { region_backward_impl<scalar_t>(logits, acc, P, k, grad_in); });
+    dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
+      dispatch_mode(sigmoid, [&](auto mode) {
+        region_backward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, k, grad_in);
+      });
+    });
   });
   return grad_in;
 }

@@ -247,13 +247,15 @@ struct LabelMap {
   }
 };
 
-// Float one-hot / soft map (B, C, V) in the math type: y[c * kTile + t].
-template <typename math_t>
+// Dense map (B, C, V): float one-hot / soft map in the math type, or a uint8 0/1 one-hot /
+// multi-hot map read as it is; y[c * kTile + t] in the math type.
+template <typename target_t>
 struct SoftMap {
   static constexpr bool kSoft = true;
-  const math_t* ptr;
+  const target_t* ptr;
   Geometry g;
 
+  template <typename math_t>
   void load(int64_t b, int64_t v0, int64_t n, int64_t* label, math_t* valid, math_t* y) const {
     load_tile(ptr, g, b, v0, n, y);
     for (int64_t t = 0; t < kTile; ++t) {
@@ -265,8 +267,8 @@ struct SoftMap {
 
 // Label maps are read as uint8 (the fast path) or int64; other integer dtypes are widened once.
 
-inline void check_cpu(const at::Tensor& logits, const at::Tensor& target, const char* op) {
-  check_logits(logits, op);
+inline void check_cpu(const at::Tensor& logits, const at::Tensor& target, const char* op, int64_t min_classes = 2) {
+  check_logits(logits, op, min_classes);
   TORCH_CHECK(logits.device().is_cpu() && target.device().is_cpu(), "lmfloss_ext::", op,
               " (CPU): tensors must be on the CPU");
 }

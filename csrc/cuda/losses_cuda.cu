@@ -108,8 +108,10 @@ struct LabelMap {
   }
 };
 
-// Float one-hot / soft map (B, C, V), read in its own dtype (target_t: the logits' dtype or the
-// math type) and converted to the math type per element; every voxel is valid (label() = 0).
+// Dense map (B, C, V), read in its own dtype (target_t: a float one-hot / soft map in the logits'
+// dtype or the math type, or a uint8 0/1 one-hot / multi-hot map) and converted to the math type
+// per element; every voxel is valid (label() = 0). uint8 is a type of its own, not a runtime field
+// as LabelMap's width: a flag in the float maps' kernels cost them 11-12 registers (ptxas, sm_90).
 template <typename target_t>
 struct SoftMap {
   static constexpr bool kSoft = true;
@@ -351,6 +353,12 @@ __global__ void __launch_bounds__(kThreads)
 // (TP, FN, FP sums, log p, p); measured with ptxas for sm_90 (table at the end of this file),
 // kMaxC = 16 takes 128 registers (25% occupancy) and kMaxC = 32 took 255 (12.5%), which leaves
 // too few loads in flight per SM to cover DRAM latency, for a gain only at C > 16.
+//
+// Sigmoid (multi-label) mode (kSigmoid; same passes, reductions, finalize and coefficients): each
+// channel is its own binary problem (loss_math.h, sigmoid_channel), so a pass over the channels
+// [c0, c0 + kMaxC) reads only their logits and C > kMaxC costs no re-read; the capacity is 4 or 8
+// in the forward (dispatch_capacity), 4 in the backward, which writes d loss / d z_c directly (no
+// sum over the classes).
 
 // The largest class capacity of a math type (dispatch_capacity): only its kernels meet C > kMaxC,
 // the others compile without the multi-pass code.
@@ -359,7 +367,7 @@ constexpr int kLargestCapacity = std::is_same_v<math_t, double> ? 4 : 16;
 
 template <typename math_t>
 struct RegionParams {
-  const math_t* focal_weight;
+  const math_t* focal_weight;  // (C,), or (2, C) in sigmoid mode: [c] positive, [C + c] negative side
   const math_t* focal_gamma;
   ClipBounds<math_t> bounds;
   bool with_focal, with_tversky;
@@ -412,10 +420,37 @@ __device__ ClippedProb<math_t> clipped(math_t log_p, math_t p, const ClipBounds<
   return clip_prob(log_p, p, -math_expm1(log_p), bounds);
 }
 
-template <typename scalar_t, typename Target, int kMaxC>
+// Sigmoid mode: adds the TP, FN, FP terms of the channels [c0, c0 + kMaxC) of one voxel (label l)
+// to tp, fn, fp, and their focal terms and non-finite probe (0 * z) to focal. The channels' loads are
+// issued before their first use.
+template <int kMaxC, typename math_t, typename scalar_t, typename Target>
+__device__ void sigmoid_voxel_sums(const scalar_t* row, const Target& target, int64_t b, int64_t v, int64_t l,
+                                   int64_t C, int64_t sc, int64_t c0, const RegionParams<math_t>& P,
+                                   math_t (&tp)[kMaxC], math_t (&fn)[kMaxC], math_t (&fp)[kMaxC], math_t& focal) {
+  const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+  math_t z[kMaxC];
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) z[j] = c0 + j < C ? static_cast<math_t>(row[(c0 + j) * sc]) : math_t(0);
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) {
+    const int64_t c = c0 + j;
+    if (c >= C) break;
+    const SigmoidChannel<math_t> ch = sigmoid_channel<LibmMath>(z[j], P.bounds);
+    const math_t y = valid * target.template y<math_t>(b, c, v, l);
+    tp[j] += y * ch.q;
+    fn[j] += y * ch.one_minus_q;
+    fp[j] += (valid - y) * ch.q;
+    focal += math_t(0) * z[j];
+    if (P.with_focal) {
+      focal += sigmoid_focal_term<LibmMath>(ch.log_q, ch.log_one_minus_q, y, valid, P.focal_weight[c], P.focal_gamma[c],
+                                            P.focal_weight[C + c], P.focal_gamma[C + c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename Target, int kMaxC, bool kSigmoid>
 __global__ void __launch_bounds__(kThreads) region_forward_kernel(const scalar_t* x, Geometry g, Target target,
-                                                                  RegionParams<math_of<scalar_t>> P,
-                                                                  double* partials) {
+                                                                  RegionParams<math_of<scalar_t>> P, double* partials) {
   using math_t = math_of<scalar_t>;
   __shared__ math_t shared[kWarps];
   const int64_t b = blockIdx.y;
@@ -434,6 +469,11 @@ __global__ void __launch_bounds__(kThreads) region_forward_kernel(const scalar_t
     for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < g.voxels; v += int64_t(gridDim.x) * kThreads) {
       const int64_t l = target.label(b, v);
       const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+      if constexpr (kSigmoid) {
+        sigmoid_voxel_sums<kMaxC>(x + b * g.sb + v * g.sv, target, b, v, l, C, g.sc, c0, P, tp, fn, fp, focal);
+        if (c0 == 0) count += valid;
+        continue;
+      }
       math_t log_p[kMaxC], p[kMaxC], probe;
       voxel_probs<kMaxC>(x + b * g.sb + v * g.sv, C, g.sc, c0, log_p, p, probe);
       math_t u_l = 1, log_q_l = 0;  // label maps: 1 - q and log q of class l, picked by selects
@@ -624,11 +664,36 @@ __device__ void voxel_h(const scalar_t* row, const Target& target, int64_t b, in
   }
 }
 
-template <typename scalar_t, typename Target, int kMaxC>
-__global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_t* x, Geometry g, Target target,
-                                                                   RegionParams<math_of<scalar_t>> P,
-                                                                   const math_of<scalar_t>* coef, scalar_t* dx,
-                                                                   Geometry gg) {
+// Sigmoid mode: writes d loss / d z_c of the channels [c0, c0 + kMaxC) of one voxel (label l) to
+// out[c * osc]; k: the image's coefficients (region_coefficients_kernel).
+template <int kMaxC, typename math_t, typename scalar_t, typename Target>
+__device__ void sigmoid_voxel_grad(const scalar_t* row, const Target& target, int64_t b, int64_t v, int64_t l,
+                                   int64_t C, int64_t sc, int64_t c0, const math_t* k, const RegionParams<math_t>& P,
+                                   scalar_t* out, int64_t osc) {
+  const math_t valid = l >= 0 ? math_t(1) : math_t(0);
+  const math_t focal_scale = k[3 * C];
+  math_t z[kMaxC];
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) z[j] = c0 + j < C ? static_cast<math_t>(row[(c0 + j) * sc]) : math_t(0);
+#pragma unroll
+  for (int j = 0; j < kMaxC; ++j) {
+    const int64_t c = c0 + j;
+    if (c >= C) break;
+    const SigmoidChannel<math_t> ch = sigmoid_channel<LibmMath>(z[j], P.bounds);
+    const math_t y = valid * target.template y<math_t>(b, c, v, l);
+    math_t d = sigmoid_tversky_grad(ch, y, valid, k[c], k[C + c], k[2 * C + c]);
+    if (P.with_focal) {
+      d += sigmoid_focal_grad<LibmMath>(ch, y, valid, focal_scale * P.focal_weight[c], P.focal_gamma[c],
+                                        focal_scale * P.focal_weight[C + c], P.focal_gamma[C + c]);
+    }
+    out[c * osc] = static_cast<scalar_t>(d);
+  }
+}
+
+template <typename scalar_t, typename Target, int kMaxC, bool kSigmoid>
+__global__ void __launch_bounds__(kThreads)
+    region_backward_kernel(const scalar_t* x, Geometry g, Target target, RegionParams<math_of<scalar_t>> P,
+                           const math_of<scalar_t>* coef, scalar_t* dx, Geometry gg) {
   using math_t = math_of<scalar_t>;
   const int64_t b = blockIdx.y;
   const int64_t C = g.classes;
@@ -637,6 +702,12 @@ __global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_
     const int64_t l = target.label(b, v);
     const scalar_t* row = x + b * g.sb + v * g.sv;
     scalar_t* out = dx + b * gg.sb + v * gg.sv;
+    if constexpr (kSigmoid) {
+      for (int64_t c0 = 0; c0 < C; c0 += kMaxC) {
+        sigmoid_voxel_grad<kMaxC>(row, target, b, v, l, C, g.sc, c0, k, P, out, gg.sc);
+      }
+      continue;
+    }
     math_t h[kMaxC], p[kMaxC], hsum = 0;
     if (C <= kMaxC || kMaxC < kLargestCapacity<math_t>) {  // every class in registers, each term once
       voxel_h<kMaxC>(row, target, b, v, l, C, g.sc, 0, k, P, h, p);
@@ -665,8 +736,8 @@ __global__ void __launch_bounds__(kThreads) region_backward_kernel(const scalar_
 
 // Host side ---------------------------------------------------------------------------------
 
-void check_cuda(const at::Tensor& logits, const at::Tensor& target, const char* op) {
-  check_logits(logits, op);
+void check_cuda(const at::Tensor& logits, const at::Tensor& target, const char* op, int64_t min_classes = 2) {
+  check_logits(logits, op, min_classes);
   TORCH_CHECK(logits.is_cuda() && target.device() == logits.device(), "lmfloss_ext::", op,
               " (CUDA): logits and target must be on the same CUDA device");
 }
@@ -779,9 +850,9 @@ at::Tensor row_loss_backward(const at::Tensor& grad, const at::Tensor& logits_in
   return grad_in;
 }
 
-// Calls fn(target accessor): a label map in its native integer dtype, or a float map read in the
+// Calls fn(target accessor): a label map in its native integer dtype, a float map read in the
 // logits' dtype (a bf16 / fp16 one-hot next to bf16 / fp16 logits: no copy) or in the math type
-// (other float dtypes are converted to it once).
+// (other float dtypes are converted to it once), or a uint8 dense map (dense_byte_map) read as it is.
 template <typename scalar_t, typename Fn>
 void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std::optional<int64_t> ignore_index,
                      Fn&& fn) {
@@ -800,6 +871,12 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
     fn(SoftMap<math_t>{target.data_ptr<math_t>(), tg});
     return;
   }
+  if (is_dense_map(target_in, logits)) {
+    at::Tensor target = dense_byte_map(target_in);
+    const Geometry tg = class_geometry(target);
+    fn(SoftMap<uint8_t>{target.data_ptr<uint8_t>(), tg});
+    return;
+  }
   at::Tensor labels = native_labels(target_in);
   if (labels.dim() == logits.dim()) labels = labels.squeeze(1);
   const Geometry lg = label_geometry(labels, logits.dim());
@@ -807,16 +884,24 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
 }
 
 // Calls fn(std::integral_constant<int, kMaxC>) with the class capacity of the region kernels:
-// the smallest of 4, 8, 16 that holds C (16 beyond: several passes); 4 for float64.
-template <typename math_t, typename Fn>
+// the smallest of 4, 8, 16 that holds C (16 beyond: several passes); 4 for float64. Sigmoid mode:
+// 4 or 8 (beyond: passes of 8 channels, which re-read no logit).
+template <typename math_t, bool kSigmoid, typename Fn>
 void dispatch_capacity(int64_t classes, Fn&& fn) {
   if constexpr (std::is_same_v<math_t, double>) {
     fn(std::integral_constant<int, kLargestCapacity<double>>{});
   } else {
     if (classes <= 4) return fn(std::integral_constant<int, 4>{});
-    if (classes <= 8) return fn(std::integral_constant<int, 8>{});
-    fn(std::integral_constant<int, kLargestCapacity<float>>{});
+    if (kSigmoid || classes <= 8) return fn(std::integral_constant<int, 8>{});
+    if constexpr (!kSigmoid) fn(std::integral_constant<int, kLargestCapacity<float>>{});
   }
+}
+
+// Calls fn(std::bool_constant<sigmoid>): the softmax or the sigmoid (multi-label) kernels.
+template <typename Fn>
+void dispatch_mode(bool sigmoid, Fn&& fn) {
+  if (sigmoid) return fn(std::true_type{});
+  fn(std::false_type{});
 }
 
 template <typename math_t>
@@ -831,16 +916,17 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits_
                                                        const at::Tensor& tversky_exponent, double delta,
                                                        double focal_coef, double tversky_coef, double smooth_nr,
                                                        double smooth_dr, double eps, bool clip, bool batch,
-                                                       std::optional<int64_t> ignore_index, int64_t reduction) {
-  check_cuda(logits_in, target, "region_loss_forward");
+                                                       std::optional<int64_t> ignore_index, int64_t reduction,
+                                                       bool sigmoid) {
+  check_cuda(logits_in, target, "region_loss_forward", sigmoid ? 1 : 2);
   TORCH_CHECK(logits_in.dim() >= 3, "lmfloss_ext::region_loss_forward: logits must be (B, C, *S), got ",
               logits_in.sizes());
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in;
   const Geometry g = class_geometry(logits);
   const auto mt = math_type(logits);
-  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+  const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
+  const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
   const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
   const int64_t B = g.batch, C = g.classes, width = RegionStats<double>::width(C);
   const dim3 grid = grid_for(g.voxels, B);
@@ -857,10 +943,13 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits_
     using math_t = math_of<scalar_t>;
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_capacity<math_t>(C, [&](auto capacity) {
-        region_forward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value>
-            <<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P, partials.data_ptr<double>());
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_mode(sigmoid, [&](auto mode) {
+        constexpr bool kSigmoid = decltype(mode)::value;
+        dispatch_capacity<math_t, kSigmoid>(C, [&](auto capacity) {
+          region_forward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value, kSigmoid>
+              <<<grid, kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P, partials.data_ptr<double>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
     });
     column_sums_kernel<<<static_cast<unsigned>(B * width), kThreads, 0, stream>>>(partials.data_ptr<double>(), grid.x,
@@ -877,13 +966,14 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
                                 const at::Tensor& focal_weight, const at::Tensor& focal_gamma,
                                 const at::Tensor& tversky_exponent, const at::Tensor& stats_in, double delta,
                                 double focal_coef, double tversky_coef, double smooth_nr, double smooth_dr, double eps,
-                                bool clip, bool batch, std::optional<int64_t> ignore_index, int64_t reduction) {
-  check_cuda(logits_in, target, "region_loss_backward");
+                                bool clip, bool batch, std::optional<int64_t> ignore_index, int64_t reduction,
+                                bool sigmoid) {
+  check_cuda(logits_in, target, "region_loss_backward", sigmoid ? 1 : 2);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   at::Tensor logits = logits_in;
   const Geometry g = class_geometry(logits);
-  const at::Tensor fw = class_vector(focal_weight, logits, "focal_weight");
-  const at::Tensor fg = class_vector(focal_gamma, logits, "focal_gamma");
+  const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
+  const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
   const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
   const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
   const at::Tensor go = grad.to(at::kDouble).contiguous();
@@ -901,12 +991,21 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_capacity<math_t>(C, [&](auto capacity) {
-        region_backward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value>
-            <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(logits.data_ptr<scalar_t>(), g, acc, P,
-                                                             coef.data_ptr<math_t>(),
-                                                             grad_view.data_ptr<scalar_t>(), gg);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dispatch_mode(sigmoid, [&](auto mode) {
+        constexpr bool kSigmoid = decltype(mode)::value;
+        const auto launch = [&](auto capacity) {
+          region_backward_kernel<scalar_t, std::decay_t<decltype(acc)>, decltype(capacity)::value, kSigmoid>
+              <<<grid_for(g.voxels, B), kThreads, 0, stream>>>(
+                  logits.data_ptr<scalar_t>(), g, acc, P, coef.data_ptr<math_t>(), grad_view.data_ptr<scalar_t>(), gg);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        // The sigmoid backward takes 4 channels at a time whatever C: with 8 logits in flight, the focal
+        // gradient's two precise divisions (a call on their slow path) spilled 8 bytes (ptxas, sm_90).
+        if constexpr (kSigmoid) {
+          launch(std::integral_constant<int, 4>{});
+        } else {
+          dispatch_capacity<math_t, false>(C, launch);
+        }
       });
     });
   });
@@ -942,3 +1041,9 @@ TORCH_LIBRARY_IMPL(lmfloss_ext, CUDA, m) {
 // (the call's ABI leaves too few registers across it at 80 live values).
 // Build cost: 67 kernels, about 2 CPU-minutes per architecture (before: 62 kernels, 46 s); one
 // template parameter per label dtype and a capacity of 32 had made it 151 kernels and 4 minutes.
+// Issue 13 (sigmoid mode, uint8 dense maps; CUDA 13.0, sm_90, same flags): 111 region kernels, no
+// spills. Softmax: every forward and every label-map backward as before; float-map backward at
+// kMaxC 4 / 8 within 2 registers, at 16 112 registers and no spill (was 80 with 32 + 116 bytes).
+// uint8 maps: the float maps' numbers (forward 55 / 79 / 127, backward 34-53 / 47 / 112). Sigmoid:
+// forward kMaxC 4: 40-59 (labels 48), 8: 63-64; backward (kMaxC 4 only) 55-62; float64 forward
+// 96-100, backward 88-95. 126 kernels in all (67 before): about 5 minutes of nvcc for sm_90 here.

@@ -3,8 +3,8 @@
 Both run the kernels of ``csrc/`` (one header of shared loss math, CPU kernels parallel over
 fixed voxel chunks, CUDA kernels with block reductions and a deterministic second stage)
 through the custom ops of :mod:`lmfloss_kernels.ext.ops`, and compute exactly the functions of
-:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`:
-loss in float32 (float64 for float64 logits), gradient in the logits' dtype, bitwise
+:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`
+(softmax and sigmoid modes): loss in float32 (float64 for float64 logits), gradient in the logits' dtype, bitwise
 deterministic. Importing this module loads the compiled library; if it is missing or was built
 against another torch, one warning says how to rebuild and both backends report themselves
 unavailable.
@@ -81,16 +81,20 @@ class ExtensionBackend:
         ignore_index,
         reduction,
         sync=None,
+        sigmoid=False,
     ) -> torch.Tensor:
         vectors = (focal_weight, focal_gamma, tversky_exponent)
+        sigmoid = bool(sigmoid)
         scalars = (
             float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
             bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
         )  # fmt: skip
         if sync is not None:
             kernels = _distributed.RegionKernels(
-                statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none"),
-                gradient=lambda w, st: ops.region_loss_backward_op(w, logits, target, *vectors, st, *scalars, "none"),
+                statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none", sigmoid),
+                gradient=lambda w, st: ops.region_loss_backward_op(
+                    w, logits, target, *vectors, st, *scalars, "none", sigmoid
+                ),
                 layout=(3 * logits.shape[1], 3 * logits.shape[1] + 1, 0),
                 backend=self.name,
             )
@@ -99,7 +103,7 @@ class ExtensionBackend:
                 smooth_dr=smooth_dr, batch=batch, reduction=reduction,
             )  # fmt: skip
             return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = call_op(ops.region_loss_op, logits, target, *vectors, *scalars, reduction)
+        loss, _ = call_op(ops.region_loss_op, logits, target, *vectors, *scalars, reduction, sigmoid)
         return loss
 
 

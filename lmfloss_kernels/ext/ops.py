@@ -12,7 +12,8 @@ The formulas are first order only: backward with ``create_graph=True`` raises
   normalisers of ``"mean"``. The backward recomputes the softmax from the logits.
 * ``ext_region_loss(...) -> (loss, stats)``, ``ext_region_loss_backward(...) -> grad``: the
   region family; ``stats`` (``B x (3C + 2)`` float64: TP, FN, FP per class, focal sum, valid
-  voxels) is all that is kept between the passes.
+  voxels) is all that is kept between the passes. The last argument, ``sigmoid`` (default
+  ``False``), selects the multi-label mode (``focal_weight`` / ``focal_gamma`` of shape ``(2, C)``).
 """
 
 from __future__ import annotations
@@ -117,17 +118,18 @@ def region_loss_op(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     loss, stats = torch.ops.lmfloss_ext.region_loss_forward(
         logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef, smooth_nr,
-        smooth_dr, eps, clip, batch, ignore_index, REDUCTION_CODES[reduction],
+        smooth_dr, eps, clip, batch, ignore_index, REDUCTION_CODES[reduction], sigmoid,
     )  # fmt: skip
     return loss, stats
 
 
 @region_loss_op.register_fake
-def _(logits, target, focal_weight, focal_gamma, tversky_exponent, *args):
-    reduction = args[-1]
+def _(logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef, smooth_nr,
+      smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid=False):  # fmt: skip
     batch, num_classes = logits.shape[:2]
     loss = logits.new_empty((batch,) if reduction == "none" else (), dtype=_math_dtype(logits))
     return loss, logits.new_empty((batch, 3 * num_classes + 2), dtype=torch.float64)
@@ -152,10 +154,11 @@ def region_loss_backward_op(
     batch: bool,
     ignore_index: int | None,
     reduction: str,
+    sigmoid: bool = False,
 ) -> torch.Tensor:
     return torch.ops.lmfloss_ext.region_loss_backward(
         grad_loss, logits, target, focal_weight, focal_gamma, tversky_exponent, stats, delta, focal_coef,
-        tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, REDUCTION_CODES[reduction],
+        tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, REDUCTION_CODES[reduction], sigmoid,
     )  # fmt: skip
 
 
@@ -184,7 +187,7 @@ def _region_backward(ctx, grad_loss, _grad_stats):
         stats,
         *ctx.options,
     )
-    return (grad,) + (None,) * 14
+    return (grad,) + (None,) * (4 + len(ctx.options))  # one per input; `sigmoid` may be left to its default
 
 
 region_loss_op.register_autograd(_region_backward, setup_context=_region_setup)
