@@ -1184,10 +1184,8 @@ def _dice_plus_voxel_term(
     both smoothing terms ``s / 2``. A channel left out (``include_background=False``: channel 0)
     gets Tversky exponent 0, so ``(1 - TI)^0 = 1`` adds ``1/C`` and no gradient; scaling the
     region term by ``C/K`` and adding ``-(C - K)/K`` per image leaves the mean over the ``K`` kept
-    channels (:func:`lmfloss_kernels._compat.kept_class_scaling`).
+    channels.
     """
-    from ._compat import kept_class_scaling  # _compat imports this module
-
     num_classes = logits.shape[1]
     kept = num_classes - (0 if check_bool("include_background", include_background) else 1)
     if kept == 0:
@@ -1197,7 +1195,9 @@ def _dice_plus_voxel_term(
         )
     smooth = check_number("smooth", smooth, low=0.0)
     reduction = check_reduction(reduction)
-    tversky_coef, constant = kept_class_scaling(num_classes, kept, lambda_dice)
+    # (C/K) * lambda_dice * R_b - lambda_dice (C - K)/K: the same scaling as _compat.kept_class_scaling,
+    # which imports this module (so it cannot be imported from here).
+    tversky_coef, constant = lambda_dice * num_classes / kept, -lambda_dice * (num_classes - kept) / kept
     if constant != 0.0 and reduction == "sum" and check_bool("dist_sync", dist_sync):
         # The per-image constant times the global image count, which only the all-reduce knows.
         raise ValueError(
