@@ -106,14 +106,18 @@ def _compare(fn, backend, logits, target, *, grad_output=None, **kwargs):
 @pytest.mark.parametrize("target_kind", ["uint8", "float", "labels"])
 def test_every_loss_matches_the_reference(backend, case_id, target_kind):
     fn, kwargs = _case(case_id)
-    if target_kind == "float" and not kwargs.get("sigmoid", fn is F.sigmoid_focal_loss):
-        target_kind = "soft"  # softmax cases: a soft map summing to 1 per voxel
+    if not kwargs.get("sigmoid", fn is F.sigmoid_focal_loss):
+        # Softmax cases: a soft map summing to 1 per voxel, a uint8 one-hot map.
+        target_kind = {"float": "soft", "uint8": "one_hot_uint8"}.get(target_kind, target_kind)
     seed = zlib.crc32(f"{case_id}-{target_kind}".encode())
     shape = SHAPES[seed % len(SHAPES)]
     device = _device(backend)
     logits = _logits(shape, seed, device)
     if target_kind == "soft":
         target = torch.softmax(_logits(shape, seed + 7, device), dim=1)
+    elif target_kind == "one_hot_uint8":
+        labels = _target("labels", shape, seed, device)
+        target = torch.nn.functional.one_hot(labels, shape[1]).movedim(-1, 1).to(torch.uint8)
     else:
         target = _target(target_kind, shape, seed, device, ignore_index=255 if target_kind == "labels" else None)
     if target_kind == "labels":
