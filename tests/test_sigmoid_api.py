@@ -626,3 +626,98 @@ def test_criteria_keep_per_class_weights_as_fp32_buffers():
 def test_criteria_check_their_keywords_when_built(build, error, message):
     with pytest.raises(error, match=message):
         build()
+
+
+# ------------------------------------------------------------------------------------------------
+# dist_sync: two gloo ranks give the single-process loss (the dropped-background constant included)
+
+SYNC_SLICES = (slice(0, 1), slice(1, 3))  # unequal slices: a wrong image count shows
+SYNC_CASES = {
+    "dice_bce_nobg": (F.dice_ce_loss, {"sigmoid": True, "include_background": False, "pos_weight": [2.0, 1.0, 0.5]}),
+    "dice_focal_nobg": (F.dice_focal_loss, {"include_background": False, "alpha": [0.5, 1.0, 2.0]}),
+    "ufl_sigmoid": (F.unified_focal_loss, {"sigmoid": True}),
+    "sigmoid_dice": (F.dice_loss, {"sigmoid": True}),
+}
+
+
+def _sync_inputs(name):
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    logits = 2.0 * torch.randn(3, 3, 4, 5, generator=generator, dtype=torch.float64)
+    if SYNC_CASES[name][1].get("sigmoid"):
+        return logits, torch.rand(logits.shape, generator=generator) < 0.4
+    return logits, torch.randint(0, 3, (3, 4, 5), generator=generator)
+
+
+def _sync_run(name, logits, target, batch, reduction, **extra):
+    fn, kwargs = SYNC_CASES[name]
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, target, batch=batch, reduction=reduction, backend="reference", **kwargs, **extra)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype) if loss.dim() else torch.ones_like(loss)
+    loss.backward(upstream)
+    return loss.detach(), x.grad
+
+
+def _sync_worker(rank: int, port: int, out_dir: str) -> None:
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    torch.set_num_threads(1)
+    results = {}
+    try:
+        for name in SYNC_CASES:
+            logits, target = _sync_inputs(name)
+            part = SYNC_SLICES[rank]
+            for batch in (False, True):
+                results[name, batch] = _sync_run(name, logits[part], target[part], batch, "mean", dist_sync=True)
+            results[name, "none"] = _sync_run(name, logits[part], target[part], False, "none", dist_sync=True)
+    finally:
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def sync_results(tmp_path_factory):
+    import os
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out_dir = str(tmp_path_factory.mktemp("sigmoid_dist"))
+    context = mp.start_processes(_sync_worker, args=(port, out_dir), nprocs=2, join=False, start_method="spawn")
+    for _ in range(48):
+        if context.join(timeout=5):
+            break
+    else:
+        for process in context.processes:
+            process.kill()
+        pytest.fail("the two gloo ranks did not finish within 240 s")
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.mark.parametrize("name", list(SYNC_CASES))
+@pytest.mark.parametrize("mode", [False, True, "none"], ids=["mean", "mean_batch", "none"])
+def test_dist_sync_ranks_equal_single_process(sync_results, name, mode):
+    logits, target = _sync_inputs(name)
+    batch, reduction = (False, "none") if mode == "none" else (mode, "mean")
+    full_loss, _ = _sync_run(name, logits, target, batch, reduction)
+    # The gradient each rank computes is the global loss's, with its own upstream weights.
+    upstream = (
+        torch.cat([torch.linspace(0.5, 1.5, s.stop - s.start, dtype=torch.float64) for s in SYNC_SLICES])
+        if reduction == "none"
+        else torch.tensor(1.0, dtype=torch.float64)
+    )
+    x = logits.detach().clone().requires_grad_(True)
+    fn, kwargs = SYNC_CASES[name]
+    fn(x, target, batch=batch, reduction=reduction, backend="reference", **kwargs).backward(upstream)
+    for rank, part in enumerate(SYNC_SLICES):
+        loss, grad = sync_results[rank][name, mode]
+        torch.testing.assert_close(loss, full_loss[part] if reduction == "none" else full_loss, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, x.grad[part], rtol=1e-10, atol=1e-14)
