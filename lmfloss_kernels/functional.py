@@ -1374,8 +1374,9 @@ def dice_focal_loss(
     :func:`dice_ce_loss`). Sigmoid: ``alpha`` is ``None`` (both sides 1) or a number in
     ``[0, 1]`` weighing positives, ``1 - alpha`` weighing negatives, and ``F`` is the mean over
     all ``B C S`` elements: :func:`sigmoid_focal_loss` (torchvision's ``sigmoid_focal_loss``
-    with ``reduction="mean"``); ``gamma = 0, alpha=None`` is :func:`dice_ce_loss` with
-    ``sigmoid=True``. No background channel in sigmoid mode.
+    with ``reduction="mean"``; on soft targets each side is weighed separately, see there);
+    ``gamma = 0, alpha=None`` is :func:`dice_ce_loss` with ``sigmoid=True``. No background
+    channel in sigmoid mode.
 
     Defaults: ``gamma = 2`` (Lin et al., MONAI, torchvision), ``alpha=None`` and
     ``lambda_dice = lambda_focal = 1``, ``smooth = 1e-5`` (MONAI ``DiceFocalLoss``). Differs from
@@ -1442,7 +1443,9 @@ def sigmoid_focal_loss(
 
     (``alpha=None``: both sides weigh 1; ``gamma = 0, alpha=None`` is
     :func:`torch.nn.functional.binary_cross_entropy_with_logits`). ``log p`` and ``log(1 - p)``
-    are log-sigmoids, so saturated logits give finite values.
+    are log-sigmoids, so saturated logits give finite values. On 0/1 targets this is
+    torchvision's ``alpha_t (1 - p_t)^gamma BCE``; on soft targets (``0 < y < 1``) the two sides
+    are weighed separately as above, where torchvision mixes them through ``p_t`` and ``alpha_t``.
     ``reduction``: ``"mean"`` is the mean over all ``B C S`` elements (torchvision's ``"mean"``),
     ``"sum"`` their sum (torchvision's ``"sum"``), ``"none"`` the per-image mean over its ``C S``
     elements, shape ``(B,)`` (torchvision returns every element; the fused kernels reduce in

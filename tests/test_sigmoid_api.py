@@ -16,6 +16,8 @@ import numpy_losses as nl
 import pytest
 import torch
 import torch.nn.functional as TF
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lmfloss_kernels as lk
 from lmfloss_kernels import functional as F
@@ -260,6 +262,89 @@ def test_float32_matches_numpy(case_id):
     np.testing.assert_allclose(value, numpy_loss(logits), rtol=1e-5)
     expected_grad = nl.complex_step_grad(numpy_loss, logits)
     assert np.linalg.norm(grad - expected_grad) <= 1e-5 * np.linalg.norm(expected_grad)
+
+
+# Randomised shapes, targets and hyper-parameters (hypothesis, derandomised)
+
+
+@st.composite
+def _multi_label_problem(draw):
+    batch = draw(st.integers(1, 3))
+    num_classes = draw(st.integers(1, 5))
+    spatial = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    logits = rng.normal(size=(batch, num_classes, *spatial)) * draw(st.floats(0.1, 3.0))
+    target = rng.random(size=logits.shape)  # soft multi-label targets
+    if draw(st.booleans()):
+        target = (target < draw(st.floats(0.0, 1.0))).astype(np.float64)  # multi-hot, sometimes all 0 or all 1
+    return logits, target
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    problem=_multi_label_problem(),
+    weight=st.one_of(st.none(), st.floats(0.0, 1.0)),
+    delta=st.floats(0.05, 0.95),
+    gamma=st.floats(0.0, 1.0),
+    asymmetric=st.booleans(),
+    clip=st.booleans(),
+)
+def test_random_sigmoid_unified_focal_problems_match_numpy(problem, weight, delta, gamma, asymmetric, clip):
+    logits, target = problem
+    options = {"weight": weight, "delta": delta, "gamma": gamma, "asymmetric": asymmetric, "clip": clip}
+    value = F.unified_focal_loss(
+        torch.tensor(logits), torch.tensor(target), sigmoid=True, reduction="none", backend="reference", **options
+    )
+    expected = nl.probabilities_on_logits(
+        nl.multilabel_unified_focal_loss, logits, use_sigmoid=True, dense_target=target, reduction="none", **options
+    )
+    np.testing.assert_allclose(value.numpy(), expected, rtol=1e-11, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    problem=_multi_label_problem(),
+    lambdas=st.tuples(st.floats(0.0, 2.0), st.floats(0.1, 2.0)),
+    smooth=st.floats(0.0, 1.0),
+    gamma=st.floats(0.0, 3.0),
+    alpha=st.one_of(st.none(), st.floats(0.0, 1.0)),
+)
+def test_random_dice_focal_and_dice_bce_problems_match_numpy(problem, lambdas, smooth, gamma, alpha):
+    logits, target = problem
+    if smooth == 0.0:
+        smooth = 1e-5  # an all-empty channel with no smoothing is 0 / 0 in both
+    lambda_dice, lambda_ce = lambdas
+    common = {"lambda_dice": lambda_dice, "smooth": smooth}
+    x, y = torch.tensor(logits), torch.tensor(target)
+    focal = F.dice_focal_loss(
+        x, y, sigmoid=True, gamma=gamma, alpha=alpha, lambda_focal=lambda_ce, reduction="none", backend="reference",
+        **common,
+    )  # fmt: skip
+    bce = F.dice_ce_loss(x, y, sigmoid=True, lambda_ce=lambda_ce, reduction="none", backend="reference", **common)
+    expected_bce = nl.probabilities_on_logits(
+        nl.dice_ce_loss, logits, use_sigmoid=True, dense_target=target, reduction="none", sigmoid=True,
+        lambda_ce=lambda_ce, **common,
+    )  # fmt: skip
+    np.testing.assert_allclose(bce.numpy(), expected_bce, rtol=1e-11, atol=1e-14)
+    # Soft targets: each side weighed on its own (torchvision's alpha_t, p_t agree on 0/1 targets only).
+    positive, negative = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
+    expected_focal = nl.probabilities_on_logits(
+        lambda y_true, y_pred: lambda_dice * np.mean(nl.soft_dice_per_class(y_true, y_pred, smooth))
+        + lambda_ce * nl.multilabel_focal_loss(y_true, y_pred, positive, gamma, negative, gamma, clip=False)
+        / y_true.shape[-1],
+        logits, use_sigmoid=True, dense_target=target, reduction="none",
+    )  # fmt: skip
+    np.testing.assert_allclose(focal.numpy(), expected_focal, rtol=1e-11, atol=1e-14)
+    binary = target.round()
+    focal = F.dice_focal_loss(
+        x, torch.tensor(binary), sigmoid=True, gamma=gamma, alpha=alpha, lambda_focal=lambda_ce, reduction="none",
+        backend="reference", **common,
+    )  # fmt: skip
+    expected_torchvision = nl.probabilities_on_logits(
+        nl.dice_focal_loss, logits, use_sigmoid=True, dense_target=binary, reduction="none", sigmoid=True,
+        gamma=gamma, alpha=alpha, lambda_focal=lambda_ce, **common,
+    )  # fmt: skip
+    np.testing.assert_allclose(focal.numpy(), expected_torchvision, rtol=1e-11, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------
