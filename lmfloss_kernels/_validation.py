@@ -72,11 +72,12 @@ def check_ignore_index(value: object, *, optional: bool) -> int | None:
     return value
 
 
-def check_logits(logits: object, *, dense: bool) -> torch.Tensor:
-    """Floating-point logits with the class axis at dim 1 and at least two classes.
+def check_logits(logits: object, *, dense: bool, min_classes: int = 2) -> torch.Tensor:
+    """Floating-point logits with the class axis at dim 1 and at least ``min_classes`` classes.
 
     ``dense=True`` asks for ``(B, C, *S)`` with at least one spatial axis; otherwise ``(N, C)``
-    rows are accepted too.
+    rows are accepted too. Softmax losses need two classes; the sigmoid (multi-label) mode of
+    the region losses passes ``min_classes=1`` (every channel is its own binary problem).
     """
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
@@ -86,10 +87,10 @@ def check_logits(logits: object, *, dense: bool) -> torch.Tensor:
     if logits.dim() < min_rank:
         shape = "(B, C, *spatial) with at least one spatial axis" if dense else "(N, C) or (B, C, *spatial)"
         raise ValueError(f"logits must have shape {shape}, got shape {tuple(logits.shape)}")
-    if logits.shape[1] < 2:
+    if logits.shape[1] < min_classes:
         raise ValueError(
-            f"logits must have at least 2 classes on dim 1 (softmax over one class is constant), "
-            f"got shape {tuple(logits.shape)}"
+            f"logits must have at least {min_classes} classes on dim 1"
+            f"{' (softmax over one class is constant)' if min_classes == 2 else ''}, got shape {tuple(logits.shape)}"
         )
     if logits.numel() == 0:
         raise ValueError(f"logits must not be empty, got shape {tuple(logits.shape)}")

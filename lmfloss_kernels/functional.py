@@ -66,6 +66,8 @@ from ._validation import (
 __all__ = [
     "BackendMismatchError",
     "asymmetric_focal_loss",
+    "dice_ce_loss",
+    "dice_focal_loss",
     "dice_loss",
     "drw_weights",
     "focal_loss",
@@ -74,6 +76,7 @@ __all__ = [
     "ldam_margins",
     "lmf_loss",
     "mixed_focal_loss",
+    "sigmoid_focal_loss",
     "symmetric_focal_loss",
     "tversky_loss",
     "unified_focal_loss",
@@ -598,6 +601,40 @@ def _sides(positive, negative, logits: torch.Tensor) -> torch.Tensor:
     return torch.stack(rows)
 
 
+def _region_logits(logits, sigmoid) -> tuple[torch.Tensor, bool]:
+    """Checked ``(B, C, *S)`` logits and the checked ``sigmoid`` flag (one channel is enough in sigmoid mode)."""
+    sigmoid = check_bool("sigmoid", sigmoid)
+    return check_logits(logits, dense=True, min_classes=1 if sigmoid else 2), sigmoid
+
+
+def _focal_constants(num_classes, *, background, foreground, sigmoid) -> dict:
+    """Per-class focal keywords of :func:`_region_family` from ``(weight, gamma)`` pairs.
+
+    Softmax: channel 0 gets the ``background`` pair, channels ``1..C-1`` the ``foreground`` one.
+    Sigmoid: there is no background channel; every channel's negative side ``1 - y`` gets the
+    ``background`` pair and its positive side ``y`` the ``foreground`` pair.
+    """
+    (back_weight, back_gamma), (fore_weight, fore_gamma) = background, foreground
+    if sigmoid:
+        return {
+            "focal_weight": [fore_weight] * num_classes,
+            "focal_gamma": [fore_gamma] * num_classes,
+            "negative_weight": [back_weight] * num_classes,
+            "negative_gamma": [back_gamma] * num_classes,
+        }
+    return {
+        "focal_weight": [back_weight] + [fore_weight] * (num_classes - 1),
+        "focal_gamma": [back_gamma] + [fore_gamma] * (num_classes - 1),
+    }
+
+
+def _tversky_exponents(num_classes, *, background, foreground, sigmoid) -> list[float]:
+    """Per-class Tversky exponents: in sigmoid mode every channel is a foreground channel."""
+    if sigmoid:
+        return [foreground] * num_classes
+    return [background] + [foreground] * (num_classes - 1)
+
+
 def _unified_coefficients(weight) -> tuple[float, float]:
     """(focal-Tversky coefficient, focal coefficient) of the authors' ``weight`` keyword."""
     if weight is None:
@@ -614,6 +651,7 @@ def unified_focal_loss(
     delta: float = 0.6,
     gamma: float = 0.5,
     asymmetric: bool = True,
+    sigmoid: bool = False,
     batch: bool = False,
     clip: bool = True,
     eps: float = 1e-7,
@@ -641,6 +679,26 @@ def unified_focal_loss(
     where ``CE_c = -y_c log q_c``. One ``gamma`` suppresses the background focal term and
     enhances the foreground Tversky terms.
 
+    ``sigmoid=True`` (multi-label, e.g. BraTS' overlapping regions): ``q_c = clip(sigmoid(z_c),
+    eps, 1 - eps)``, every channel an independent binary problem and **no background channel**:
+    each channel's negative side ``1 - y_c`` plays the authors' background (weight ``1 - delta``,
+    focal exponent ``gamma``), its positive side ``y_c`` the foreground (weight ``delta``, exponent
+    0 for the asymmetric loss, ``gamma`` for the symmetric one), and every channel's Tversky term
+    is a foreground term:
+
+    .. math::
+
+        L_F &= \mathrm{mean}_{voxels} \sum_c \big[(1-\delta)\, (1 - y_c)\, q_c^{\gamma}\, (-\log(1 - q_c))
+               + \delta\, y_c\, (1 - q_c)^{\gamma^+} (-\log q_c)\big],\quad \gamma^+ = 0 \text{ (asym) or } \gamma \\
+        L_{FT} &= \mathrm{mean}_b \frac{1}{C} \sum_c (1 - TI_c)^{1-\gamma}
+
+    with ``log q = logsigmoid(z)``, ``log(1 - q) = logsigmoid(-z)`` (clipped to
+    ``[log eps, log(1 - eps)]`` when ``clip``). With ``C = 1`` the focal part equals the softmax
+    focal part of the two-channel logits ``(0, z)`` (background, foreground); the Tversky part
+    does not (the softmax form also averages the background's index). ``target``: a multi-hot
+    map ``(B, C, *S)`` (bool, uint8 or float in ``[0, 1]``; channels may overlap) or an integer
+    label map ``(B, *S)`` read as one-hot.
+
     Defaults are those of the authors' ``asym_unified_focal_loss`` / ``sym_unified_focal_loss``
     (mlyg/unified-focal-loss @ 411c9c5): ``weight=0.5, delta=0.6, gamma=0.5``, ``eps = 1e-7``
     both as the clip bound and as the Tversky smoothing. The binary code is generalised to C
@@ -667,21 +725,24 @@ def unified_focal_loss(
     is binary only, puts ``weight`` on the focal term (paper placement; identical at 0.5), uses
     ``delta = 0.7`` and, in 1.6, halves the focal term (mean over classes).
     """
-    logits = check_logits(logits, dense=True)
+    logits, sigmoid = _region_logits(logits, sigmoid)
     num_classes = logits.shape[1]
     tversky_coef, focal_coef = _unified_coefficients(weight)
     delta = check_number("delta", delta, low=0.0, high=1.0)
     gamma = check_number("gamma", gamma, low=0.0, high=1.0)
     asymmetric = check_bool("asymmetric", asymmetric)
-    foreground = num_classes - 1
-    focal_gamma = [gamma] + [0.0 if asymmetric else gamma] * foreground
-    exponent = [1.0 if asymmetric else 1.0 - gamma] + [1.0 - gamma] * foreground
     return _region_family(
         logits,
         target,
-        [1.0 - delta] + [delta] * foreground,
-        focal_gamma,
-        exponent,
+        tversky_exponent=_tversky_exponents(
+            num_classes, background=1.0 if asymmetric else 1.0 - gamma, foreground=1.0 - gamma, sigmoid=sigmoid
+        ),
+        **_focal_constants(
+            num_classes,
+            background=(1.0 - delta, gamma),
+            foreground=(delta, 0.0 if asymmetric else gamma),
+            sigmoid=sigmoid,
+        ),
         delta=delta,
         focal_coef=focal_coef,
         tversky_coef=tversky_coef,
@@ -694,6 +755,7 @@ def unified_focal_loss(
         backend=backend,
         dist_sync=dist_sync,
         process_group=process_group,
+        sigmoid=sigmoid,
     )
 
 
@@ -704,6 +766,7 @@ def focal_tversky_loss(
     delta: float = 0.7,
     gamma: float = 0.75,
     asymmetric: bool = False,
+    sigmoid: bool = False,
     batch: bool = False,
     clip: bool = True,
     eps: float = 1e-7,
@@ -724,6 +787,10 @@ def focal_tversky_loss(
         ``mean_b (1/C) [(1 - TI_{b0}) + sum_{c>=1} (1 - TI_{bc})^{1 - gamma}]``
         (``asymmetric_focal_tversky_loss``: the background is not enhanced)
 
+    ``sigmoid=True``: ``q_c = clip(sigmoid(z_c), eps, 1 - eps)`` per channel, no background
+    channel, so every channel is enhanced: ``mean_{b,c} (1 - TI_{bc})^{1 - gamma}`` whatever
+    ``asymmetric`` says. Targets as in :func:`unified_focal_loss`.
+
     Defaults ``delta = 0.7, gamma = 0.75`` are the authors' stand-alone defaults
     (mlyg/unified-focal-loss @ 411c9c5). The exponent is ``1 - gamma`` as in that code; the
     Abraham & Khan form ``(1 - TI)^{0.75}`` is ``gamma = 0.25``. Clip, batch, dist_sync, ignore
@@ -734,19 +801,18 @@ def focal_tversky_loss(
     binary only (channels 0 and 1; further channels are ignored), and has no ``batch``,
     ``ignore_index`` or un-clipped mode. MONAI has no symmetric form.
     """
-    logits = check_logits(logits, dense=True)
+    logits, sigmoid = _region_logits(logits, sigmoid)
+    num_classes = logits.shape[1]
     delta = check_number("delta", delta, low=0.0, high=1.0)
     gamma = check_number("gamma", gamma, low=0.0, high=1.0)
     asymmetric = check_bool("asymmetric", asymmetric)
-    foreground = logits.shape[1] - 1
-    exponent = [1.0 if asymmetric else 1.0 - gamma] + [1.0 - gamma] * foreground
-    zeros = [0.0] * (foreground + 1)
     return _region_family(
         logits,
         target,
-        zeros,
-        zeros,
-        exponent,
+        tversky_exponent=_tversky_exponents(
+            num_classes, background=1.0 if asymmetric else 1.0 - gamma, foreground=1.0 - gamma, sigmoid=sigmoid
+        ),
+        **_focal_constants(num_classes, background=(0.0, 0.0), foreground=(0.0, 0.0), sigmoid=sigmoid),
         delta=delta,
         focal_coef=0.0,
         tversky_coef=1.0,
@@ -759,20 +825,25 @@ def focal_tversky_loss(
         backend=backend,
         dist_sync=dist_sync,
         process_group=process_group,
+        sigmoid=sigmoid,
     )
 
 
-def _class_focal(logits, target, *, delta, gamma, asymmetric, clip, eps, reduction, ignore_index, backend):
-    logits = check_logits(logits, dense=True)
+def _class_focal(logits, target, *, delta, gamma, asymmetric, sigmoid, clip, eps, reduction, ignore_index, backend):
+    logits, sigmoid = _region_logits(logits, sigmoid)
+    num_classes = logits.shape[1]
     delta = check_number("delta", delta, low=0.0, high=1.0)
     gamma = check_number("gamma", gamma, low=0.0)
-    foreground = logits.shape[1] - 1
     return _region_family(
         logits,
         target,
-        [1.0 - delta] + [delta] * foreground,
-        [gamma] + [0.0 if asymmetric else gamma] * foreground,
-        [1.0] * (foreground + 1),
+        tversky_exponent=[1.0] * num_classes,
+        **_focal_constants(
+            num_classes,
+            background=(1.0 - delta, gamma),
+            foreground=(delta, 0.0 if asymmetric else gamma),
+            sigmoid=sigmoid,
+        ),
         delta=delta,
         focal_coef=1.0,
         tversky_coef=0.0,
@@ -783,6 +854,7 @@ def _class_focal(logits, target, *, delta, gamma, asymmetric, clip, eps, reducti
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        sigmoid=sigmoid,
     )
 
 
@@ -792,6 +864,7 @@ def symmetric_focal_loss(
     *,
     delta: float = 0.7,
     gamma: float = 2.0,
+    sigmoid: bool = False,
     clip: bool = True,
     eps: float = 1e-7,
     reduction: str = "mean",
@@ -805,6 +878,10 @@ def symmetric_focal_loss(
     gamma = 2`` are the authors' ``symmetric_focal_loss``. Options as in
     :func:`unified_focal_loss`; ``"none"`` gives the per-image voxel mean ``(B,)``.
 
+    ``sigmoid=True``: ``q_c = clip(sigmoid(z_c), eps, 1 - eps)``, no background channel,
+    ``mean_voxels sum_c [(1 - delta)(1 - y_c) q_c^gamma (-log(1 - q_c)) + delta y_c (1 - q_c)^gamma
+    (-log q_c)]``; with ``C = 1`` this is the softmax loss of the logits ``(0, z)``.
+
     MONAI has no symmetric focal loss; its ``FocalLoss(use_softmax=True)`` is the unclipped,
     unweighted softmax focal loss (see :func:`focal_loss`).
     """
@@ -814,6 +891,7 @@ def symmetric_focal_loss(
         delta=delta,
         gamma=gamma,
         asymmetric=False,
+        sigmoid=sigmoid,
         clip=clip,
         eps=eps,
         reduction=reduction,
@@ -828,6 +906,7 @@ def asymmetric_focal_loss(
     *,
     delta: float = 0.7,
     gamma: float = 2.0,
+    sigmoid: bool = False,
     clip: bool = True,
     eps: float = 1e-7,
     reduction: str = "mean",
@@ -840,6 +919,10 @@ def asymmetric_focal_loss(
     background is focally suppressed. Defaults ``delta = 0.7, gamma = 2`` are the authors'
     ``asymmetric_focal_loss``. Options as in :func:`symmetric_focal_loss`.
 
+    ``sigmoid=True``: no background channel; each channel's negative side is suppressed,
+    ``mean_voxels sum_c [(1 - delta)(1 - y_c) q_c^gamma (-log(1 - q_c)) + delta y_c (-log q_c)]``;
+    with ``C = 1`` this is the softmax loss of the logits ``(0, z)``.
+
     Differs from MONAI ``AsymmetricFocalLoss`` (same defaults): MONAI takes probabilities (not
     logits), is binary only (channels 0 and 1), and in recent versions (1.6) averages the two
     class terms instead of summing them, which halves the authors' value.
@@ -850,6 +933,7 @@ def asymmetric_focal_loss(
         delta=delta,
         gamma=gamma,
         asymmetric=True,
+        sigmoid=sigmoid,
         clip=clip,
         eps=eps,
         reduction=reduction,
@@ -858,18 +942,20 @@ def asymmetric_focal_loss(
     )
 
 
-def _mixed_focal_weight(alpha, beta, logits: torch.Tensor) -> torch.Tensor | list[float]:
-    """Per-class focal weight ``alpha_c * beta_c`` of the Mixed Focal loss."""
+def _mixed_focal_weights(alpha, beta, logits: torch.Tensor, sigmoid: bool) -> dict:
+    """Per-class focal weights ``alpha_c * beta_c`` of the Mixed Focal loss (both sides in sigmoid mode)."""
     num_classes = logits.shape[1]
-    if beta is None:
-        beta_c = [1.0] * num_classes
-    else:
+    if beta is not None:
         beta = check_number("beta", beta, low=0.0, high=1.0)
-        beta_c = [beta] + [1.0 - beta] * (num_classes - 1)
+    background, foreground = (1.0, 1.0) if beta is None else (beta, 1.0 - beta)
+    if sigmoid:
+        sides = {"focal_weight": [foreground] * num_classes, "negative_weight": [background] * num_classes}
+    else:
+        sides = {"focal_weight": [background] + [foreground] * (num_classes - 1)}
     if alpha is None:
-        return beta_c
+        return sides
     alpha = _class_values("alpha", alpha, logits)
-    return alpha * _per_class(beta_c, logits)
+    return {name: alpha * _per_class(values, logits) for name, values in sides.items()}
 
 
 def mixed_focal_loss(
@@ -882,6 +968,7 @@ def mixed_focal_loss(
     delta: float = 0.7,
     gamma_f: float = 2.0,
     gamma_fd: float = 0.75,
+    sigmoid: bool = False,
     clip: bool = True,
     eps: float = 1e-7,
     smooth: float = 1e-6,
@@ -908,23 +995,33 @@ def mixed_focal_loss(
     ``delta = 0.7, gamma_f = 2, gamma_fd = 0.75, smooth = 1e-6``. Clip, ignore and reduction
     semantics as in :func:`unified_focal_loss` (``batch`` is not part of this loss).
 
+    ``sigmoid=True``: ``q_c = clip(sigmoid(z_c), eps, 1 - eps)``, no background channel; the
+    negative side of each channel takes the background's ``beta``, the positive side the
+    foreground's ``1 - beta``:
+    ``L_F = mean_voxels sum_c alpha_c [(1 - beta)(1 - q_c)^{gamma_f} (-y_c log q_c)
+    + beta q_c^{gamma_f} (-(1 - y_c) log(1 - q_c))]`` (``beta=None``: both sides 1), ``L_FD`` as above
+    over the C channels.
+
     MONAI has no Mixed Focal loss. Its closest, ``DiceFocalLoss(softmax=True)``, adds an
     unclipped softmax focal term to a soft Dice with ``1e-5`` smoothing and no focal exponent on
     the Dice term (``lambda_dice`` / ``lambda_focal`` play the role of ``weight``).
     """
-    logits = check_logits(logits, dense=True)
+    logits, sigmoid = _region_logits(logits, sigmoid)
     tversky_coef, focal_coef = _unified_coefficients(weight)
     delta = check_number("delta", delta, low=0.0, high=1.0)
     gamma_f = check_number("gamma_f", gamma_f, low=0.0)
     gamma_fd = check_number("gamma_fd", gamma_fd, low=0.0, low_open=True)
     smooth = check_number("smooth", smooth, low=0.0)
     num_classes = logits.shape[1]
+    gammas = {"focal_gamma": [gamma_f] * num_classes}
+    if sigmoid:
+        gammas["negative_gamma"] = [gamma_f] * num_classes
     return _region_family(
         logits,
         target,
-        _mixed_focal_weight(alpha, beta, logits),
-        [gamma_f] * num_classes,
-        [gamma_fd] * num_classes,
+        tversky_exponent=[gamma_fd] * num_classes,
+        **_mixed_focal_weights(alpha, beta, logits, sigmoid),
+        **gammas,
         delta=delta,
         focal_coef=focal_coef,
         tversky_coef=tversky_coef,
@@ -935,6 +1032,7 @@ def mixed_focal_loss(
         reduction=reduction,
         ignore_index=ignore_index,
         backend=backend,
+        sigmoid=sigmoid,
     )
 
 
@@ -944,6 +1042,7 @@ def tversky_loss(
     *,
     delta: float = 0.7,
     smooth: float = 1e-6,
+    sigmoid: bool = False,
     batch: bool = False,
     clip: bool = False,
     eps: float = 1e-7,
@@ -958,22 +1057,23 @@ def tversky_loss(
     ``TI = (TP + smooth) / (TP + delta FN + (1 - delta) FP + smooth)`` per image and class
     (``delta`` weighs false negatives). Defaults are the authors' ``tversky_loss(delta=0.7,
     smooth=1e-6)`` (mlyg/unified-focal-loss), which does not clip (``clip=False``).
+    ``sigmoid=True``: the same on ``q_c = sigmoid(z_c)``, per channel (multi-label targets as in
+    :func:`unified_focal_loss`; MONAI's ``TverskyLoss(sigmoid=True)``).
 
     Differs from MONAI ``TverskyLoss``: MONAI names the FP weight ``alpha`` and the FN weight
     ``beta`` (``alpha = 1 - delta, beta = delta`` here), smooths with 1e-5 and needs
     ``softmax=True`` to take logits. ``batch``, ``dist_sync`` / ``process_group``, ``ignore_index``
     and ``reduction`` as in :func:`unified_focal_loss`.
     """
-    logits = check_logits(logits, dense=True)
+    logits, sigmoid = _region_logits(logits, sigmoid)
     delta = check_number("delta", delta, low=0.0, high=1.0)
     smooth = check_number("smooth", smooth, low=0.0)
     num_classes = logits.shape[1]
     return _region_family(
         logits,
         target,
-        [0.0] * num_classes,
-        [0.0] * num_classes,
-        [1.0] * num_classes,
+        tversky_exponent=[1.0] * num_classes,
+        **_focal_constants(num_classes, background=(0.0, 0.0), foreground=(0.0, 0.0), sigmoid=sigmoid),
         delta=delta,
         focal_coef=0.0,
         tversky_coef=1.0,
@@ -986,6 +1086,7 @@ def tversky_loss(
         backend=backend,
         dist_sync=dist_sync,
         process_group=process_group,
+        sigmoid=sigmoid,
     )
 
 
@@ -994,6 +1095,7 @@ def dice_loss(
     target: torch.Tensor,
     *,
     smooth: float = 1e-6,
+    sigmoid: bool = False,
     batch: bool = False,
     clip: bool = False,
     eps: float = 1e-7,
@@ -1006,14 +1108,17 @@ def dice_loss(
     r"""Soft Dice loss on softmax probabilities: ``mean_{b,c} [1 - (2 TP + 2s) / (2 TP + FN + FP + 2s)]``.
 
     The Tversky loss with ``delta = 0.5`` (the authors' ``dice_loss(delta=0.5, smooth=1e-6)``).
+    ``sigmoid=True``: the same on ``q_c = sigmoid(z_c)`` per channel (multi-label).
     Differs from MONAI ``DiceLoss(softmax=True)`` only by smoothing (MONAI: ``(2 TP + 1e-5) /
-    (P + Y + 1e-5)``). Other keywords as in :func:`tversky_loss`.
+    (P + Y + 1e-5)``; :func:`dice_ce_loss` with ``lambda_ce=0`` is MONAI's). Other keywords as in
+    :func:`tversky_loss`.
     """
     return tversky_loss(
         logits,
         target,
         delta=0.5,
         smooth=smooth,
+        sigmoid=sigmoid,
         batch=batch,
         clip=clip,
         eps=eps,
@@ -1022,4 +1127,366 @@ def dice_loss(
         backend=backend,
         dist_sync=dist_sync,
         process_group=process_group,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Compound losses: soft Dice + cross-entropy / focal, and the sigmoid focal loss
+
+# eps only bounds clip=True, which the compound losses never use (log q is taken in log space).
+_UNCLIPPED_EPS = 1e-7
+
+
+def _check_lambdas(first: str, first_value, second: str, second_value) -> tuple[float, float]:
+    first_value = check_number(first, first_value, low=0.0)
+    second_value = check_number(second, second_value, low=0.0)
+    if first_value == 0.0 and second_value == 0.0:
+        raise ValueError(
+            f"{first} and {second} must not both be 0 (the loss would be identically 0), got {first}=0, {second}=0"
+        )
+    return first_value, second_value
+
+
+def _non_negative_class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
+    """:func:`_class_values` that also refuses negative entries (where values are inspected, as labels are)."""
+    vector = _class_values(name, value, logits)
+    if is_sequence(value):
+        low = min(float(v) for v in value)
+    elif vector.device.type == "cpu" and not torch.compiler.is_compiling():
+        low = value_range(vector)[0]
+    else:
+        return vector
+    if low < 0:
+        raise ValueError(f"{name} must be non-negative, got {vector.tolist()}")
+    return vector
+
+
+def _dice_plus_voxel_term(
+    logits,
+    target,
+    *,
+    sigmoid,
+    voxel_coef,
+    lambda_dice,
+    smooth,
+    include_background,
+    batch,
+    reduction,
+    ignore_index,
+    backend,
+    dist_sync,
+    process_group,
+    **focal_constants,
+) -> torch.Tensor:
+    r"""``lambda_dice * Dice_b + voxel_coef * F_b`` through one region-family call.
+
+    The soft Dice ``1 - (2 TP + s) / (2 TP + FN + FP + s)`` is ``1 - TI`` with ``delta = 1/2`` and
+    both smoothing terms ``s / 2``. A channel left out (``include_background=False``: channel 0)
+    gets Tversky exponent 0, so ``(1 - TI)^0 = 1`` adds ``1/C`` and no gradient; scaling the
+    region term by ``C/K`` and adding ``-(C - K)/K`` per image leaves the mean over the ``K`` kept
+    channels.
+    """
+    num_classes = logits.shape[1]
+    kept = num_classes - (0 if check_bool("include_background", include_background) else 1)
+    if kept == 0:
+        raise ValueError(
+            "include_background=False drops channel 0 from the Dice term, but the logits have 1 channel; "
+            "pass include_background=True"
+        )
+    smooth = check_number("smooth", smooth, low=0.0)
+    reduction = check_reduction(reduction)
+    # (C/K) * lambda_dice * R_b - lambda_dice (C - K)/K: the same scaling as _compat.kept_class_scaling,
+    # which imports this module (so it cannot be imported from here).
+    tversky_coef, constant = lambda_dice * num_classes / kept, -lambda_dice * (num_classes - kept) / kept
+    if constant != 0.0 and reduction == "sum" and check_bool("dist_sync", dist_sync):
+        # The per-image constant times the global image count, which only the all-reduce knows.
+        raise ValueError(
+            "include_background=False with dist_sync=True supports reduction 'mean' or 'none', got 'sum'; "
+            "multiply the 'mean' loss by the global batch size instead"
+        )
+    loss = _region_family(
+        logits,
+        target,
+        tversky_exponent=[1.0 if c >= num_classes - kept else 0.0 for c in range(num_classes)],
+        **focal_constants,
+        delta=0.5,
+        focal_coef=voxel_coef,
+        tversky_coef=tversky_coef,
+        smooth=smooth / 2,
+        eps=_UNCLIPPED_EPS,
+        clip=False,
+        batch=batch,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
+        sigmoid=sigmoid,
+    )
+    if loss is None or constant == 0.0:
+        return loss
+    return loss + constant * (logits.shape[0] if reduction == "sum" else 1)
+
+
+def dice_ce_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    sigmoid: bool = False,
+    lambda_dice: float = 1.0,
+    lambda_ce: float = 1.0,
+    smooth: float = 1e-5,
+    include_background: bool = True,
+    weight=None,
+    pos_weight=None,
+    batch: bool = False,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    r"""Soft Dice + cross-entropy (softmax) or soft Dice + binary cross-entropy (``sigmoid=True``), fused.
+
+    Both terms come from one read of the logits and one gradient pass. Per image ``b``, with
+    ``p = softmax(z)`` (``p_c = sigmoid(z_c)`` when ``sigmoid``), ``K`` kept channels (all, or
+    ``1..C-1`` with ``include_background=False``) and ``V_b`` (valid) voxels:
+
+    .. math::
+
+        D_b &= \frac{1}{K} \sum_{c \in kept} \Big[1 - \frac{2 TP_{bc} + s}{2 TP_{bc} + FN_{bc} + FP_{bc} + s}\Big],
+            \quad TP = \sum_i y p,\ FN = \sum_i y (1 - p),\ FP = \sum_i (1 - y) p \\
+        CE_b &= \frac{1}{V_b} \sum_i \sum_c w_c\, y_{ic} (-\log p_{ic}) \qquad \text{(softmax)} \\
+        CE_b &= \frac{1}{C V_b} \sum_i \sum_c w_c \big[u_c\, y_{ic} (-\log p_{ic})
+                + (1 - y_{ic}) (-\log(1 - p_{ic}))\big] \qquad \text{(sigmoid)} \\
+        L_b &= \lambda_{dice} D_b + \lambda_{ce} CE_b
+
+    ``w = weight`` (per-class, default 1), ``u = pos_weight`` (sigmoid only, per channel, default
+    1: :class:`torch.nn.BCEWithLogitsLoss`'s ``pos_weight``). ``reduction``: ``"none"`` gives
+    ``L_b`` ``(B,)``, ``"mean"`` its mean, ``"sum"`` its sum.
+
+    Equalities (tested): without ignored voxels, ``CE`` averaged over the batch is
+    :func:`torch.nn.functional.cross_entropy` (class indices or one-hot / soft probabilities;
+    with ``weight`` it is the probability-target form, which divides by the voxel count, where
+    torch's class-index form divides by the sum of the voxels' weights) and, in sigmoid mode,
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits` with ``reduction="mean"`` (the
+    mean over all ``B C S`` elements, ``weight`` broadcast over channels). ``D`` is MONAI's
+    ``DiceLoss`` with ``smooth_nr = smooth_dr = s`` and nnU-Net's ``MemoryEfficientSoftDiceLoss``
+    (as ``1 + `` its value; ``include_background=False`` is its ``do_bg=False``, ``batch`` its
+    ``batch_dice``). With ``ignore_index`` (label maps only) ignored voxels leave every sum and
+    ``CE_b`` averages each image's valid voxels, then images are averaged (torch's
+    ``ignore_index`` averages all valid voxels of the batch at once: equal when the images have
+    as many valid voxels).
+
+    Defaults: ``lambda_dice = lambda_ce = 1`` (MONAI ``DiceCELoss``, nnU-Net ``DC_and_CE_loss``),
+    ``smooth = 1e-5`` (both), ``include_background=True`` and ``batch=False`` (MONAI's defaults;
+    nnU-Net uses ``do_bg=False`` for softmax and ``batch_dice`` from its plans). Targets: an
+    integer label map ``(B, *S)`` or ``(B, 1, *S)``, or a dense ``(B, C, *S)`` one-hot / soft map
+    (softmax) or multi-hot map (sigmoid; bool, uint8 or float in ``[0, 1]``, channels may overlap;
+    a label map in sigmoid mode is read as one-hot). In sigmoid mode there is no background
+    channel: ``include_background=False`` drops channel 0 from the Dice term, whatever it holds.
+    ``dist_sync`` / ``process_group`` as in :func:`unified_focal_loss` (with
+    ``include_background=False``, ``reduction="sum"`` is refused there).
+    """
+    logits, sigmoid = _region_logits(logits, sigmoid)
+    num_classes = logits.shape[1]
+    lambda_dice, lambda_ce = _check_lambdas("lambda_dice", lambda_dice, "lambda_ce", lambda_ce)
+    class_weight = [1.0] * num_classes if weight is None else _non_negative_class_values("weight", weight, logits)
+    if sigmoid:
+        positive = class_weight
+        if pos_weight is not None:
+            positive = _non_negative_class_values("pos_weight", pos_weight, logits)
+            if weight is not None:
+                positive = positive * class_weight
+        focal = {
+            "focal_weight": positive,
+            "focal_gamma": [0.0] * num_classes,
+            "negative_weight": class_weight,
+            "negative_gamma": [0.0] * num_classes,
+        }
+    elif pos_weight is not None:
+        raise ValueError(f"pos_weight applies to sigmoid=True only (the BCE positive side), got {pos_weight!r}")
+    else:
+        focal = {"focal_weight": class_weight, "focal_gamma": [0.0] * num_classes}
+    return _dice_plus_voxel_term(
+        logits,
+        target,
+        sigmoid=sigmoid,
+        voxel_coef=lambda_ce / num_classes if sigmoid else lambda_ce,
+        lambda_dice=lambda_dice,
+        smooth=smooth,
+        include_background=include_background,
+        batch=batch,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
+        **focal,
+    )
+
+
+def _sigmoid_alpha(alpha) -> tuple[float, float]:
+    """(positive, negative) side weights of torchvision's scalar ``alpha`` (``None``: 1 and 1)."""
+    if alpha is None:
+        return 1.0, 1.0
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(
+            f"alpha must be None or a number in [0, 1] (the positive side's weight, torchvision's alpha) "
+            f"with sigmoid=True, got {type(alpha).__name__}: {alpha!r}"
+        )
+    alpha = check_number("alpha", alpha, low=0.0, high=1.0)
+    return alpha, 1.0 - alpha
+
+
+def dice_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    sigmoid: bool = False,
+    gamma: float = 2.0,
+    alpha=None,
+    lambda_dice: float = 1.0,
+    lambda_focal: float = 1.0,
+    smooth: float = 1e-5,
+    include_background: bool = True,
+    batch: bool = False,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    backend: str = "auto",
+    dist_sync: bool = False,
+    process_group=None,
+) -> torch.Tensor:
+    r"""Soft Dice + focal loss (softmax or ``sigmoid=True``), fused: ``L_b = lambda_dice D_b + lambda_focal F_b``.
+
+    ``D_b`` is the soft Dice of :func:`dice_ce_loss` (``smooth``, ``include_background``,
+    ``batch`` as there). The focal term, per image over its ``V_b`` (valid) voxels:
+
+    .. math::
+
+        F_b &= \frac{1}{V_b} \sum_i \sum_c \alpha_c\, y_{ic} (1 - p_{ic})^{\gamma} (-\log p_{ic})
+              \qquad p = \mathrm{softmax}(z) \\
+        F_b &= \frac{1}{C V_b} \sum_i \sum_c \big[\alpha\, y (1 - p)^{\gamma} (-\log p)
+              + (1 - \alpha) (1 - y)\, p^{\gamma} (-\log(1 - p))\big]_{ic} \qquad p = \mathrm{sigmoid}(z)
+
+    Softmax: ``alpha`` is ``None`` (all 1) or per class, as in :func:`focal_loss` (the softmax
+    focal loss of Lin et al.; its mean is over voxels, summed over classes, so ``gamma = 0`` is
+    :func:`dice_ce_loss`). Sigmoid: ``alpha`` is ``None`` (both sides 1) or a number in
+    ``[0, 1]`` weighing positives, ``1 - alpha`` weighing negatives, and ``F`` is the mean over
+    all ``B C S`` elements: :func:`sigmoid_focal_loss` (torchvision's ``sigmoid_focal_loss``
+    with ``reduction="mean"``; on soft targets each side is weighed separately, see there);
+    ``gamma = 0, alpha=None`` is :func:`dice_ce_loss` with ``sigmoid=True``. No background
+    channel in sigmoid mode.
+
+    Defaults: ``gamma = 2`` (Lin et al., MONAI, torchvision), ``alpha=None`` and
+    ``lambda_dice = lambda_focal = 1``, ``smooth = 1e-5`` (MONAI ``DiceFocalLoss``). Differs from
+    MONAI's ``DiceFocalLoss``: in softmax mode MONAI's focal mean also divides by C (an average
+    over ``B C S`` elements) and reads a scalar ``alpha`` as ``1 - alpha`` for channel 0; its
+    sigmoid mode (``FocalLoss(use_softmax=False)``) is the one here. Targets, ``ignore_index``,
+    ``reduction`` and ``dist_sync`` as in :func:`dice_ce_loss`.
+    """
+    logits, sigmoid = _region_logits(logits, sigmoid)
+    num_classes = logits.shape[1]
+    gamma = check_number("gamma", gamma, low=0.0)
+    lambda_dice, lambda_focal = _check_lambdas("lambda_dice", lambda_dice, "lambda_focal", lambda_focal)
+    if sigmoid:
+        positive, negative = _sigmoid_alpha(alpha)
+        focal = {
+            "focal_weight": [positive] * num_classes,
+            "focal_gamma": [gamma] * num_classes,
+            "negative_weight": [negative] * num_classes,
+            "negative_gamma": [gamma] * num_classes,
+        }
+    else:
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            raise TypeError(
+                f"alpha must be None or one weight per class with sigmoid=False (a scalar alpha is the sigmoid "
+                f"mode's positive-side weight), got {alpha!r}"
+            )
+        class_alpha = [1.0] * num_classes if alpha is None else _non_negative_class_values("alpha", alpha, logits)
+        focal = {"focal_weight": class_alpha, "focal_gamma": [gamma] * num_classes}
+    return _dice_plus_voxel_term(
+        logits,
+        target,
+        sigmoid=sigmoid,
+        voxel_coef=lambda_focal / num_classes if sigmoid else lambda_focal,
+        lambda_dice=lambda_dice,
+        smooth=smooth,
+        include_background=include_background,
+        batch=batch,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        backend=backend,
+        dist_sync=dist_sync,
+        process_group=process_group,
+        **focal,
+    )
+
+
+def sigmoid_focal_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    alpha: float | None = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "mean",
+    ignore_index: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    r"""Sigmoid focal loss (Lin et al. 2017, RetinaNet), per element, fused: torchvision's semantics.
+
+    For every element (image ``b``, channel ``c``, voxel ``i``) with ``p = sigmoid(z)``:
+
+    .. math::
+
+        \ell = \alpha\, y (1 - p)^{\gamma} (-\log p) + (1 - \alpha)(1 - y)\, p^{\gamma} (-\log(1 - p))
+
+    (``alpha=None``: both sides weigh 1; ``gamma = 0, alpha=None`` is
+    :func:`torch.nn.functional.binary_cross_entropy_with_logits`). ``log p`` and ``log(1 - p)``
+    are log-sigmoids, so saturated logits give finite values. On 0/1 targets this is
+    torchvision's ``alpha_t (1 - p_t)^gamma BCE``; on soft targets (``0 < y < 1``) the two sides
+    are weighed separately as above, where torchvision mixes them through ``p_t`` and ``alpha_t``.
+    ``reduction``: ``"mean"`` is the mean over all ``B C S`` elements (torchvision's ``"mean"``),
+    ``"sum"`` their sum (torchvision's ``"sum"``), ``"none"`` the per-image mean over its ``C S``
+    elements, shape ``(B,)`` (torchvision returns every element; the fused kernels reduce in
+    their pass). Logits ``(B, C, *S)`` with ``C >= 1`` (one-dimensional detection scores
+    ``(N, C)`` can be passed as ``(N, C, 1)``); targets a multi-hot map of the logits' shape
+    (float in ``[0, 1]``, bool or uint8) or an integer label map ``(B, *S)`` read as one-hot.
+    ``ignore_index`` (label maps only) drops voxels: the mean is then per image over its valid
+    elements, averaged over images, and ``"sum"`` is refused (the per-image valid counts are only
+    known inside the kernel).
+
+    Defaults ``alpha = 0.25, gamma = 2`` are torchvision's ``sigmoid_focal_loss`` and Lin et al.'s
+    (MONAI's ``FocalLoss`` defaults to ``alpha=None``).
+    """
+    logits = check_logits(logits, dense=True, min_classes=1)
+    batch_size, num_classes = logits.shape[:2]
+    positive, negative = _sigmoid_alpha(alpha)
+    gamma = check_number("gamma", gamma, low=0.0)
+    reduction = check_reduction(reduction)
+    is_label_map = isinstance(target, torch.Tensor) and target.dim() != logits.dim()
+    if reduction == "sum" and is_label_map and ignore_index is not None:
+        raise ValueError(
+            f"sigmoid_focal_loss with ignore_index={ignore_index!r} supports reduction 'mean' or 'none', got 'sum'"
+        )
+    spatial_size = logits[0, 0].numel()
+    return _region_family(
+        logits,
+        target,
+        [positive] * num_classes,
+        [gamma] * num_classes,
+        [1.0] * num_classes,
+        delta=0.5,
+        focal_coef=float(spatial_size) if reduction == "sum" else 1.0 / num_classes,
+        tversky_coef=0.0,
+        smooth=0.0,
+        eps=_UNCLIPPED_EPS,
+        clip=False,
+        batch=False,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        backend=backend,
+        sigmoid=True,
+        negative_weight=[negative] * num_classes,
+        negative_gamma=[gamma] * num_classes,
     )

@@ -21,12 +21,15 @@ from ._validation import as_class_values, check_bool, check_class_counts, check_
 
 __all__ = [
     "AsymmetricFocalLoss",
+    "DiceCELoss",
+    "DiceFocalLoss",
     "DiceLoss",
     "FocalLoss",
     "FocalTverskyLoss",
     "LDAMLoss",
     "LMFLoss",
     "MixedFocalLoss",
+    "SigmoidFocalLoss",
     "SymmetricFocalLoss",
     "TverskyLoss",
     "UnifiedFocalLoss",
@@ -160,6 +163,7 @@ class UnifiedFocalLoss(_KeywordLoss):
         delta: float = 0.6,
         gamma: float = 0.5,
         asymmetric: bool = True,
+        sigmoid: bool = False,
         batch: bool = False,
         clip: bool = True,
         eps: float = 1e-7,
@@ -184,6 +188,7 @@ class FocalTverskyLoss(_KeywordLoss):
         delta: float = 0.7,
         gamma: float = 0.75,
         asymmetric: bool = False,
+        sigmoid: bool = False,
         batch: bool = False,
         clip: bool = True,
         eps: float = 1e-7,
@@ -207,6 +212,7 @@ class SymmetricFocalLoss(_KeywordLoss):
         *,
         delta: float = 0.7,
         gamma: float = 2.0,
+        sigmoid: bool = False,
         clip: bool = True,
         eps: float = 1e-7,
         reduction: str = "mean",
@@ -234,6 +240,7 @@ class TverskyLoss(_KeywordLoss):
         *,
         delta: float = 0.7,
         smooth: float = 1e-6,
+        sigmoid: bool = False,
         batch: bool = False,
         clip: bool = False,
         eps: float = 1e-7,
@@ -256,6 +263,7 @@ class DiceLoss(_KeywordLoss):
         self,
         *,
         smooth: float = 1e-6,
+        sigmoid: bool = False,
         batch: bool = False,
         clip: bool = False,
         eps: float = 1e-7,
@@ -268,19 +276,22 @@ class DiceLoss(_KeywordLoss):
         super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
 
 
+def _class_buffer(name: str, value) -> torch.Tensor | None:
+    """A per-class keyword (tensor, array or sequence) as a CPU buffer; ``None`` stays ``None``."""
+    value = as_class_values(value)
+    if value is None:
+        return None
+    if not isinstance(value, (torch.Tensor, list, tuple)):
+        raise TypeError(f"{name} must be None, a tensor, an array or a sequence of numbers, got {type(value).__name__}")
+    count = value.numel() if isinstance(value, torch.Tensor) else len(value)
+    return class_vector(name, value, count, torch.device("cpu"))
+
+
 class _AlphaLoss(_KeywordLoss):
     """A keyword loss whose optional per-class ``alpha`` is kept as a buffer."""
 
     def __init__(self, *, alpha, **kwargs) -> None:
-        alpha = as_class_values(alpha)
-        if alpha is not None:
-            if not isinstance(alpha, (torch.Tensor, list, tuple)):
-                raise TypeError(
-                    f"alpha must be None, a tensor, an array or a sequence of numbers, got {type(alpha).__name__}"
-                )
-            count = alpha.numel() if isinstance(alpha, torch.Tensor) else len(alpha)
-            alpha = class_vector("alpha", alpha, count, torch.device("cpu"))
-        super().__init__(tensors={"alpha": alpha}, **kwargs)
+        super().__init__(tensors={"alpha": _class_buffer("alpha", alpha)}, **kwargs)
 
 
 @_documented(F.focal_loss)
@@ -316,9 +327,90 @@ class MixedFocalLoss(_AlphaLoss):
         delta: float = 0.7,
         gamma_f: float = 2.0,
         gamma_fd: float = 0.75,
+        sigmoid: bool = False,
         clip: bool = True,
         eps: float = 1e-7,
         smooth: float = 1e-6,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(**{k: v for k, v in locals().items() if k not in ("self", "__class__")})
+
+
+@_documented(F.dice_ce_loss)
+class DiceCELoss(_KeywordLoss):
+    """Soft Dice + cross-entropy criterion (softmax), or soft Dice + BCE-with-logits (``sigmoid=True``).
+
+    Per-class ``weight`` and ``pos_weight`` are kept as buffers."""
+
+    _function = staticmethod(F.dice_ce_loss)
+
+    def __init__(
+        self,
+        *,
+        sigmoid: bool = False,
+        lambda_dice: float = 1.0,
+        lambda_ce: float = 1.0,
+        smooth: float = 1e-5,
+        include_background: bool = True,
+        weight=None,
+        pos_weight=None,
+        batch: bool = False,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
+    ) -> None:
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "weight", "pos_weight")}
+        tensors = {"weight": _class_buffer("weight", weight), "pos_weight": _class_buffer("pos_weight", pos_weight)}
+        super().__init__(tensors=tensors, **kwargs)
+
+
+@_documented(F.dice_focal_loss)
+class DiceFocalLoss(_KeywordLoss):
+    """Soft Dice + focal criterion (softmax, or sigmoid focal with ``sigmoid=True``).
+
+    A per-class ``alpha`` (softmax) is kept as a buffer, a scalar one (sigmoid) as a keyword."""
+
+    _function = staticmethod(F.dice_focal_loss)
+
+    def __init__(
+        self,
+        *,
+        sigmoid: bool = False,
+        gamma: float = 2.0,
+        alpha=None,
+        lambda_dice: float = 1.0,
+        lambda_focal: float = 1.0,
+        smooth: float = 1e-5,
+        include_background: bool = True,
+        batch: bool = False,
+        reduction: str = "mean",
+        ignore_index: int | None = None,
+        backend: str = "auto",
+        dist_sync: bool = False,
+        process_group=None,
+    ) -> None:
+        kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__", "alpha")}
+        if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+            super().__init__(alpha=alpha, **kwargs)
+        else:
+            super().__init__(tensors={"alpha": _class_buffer("alpha", alpha)}, **kwargs)
+
+
+@_documented(F.sigmoid_focal_loss)
+class SigmoidFocalLoss(_KeywordLoss):
+    """Sigmoid focal loss criterion (torchvision's ``sigmoid_focal_loss``) for ``(B, C, *S)`` logits."""
+
+    _function = staticmethod(F.sigmoid_focal_loss)
+
+    def __init__(
+        self,
+        *,
+        alpha: float | None = 0.25,
+        gamma: float = 2.0,
         reduction: str = "mean",
         ignore_index: int | None = None,
         backend: str = "auto",

@@ -453,3 +453,137 @@ def monai_softmax_focal_loss(logits, labels, gamma=2.0):
     log_p = log_softmax(logits, axis=1)
     y = np.moveaxis(one_hot(labels, logits.shape[1]), -1, 1)
     return np.mean(-np.power(1 - np.exp(log_p), gamma) * log_p * y)
+
+
+# --------------------------------------------------------------------------------------------
+# Sigmoid (multi-label) mode: every channel an independent binary problem, Keras-style
+# (channels-last multi-hot ``y_true``, sigmoid probabilities ``y_pred``, batch-mean values)
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """Elementwise logistic function; complex-safe for the complex step."""
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def multilabel_focal_loss(y_true, y_pred, pos_weight, pos_gamma, neg_weight, neg_gamma, *, clip, eps=KERAS_EPSILON):
+    """``mean_voxels sum_c [a+ y (1-q)^g+ (-log q) + a- (1-y) q^g- (-log(1-q))]``, per-channel or scalar constants."""
+    q = _prepare(y_pred, clip, eps)
+    positive = pos_weight * y_true * np.power(1 - q, pos_gamma) * -np.log(q)
+    negative = neg_weight * (1 - y_true) * np.power(q, neg_gamma) * -np.log(1 - q)
+    return np.mean(np.sum(positive + negative, axis=-1))
+
+
+def multilabel_focal_tversky(y_true, y_pred, delta, exponent, smooth, *, clip, eps=KERAS_EPSILON):
+    """``mean_{b,c} (1 - TI_bc)^exponent`` on the (clipped) sigmoid probabilities: every channel a foreground."""
+    q = _prepare(y_pred, clip, eps)
+    return np.mean(np.power(1 - tversky_index(y_true, q, delta, smooth), exponent))
+
+
+def multilabel_unified_focal_loss(
+    y_true, y_pred, weight=0.5, delta=0.6, gamma=0.5, asymmetric=True, *, clip=True, eps=KERAS_EPSILON
+):
+    """Unified Focal with the negative side as the background (``1 - delta``, ``gamma``) and the positive
+    side as the foreground (``delta``, 0 or ``gamma``); every Tversky term enhanced by ``1 - gamma``."""
+    focal = multilabel_focal_loss(
+        y_true, y_pred, delta, 0.0 if asymmetric else gamma, 1 - delta, gamma, clip=clip, eps=eps
+    )
+    tversky = multilabel_focal_tversky(y_true, y_pred, delta, 1 - gamma, eps, clip=clip, eps=eps)
+    return _unified(tversky, focal, weight)
+
+
+def multilabel_mixed_focal_loss(
+    y_true, y_pred, weight=None, alpha=None, beta=None, delta=0.7, gamma_f=2.0, gamma_fd=0.75, smooth=1e-6, *,
+    clip=True, eps=KERAS_EPSILON,
+):  # fmt: skip
+    """Mixed Focal: positive side ``alpha_c (1 - beta)``, negative side ``alpha_c beta`` (1 where None)."""
+    alpha = 1.0 if alpha is None else np.asarray(alpha, dtype=np.float64)
+    background, foreground = (1.0, 1.0) if beta is None else (beta, 1 - beta)
+    focal = multilabel_focal_loss(
+        y_true, y_pred, alpha * foreground, gamma_f, alpha * background, gamma_f, clip=clip, eps=eps
+    )
+    focal_dice = multilabel_focal_tversky(y_true, y_pred, delta, gamma_fd, smooth, clip=clip, eps=eps)
+    return _unified(focal_dice, focal, weight)
+
+
+def soft_dice_per_class(y_true, y_pred, smooth):
+    """MONAI / nnU-Net soft Dice loss per image and class: ``1 - (2 TP + s) / (sum y + sum p + s)``, ``(B, C)``."""
+    axis = identify_axis(y_true)
+    intersection = np.sum(y_true * y_pred, axis=axis)
+    return 1 - (2 * intersection + smooth) / (np.sum(y_true, axis=axis) + np.sum(y_pred, axis=axis) + smooth)
+
+
+def _kept_dice(y_true, y_pred, smooth, include_background):
+    dice = soft_dice_per_class(y_true, y_pred, smooth)
+    return np.mean(dice if include_background else dice[:, 1:])
+
+
+def dice_ce_loss(
+    y_true, y_pred, *, sigmoid, lambda_dice=1.0, lambda_ce=1.0, smooth=1e-5, include_background=True, weight=None,
+    pos_weight=None,
+):  # fmt: skip
+    """``lambda_dice * Dice + lambda_ce * CE``: CE of softmax (sum over classes, mean over voxels) or the
+    mean BCE over every element (``weight`` on both sides, ``pos_weight`` on the positive side)."""
+    w = 1.0 if weight is None else np.asarray(weight, dtype=np.float64)
+    if sigmoid:
+        u = 1.0 if pos_weight is None else np.asarray(pos_weight, dtype=np.float64)
+        ce = np.mean(w * -(u * y_true * np.log(y_pred) + (1 - y_true) * np.log(1 - y_pred)))
+    else:
+        ce = np.mean(np.sum(w * -y_true * np.log(y_pred), axis=-1))
+    return lambda_dice * _kept_dice(y_true, y_pred, smooth, include_background) + lambda_ce * ce
+
+
+def torchvision_sigmoid_focal_loss(y_true, y_pred, alpha=0.25, gamma=2.0):
+    """torchvision.ops.sigmoid_focal_loss, ``"mean"``: ``alpha_t (1 - p_t)^gamma BCE`` averaged over every element."""
+    ce = -(y_true * np.log(y_pred) + (1 - y_true) * np.log(1 - y_pred))
+    p_t = y_pred * y_true + (1 - y_pred) * (1 - y_true)
+    loss = ce * np.power(1 - p_t, gamma)
+    if alpha is not None:
+        loss = (alpha * y_true + (1 - alpha) * (1 - y_true)) * loss
+    return np.mean(loss)
+
+
+def dice_focal_loss(
+    y_true, y_pred, *, sigmoid, gamma=2.0, alpha=None, lambda_dice=1.0, lambda_focal=1.0, smooth=1e-5,
+    include_background=True,
+):  # fmt: skip
+    """``lambda_dice * Dice + lambda_focal * focal``: softmax focal (per-class alpha, sum over classes, mean
+    over voxels) or torchvision's sigmoid focal loss (scalar alpha, mean over every element)."""
+    if sigmoid:
+        focal = torchvision_sigmoid_focal_loss(y_true, y_pred, alpha=alpha, gamma=gamma)
+    else:
+        a = 1.0 if alpha is None else np.asarray(alpha, dtype=np.float64)
+        focal = np.mean(np.sum(a * np.power(1 - y_pred, gamma) * -y_true * np.log(y_pred), axis=-1))
+    return lambda_dice * _kept_dice(y_true, y_pred, smooth, include_background) + lambda_focal * focal
+
+
+def probabilities_on_logits(
+    loss: Callable,
+    logits: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    use_sigmoid: bool,
+    dense_target: np.ndarray | None = None,
+    ignore_index: int | None = None,
+    reduction: str = "mean",
+    **kwargs,
+):
+    """:func:`keras_on_logits` for either activation: a Keras-style ``loss(y_true, y_pred)`` per image.
+
+    ``dense_target``: a channels-first multi-hot / soft map; else ``labels`` (read as one-hot, voxels
+    equal to ``ignore_index`` gathered out of their image).
+    """
+    num_classes = logits.shape[1]
+    probs = sigmoid(channels_last(logits)) if use_sigmoid else softmax(channels_last(logits), axis=-1)
+    if dense_target is not None:
+        truth = channels_last(dense_target).astype(np.float64)
+    else:
+        known = labels if ignore_index is None else np.where(labels == ignore_index, 0, labels)
+        truth = one_hot(known, num_classes)
+    per_image = []
+    for b in range(logits.shape[0]):
+        p_b, y_b = probs[b], truth[b]
+        if dense_target is None and ignore_index is not None:
+            keep = labels[b] != ignore_index
+            p_b, y_b = p_b[keep], y_b[keep]
+        per_image.append(loss(y_b[None], p_b[None], **kwargs))
+    return _reduce(np.stack(per_image), reduction)

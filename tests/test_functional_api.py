@@ -129,6 +129,9 @@ MODULE_FUNCTIONS = [
     ("MixedFocalLoss", "mixed_focal_loss"),
     ("TverskyLoss", "tversky_loss"),
     ("DiceLoss", "dice_loss"),
+    ("DiceCELoss", "dice_ce_loss"),
+    ("DiceFocalLoss", "dice_focal_loss"),
+    ("SigmoidFocalLoss", "sigmoid_focal_loss"),
 ]
 
 
