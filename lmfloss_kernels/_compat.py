@@ -66,11 +66,16 @@ def region_mean(
     ignore_index: int | None,
     backend: str,
     dist_sync: bool = False,
+    sigmoid: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """``M`` above (``reduction="mean"``, no clip) on the chosen backend, one fused pass each way.
+    """``M`` above (no clip) on the chosen backend, one fused pass each way; ``reduction="none"``
+    gives the per-image ``L_b``, ``"sum"`` their sum.
 
-    ``focal_weight``: a per-class sequence or a tensor already in the logits' vector dtype on their
-    device; ``focal_gamma`` and ``exponent``: per-class sequences.
+    Softmax mode: ``focal_weight`` a per-class sequence or a tensor already in the logits' vector
+    dtype on their device; ``focal_gamma`` and ``exponent`` per-class sequences. ``sigmoid=True``
+    (independent channels, :func:`lmfloss_kernels.reference.region_loss`): ``focal_weight`` and
+    ``focal_gamma`` are ``(positive side, negative side)`` pairs of per-class sequences.
     """
     ignore_index = check_ignore_index(ignore_index, optional=True)
     target = check_target(logits, target, ignore_index=ignore_index)
@@ -79,15 +84,21 @@ def region_mean(
         from ._distributed import make_sync
 
         extra["sync"] = make_sync(True, None)
-    if not isinstance(focal_weight, torch.Tensor):
-        focal_weight = functional._per_class(focal_weight, logits)
+    if sigmoid:
+        extra["sigmoid"] = True
+        focal_weight = functional._sides(*focal_weight, logits)
+        focal_gamma = functional._sides(*focal_gamma, logits)
+    else:
+        if not isinstance(focal_weight, torch.Tensor):
+            focal_weight = functional._per_class(focal_weight, logits)
+        focal_gamma = functional._per_class(focal_gamma, logits)
     return functional._run(
         "region_loss",
         backend,
         logits,
         target,
         focal_weight,
-        functional._per_class(focal_gamma, logits),
+        focal_gamma,
         functional._per_class(exponent, logits),
         delta=delta,
         focal_coef=focal_coef,
@@ -98,7 +109,7 @@ def region_mean(
         clip=False,
         batch=batch,
         ignore_index=ignore_index,
-        reduction="mean",
+        reduction=reduction,
         **extra,
     )
 
