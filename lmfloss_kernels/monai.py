@@ -6,23 +6,34 @@ output shapes; they add one keyword, ``backend`` (as everywhere in this package)
 MONAI takes them: logits ``(B, C, *S)`` and a target ``(B, 1, *S)`` label map (integer or float,
 with ``to_onehot_y=True``) or a ``(B, C, *S)`` one-hot / soft map.
 
-Fused (one pass forward, one backward, through the region family; see :mod:`._compat` for the
-mapping) when the options are those of a softmax criterion:
+Fused (through the region family, softmax or sigmoid mode; see :mod:`._compat` for the
+mapping), one pass forward and one backward unless noted:
 
-* ``DiceLoss`` / ``DiceCELoss`` / ``TverskyLoss`` with ``softmax=True``, ``sigmoid=False``,
+* ``DiceLoss`` / ``DiceCELoss`` / ``TverskyLoss`` with ``softmax=True`` or ``sigmoid=True``,
   ``other_act=None``, ``squared_pred=False``, ``jaccard=False``, ``reduction`` ``"mean"`` or
-  ``"sum"``, a class ``weight`` that is ``None`` or the same for every class, ``C > 1``; any
+  ``"sum"``, a class ``weight`` that is ``None`` or the same for every class; any
   ``include_background``, ``to_onehot_y``, ``batch``, ``smooth_nr``, ``smooth_dr``,
   ``lambda_dice`` / ``lambda_ce``; ``ignore_index`` on label maps; ``TverskyLoss`` with
-  ``alpha + beta = 1`` (``delta = beta``). ``DiceCELoss`` needs ``label_smoothing=0``.
-* ``FocalLoss`` with ``use_softmax=True``, ``include_background=True``, ``reduction`` ``"mean"``
-  or ``"sum"`` (``gamma``, scalar or per-class ``alpha``, per-class ``weight``, ``ignore_index``
-  on label maps).
+  ``alpha + beta = 1`` (``delta = beta``). A single channel needs ``sigmoid=True`` (MONAI then
+  ignores ``to_onehot_y`` and ``include_background``). ``DiceCELoss`` needs
+  ``label_smoothing=0`` for ``C > 1``; with ``sigmoid=True`` MONAI 1.6 adds
+  ``BCEWithLogitsLoss(pos_weight=weight)`` for one channel (one pass) and the softmax
+  cross-entropy for ``C > 1`` (two passes: the sigmoid Dice, then the softmax cross-entropy).
+* ``DiceFocalLoss``: MONAI 1.6's focal term is always the sigmoid focal loss of the logits;
+  ``sigmoid=True`` is one pass, ``softmax=True`` two (softmax Dice, sigmoid focal).
+* ``FocalLoss`` with ``use_softmax=True`` and ``include_background=True``, or
+  ``use_softmax=False`` (sigmoid) with any ``include_background``; ``reduction`` ``"mean"`` or
+  ``"sum"``, ``gamma``, scalar or per-class ``alpha``, per-class ``weight``, ``ignore_index`` on
+  label maps.
 
-Every other combination is computed by MONAI's own class (when MONAI is installed), with a
-one-time warning naming the option; without MONAI it raises ``ImportError``. ``DiceFocalLoss``
-always delegates: in MONAI 1.6 its focal term is the sigmoid focal loss
-(``FocalLoss(use_softmax=False)``), which the softmax kernels do not compute.
+The sigmoid focal term (``FocalLoss(use_softmax=False)``, ``DiceFocalLoss``) equals the kernels'
+two-sided focal term for 0/1 targets only: a float target that is not 0/1 is delegated unless
+``gamma = 0`` and ``alpha=None`` (:func:`_soft_focal_reason`; the check costs one read of the
+target and, on a GPU, one device sync per call).
+
+Every other combination (``reduction="none"``: MONAI returns per-class or per-element values,
+the region family per-image sums over classes) is computed by MONAI's own class (when MONAI is
+installed), with a one-time warning naming the option; without MONAI it raises ``ImportError``.
 ``GeneralizedDiceLoss`` is not provided: its class weights ``1 / G_c^2`` enter a ratio of sums
 over classes, which the per-class Tversky terms of the region family cannot express.
 
@@ -300,7 +311,7 @@ class _RegionLoss(_MonaiCompatible):
 
 class DiceLoss(_RegionLoss):
     r"""MONAI's ``DiceLoss``: ``1 - (2 TP + smooth_nr) / (G + P + smooth_dr)`` per image and class,
-    reduced over ``(B, C)`` (over ``C`` with ``batch=True``). Fused for ``softmax=True`` (see the
+    reduced over ``(B, C)`` (over ``C`` with ``batch=True``). Fused for ``softmax=True`` or ``sigmoid=True`` (see the
     module docstring); ``weight`` must be uniform to fuse."""
 
     _monai_name = "DiceLoss"
@@ -370,7 +381,7 @@ class DiceLoss(_RegionLoss):
 
 class TverskyLoss(_RegionLoss):
     r"""MONAI's ``TverskyLoss``: ``1 - (TP + smooth_nr) / (TP + alpha FP + beta FN + smooth_dr)``,
-    reduced over ``(B, C)``. Fused for ``softmax=True`` and ``alpha + beta = 1``."""
+    reduced over ``(B, C)``. Fused for ``softmax=True`` or ``sigmoid=True`` and ``alpha + beta = 1``."""
 
     _monai_name = "TverskyLoss"
 
@@ -431,7 +442,8 @@ class TverskyLoss(_RegionLoss):
 
 class DiceCELoss(_RegionLoss):
     r"""MONAI's ``DiceCELoss``: ``lambda_dice * DiceLoss + lambda_ce * CrossEntropyLoss``, both terms
-    from one fused pass (cross-entropy = the focal term with ``gamma = 0``) for ``softmax=True``.
+    from one fused pass (cross-entropy = the focal term with ``gamma = 0``) for ``softmax=True``;
+    ``sigmoid=True``: see the module docstring (MONAI 1.6 mixes the two activations for ``C > 1``).
 
     The cross-entropy uses every channel (``include_background`` concerns the Dice term only); a
     ``(B, 1, *S)`` target is read as class indices, a ``(B, C, *S)`` one as class probabilities,
@@ -626,12 +638,17 @@ class DiceFocalLoss(_RegionLoss):
 
 
 class FocalLoss(_MonaiCompatible):
-    r"""MONAI's ``FocalLoss``: ``-alpha_c w_c (1 - p_c)^gamma y_c log p_c`` per element.
+    r"""MONAI's ``FocalLoss``: softmax ``-alpha_c w_c (1 - p_c)^gamma y_c log p_c`` per element, or
+    (``use_softmax=False``, the default) sigmoid, per channel,
+    ``w_c [a^+_c y (1 - p)^gamma (-log p) + a^-_c (1 - y) p^gamma (-log(1 - p))]`` for 0/1 ``y``.
 
-    Fused for ``use_softmax=True`` with ``include_background=True``: ``"mean"`` divides by
-    ``B C S`` (by the number of valid voxels with ``ignore_index``), ``"sum"`` sums the per-image,
-    per-class spatial means, as MONAI does. A scalar ``alpha`` weighs the background ``1 - alpha``
-    and the other classes ``alpha``."""
+    ``"mean"`` divides by ``B K S`` over the ``K`` kept channels (with ``ignore_index``: by the
+    valid voxels of the batch, channels not counted), ``"sum"`` sums the per-image, per-class
+    spatial means, as MONAI does. Softmax: a scalar ``alpha`` weighs the background
+    ``1 - alpha`` and the other classes ``alpha``; fused with ``include_background=True`` only
+    (MONAI's softmax then runs over the foreground channels). Sigmoid: a scalar ``alpha`` gives
+    ``a^+ = alpha, a^- = 1 - alpha``, a per-class one ``a^+_c = alpha_c, a^- = 1``; any
+    ``include_background`` (channels are independent)."""
 
     _monai_name = "FocalLoss"
 
