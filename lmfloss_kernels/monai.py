@@ -232,7 +232,11 @@ def _sigmoid_focal_sides(alpha, weight, kept: int, num_classes: int) -> tuple[li
 class _RegionLoss(_MonaiCompatible):
     """The Dice / Tversky part shared by ``DiceLoss``, ``DiceCELoss`` and ``TverskyLoss``."""
 
-    def _region_reason(self) -> str | None:
+    # reduction="none" returns MONAI's per-(image, class) values, which the region family gives (as
+    # its per-image output) when one class is kept; a criterion with per-element terms cannot.
+    _per_image_none = True
+
+    def _region_reason(self, num_classes: int) -> str | None:
         kw = self._monai_kwargs
         reason = _activation_reason(kw["sigmoid"], kw["softmax"], kw["other_act"])
         if reason is None and kw.get("squared_pred"):
@@ -240,7 +244,10 @@ class _RegionLoss(_MonaiCompatible):
         if reason is None and kw.get("jaccard"):
             reason = "jaccard=True"
         if reason is None and kw["reduction"] == "none":
-            reason = 'reduction="none" (per-class values)'
+            if not self._per_image_none:
+                reason = 'reduction="none" (per-element values)'
+            elif _kept(num_classes, kw["include_background"]) != 1:
+                reason = 'reduction="none" with several classes (per-class values)'
         return reason
 
     def _region_term(
@@ -271,6 +278,7 @@ class _RegionLoss(_MonaiCompatible):
             zeros = [0.0] * num_classes
             focal = (0.0, (zeros, zeros) if sigmoid else zeros, (zeros, zeros) if sigmoid else zeros)
         focal_coef, focal_weight, focal_gamma = focal
+        per_image = kw["reduction"] == "none"
         loss = region_mean(
             logits,
             target,
@@ -286,8 +294,18 @@ class _RegionLoss(_MonaiCompatible):
             ignore_index=ignore_index,
             backend=self.backend,
             sigmoid=sigmoid,
+            reduction="none" if per_image else "mean",
         )
-        return loss + constant
+        loss = loss + constant
+        return self._per_class_shape(loss, logits) if per_image else loss
+
+    def _per_class_shape(self, per_image: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """MONAI's ``reduction="none"`` shape for the one kept class: ``(B, 1)`` (``(1,)`` with
+        ``batch``, where every image carries the shared term), then DiceLoss's broadcast view."""
+        values = per_image[:1] if self._monai_kwargs["batch"] else per_image.unsqueeze(1)
+        if self._monai_name == "TverskyLoss":
+            return values
+        return values.reshape(*values.shape[:2], *[1] * (logits.dim() - 2))
 
     def _softmax_ce(self, logits, target, *, coef: float) -> torch.Tensor:
         """``coef`` times the per-image mean over voxels of the softmax cross-entropy (its own pass)."""
@@ -359,7 +377,7 @@ class DiceLoss(_RegionLoss):
         target_map, is_label_map, reason = self._prepare(
             input, target, kw["to_onehot_y"], kw["ignore_index"], sigmoid=kw["sigmoid"]
         )
-        reason = reason or self._region_reason()
+        reason = reason or self._region_reason(input.shape[1])
         if reason is None and kw["soft_label"] and not is_label_map:
             reason = "soft_label=True with a soft target"
         weight = self._weight(input.shape[1]) if reason is None else 1.0
@@ -421,7 +439,7 @@ class TverskyLoss(_RegionLoss):
         target_map, is_label_map, reason = self._prepare(
             input, target, kw["to_onehot_y"], kw["ignore_index"], sigmoid=kw["sigmoid"]
         )
-        reason = reason or self._region_reason()
+        reason = reason or self._region_reason(input.shape[1])
         if reason is None and abs(kw["alpha"] + kw["beta"] - 1.0) > 1e-12:
             reason = "alpha + beta != 1"
         if reason is None and kw["soft_label"] and not is_label_map:
@@ -493,7 +511,7 @@ class DiceCELoss(_RegionLoss):
         kw = self._monai_kwargs
         sigmoid = kw["sigmoid"]
         target_map, is_label_map, reason = self._prepare(input, target, kw["to_onehot_y"], None, sigmoid=sigmoid)
-        reason = reason or self._region_reason()
+        reason = reason or self._region_reason(input.shape[1])
         batch_size, num_classes = input.shape[:2]
         if num_classes == 1 and reason is None:
             return self._dice_bce(input, target, target_map)
@@ -563,6 +581,7 @@ class DiceFocalLoss(_RegionLoss):
     ``gamma = 0`` and ``alpha=None`` (see :class:`FocalLoss`)."""
 
     _monai_name = "DiceFocalLoss"
+    _per_image_none = False
 
     def __init__(
         self,
@@ -605,7 +624,7 @@ class DiceFocalLoss(_RegionLoss):
         kw = self._monai_kwargs
         sigmoid = kw["sigmoid"]
         target_map, is_label_map, reason = self._prepare(input, target, kw["to_onehot_y"], None, sigmoid=sigmoid)
-        reason = reason or self._region_reason()
+        reason = reason or self._region_reason(input.shape[1])
         if reason is None and not is_label_map:
             reason = _soft_focal_reason(target_map, kw["gamma"], self._alpha_values)
         batch_size, num_classes = input.shape[:2]

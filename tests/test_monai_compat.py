@@ -345,6 +345,27 @@ def test_softmax_dice_focal_equals_monai(fused_only, backend, include_background
     _compare(*_both("DiceFocalLoss", backend, softmax=True, batch=True), logits, _multi_hot(2, 4, (4, 5)).round())
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("name", ["DiceLoss", "TverskyLoss"])
+@pytest.mark.parametrize("batch", [False, True])
+@pytest.mark.parametrize("mode", ["softmax_foreground", "sigmoid_one_channel"])
+def test_reduction_none_with_one_kept_class_is_fused(fused_only, backend, name, batch, mode):
+    """One kept class: MONAI's per-(image, class) values are the region family's per-image ones
+    (shapes: DiceLoss (B, 1, 1, 1), TverskyLoss (B, 1); with batch (1, 1, 1) and (1,))."""
+    if mode == "softmax_foreground":
+        logits, target = _inputs(3, 2, (5, 6), "int_labels")
+        kwargs = {"softmax": True, "to_onehot_y": True, "include_background": False}
+    else:
+        logits = torch.randn(3, 1, 5, 6) * 2
+        target = (torch.rand(3, 1, 5, 6) > 0.5).float()
+        kwargs = {"sigmoid": True}
+    if name == "TverskyLoss":
+        kwargs.update(alpha=0.35, beta=0.65)
+    else:
+        kwargs["weight"] = 2.0  # MONAI weighs no single class
+    _compare(*_both(name, backend, reduction="none", batch=batch, **kwargs), logits, target)
+
+
 DELEGATED = [
     ("DiceLoss", {"softmax": False}, "softmax=False"),
     ("DiceLoss", {"other_act": torch.tanh}, "other_act"),
