@@ -31,9 +31,13 @@ two-sided focal term for 0/1 targets only: a float target that is not 0/1 is del
 ``gamma = 0`` and ``alpha=None`` (:func:`_soft_focal_reason`; the check costs one read of the
 target and, on a GPU, one device sync per call).
 
-Every other combination (``reduction="none"``: MONAI returns per-class or per-element values,
-the region family per-image sums over classes) is computed by MONAI's own class (when MONAI is
-installed), with a one-time warning naming the option; without MONAI it raises ``ImportError``.
+``reduction="none"`` is fused for ``DiceLoss`` / ``TverskyLoss`` with one kept class (MONAI's
+per-(image, class) values are then the region family's per-image ones); with several classes,
+and for ``DiceFocalLoss`` / ``FocalLoss`` (per-element values), it is delegated: the region
+family sums over classes per image.
+
+Every other combination is computed by MONAI's own class (when MONAI is installed), with a
+one-time warning naming the option; without MONAI it raises ``ImportError``.
 ``GeneralizedDiceLoss`` is not provided: its class weights ``1 / G_c^2`` enter a ratio of sums
 over classes, which the per-class Tversky terms of the region family cannot express.
 
