@@ -12,6 +12,10 @@ A soft Dice ``1 - (2 TP + s) / (G + P + s)`` is ``1 - TI`` with ``delta = 1/2`` 
 smoothing terms halved (``G + P = 2 TP + FN + FP``). A class left out of the region term gets
 ``e_c = 0``: ``(1 - TI)^0 = 1`` adds the constant ``1/C`` and no gradient, so the mean over the
 ``K`` kept classes is ``(C/K) R - (C - K)/K`` (:func:`kept_class_scaling`).
+
+The same holds in the family's sigmoid mode (``p = sigmoid(z)`` per channel, TP, FN, FP per
+channel), whose focal term is two-sided with ``(positive, negative)`` per-class constants:
+binary cross-entropy for ``a = 1, gamma = 0``, MONAI's sigmoid focal loss for 0/1 targets.
 """
 
 from __future__ import annotations
