@@ -123,16 +123,18 @@ CUDA_BACKENDS = available_backends("cuda") if torch.cuda.is_available() else []
 
 
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
-@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss", "FocalLoss"])
+@pytest.mark.parametrize("name", ["DiceLoss", "DiceCELoss", "TverskyLoss", "FocalLoss", "DiceFocalLoss"])
 @pytest.mark.parametrize("include_background", [True, False])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_losses_equal_monai_on_cuda(fused_only, backend, name, include_background, reduction):
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_fused_losses_equal_monai_on_cuda(fused_only, backend, name, include_background, reduction, activation):
     logits, target = _inputs(2, 4, (6, 5, 7), "float_labels")
     logits, target = logits.cuda(), target.cuda()
     if name == "FocalLoss":
-        kwargs = {"use_softmax": True, "gamma": 1.5, "alpha": 0.3, "ignore_index": None if include_background else 2}
+        kwargs = {"use_softmax": activation == "softmax", "gamma": 1.5, "alpha": 0.3}
+        kwargs["ignore_index"] = None if include_background else 2
     else:
-        kwargs = {"softmax": True, "include_background": include_background, "batch": not include_background}
+        kwargs = {activation: True, "include_background": include_background, "batch": not include_background}
     ours, theirs = _both(name, backend, to_onehot_y=True, reduction=reduction, **kwargs)
     _compare(ours, theirs, logits, target.to(torch.uint8) if include_background else target)
 
