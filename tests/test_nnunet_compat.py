@@ -483,6 +483,11 @@ def _parameter_gradient(criterion, rank=None):
     return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
+def _on_regions(criterion):
+    """The criterion on the one-hot regions of a (B, 1, *S) label target (DC_and_BCE_loss's input)."""
+    return lambda output, target: criterion(output, F.one_hot(target[:, 0].long(), 4).movedim(-1, 1).to(torch.uint8))
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import datetime
     import os
@@ -497,9 +502,12 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         results["ours"] = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE), {}), rank)
+        bce = ln.DC_and_BCE_loss({}, dict(DDP_DICE), backend="reference")
+        results["ours_bce"] = _parameter_gradient(_on_regions(bce), rank)
         if nnunet_losses is not None:
             theirs = nnunet_losses.DC_and_CE_loss(dict(DDP_DICE), {}, dice_class=MemoryEfficientSoftDiceLoss)
             results["nnunetv2"] = _parameter_gradient(theirs, rank)
+            results["nnunetv2_bce"] = _parameter_gradient(_on_regions(_nnunet_bce(DDP_DICE)), rank)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -522,9 +530,15 @@ def test_ddp_batch_dice_gives_the_single_process_parameter_gradient(tmp_path):
             pytest.fail("the two gloo ranks did not finish within 240 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single_value, single_grad = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE, ddp=False), {}))
+    bce = ln.DC_and_BCE_loss({}, dict(DDP_DICE, ddp=False), backend="reference")
+    single_bce_value, single_bce_grad = _parameter_gradient(_on_regions(bce))
     for result in ranks:
         value, grad = result["ours"]
         torch.testing.assert_close(value, single_value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, single_grad, rtol=1e-5, atol=1e-6)
+        value, bce_grad = result["ours_bce"]
+        torch.testing.assert_close(value, single_bce_value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bce_grad, single_bce_grad, rtol=1e-5, atol=1e-6)
         if "nnunetv2" in result:
             torch.testing.assert_close(grad, result["nnunetv2"][1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bce_grad, result["nnunetv2_bce"][1], rtol=1e-5, atol=1e-6)
