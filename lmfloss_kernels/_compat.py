@@ -12,6 +12,10 @@ A soft Dice ``1 - (2 TP + s) / (G + P + s)`` is ``1 - TI`` with ``delta = 1/2`` 
 smoothing terms halved (``G + P = 2 TP + FN + FP``). A class left out of the region term gets
 ``e_c = 0``: ``(1 - TI)^0 = 1`` adds the constant ``1/C`` and no gradient, so the mean over the
 ``K`` kept classes is ``(C/K) R - (C - K)/K`` (:func:`kept_class_scaling`).
+
+The same holds in the family's sigmoid mode (``p = sigmoid(z)`` per channel, TP, FN, FP per
+channel), whose focal term is two-sided with ``(positive, negative)`` per-class constants:
+binary cross-entropy for ``a = 1, gamma = 0``, MONAI's sigmoid focal loss for 0/1 targets.
 """
 
 from __future__ import annotations
@@ -66,11 +70,16 @@ def region_mean(
     ignore_index: int | None,
     backend: str,
     dist_sync: bool = False,
+    sigmoid: bool = False,
+    reduction: str = "mean",
 ) -> torch.Tensor:
-    """``M`` above (``reduction="mean"``, no clip) on the chosen backend, one fused pass each way.
+    """``M`` above (no clip) on the chosen backend, one fused pass each way; ``reduction="none"``
+    gives the per-image ``L_b``, ``"sum"`` their sum.
 
-    ``focal_weight``: a per-class sequence or a tensor already in the logits' vector dtype on their
-    device; ``focal_gamma`` and ``exponent``: per-class sequences.
+    Softmax mode: ``focal_weight`` a per-class sequence or a tensor already in the logits' vector
+    dtype on their device; ``focal_gamma`` and ``exponent`` per-class sequences. ``sigmoid=True``
+    (independent channels, :func:`lmfloss_kernels.reference.region_loss`): ``focal_weight`` and
+    ``focal_gamma`` are ``(positive side, negative side)`` pairs of per-class sequences.
     """
     ignore_index = check_ignore_index(ignore_index, optional=True)
     target = check_target(logits, target, ignore_index=ignore_index)
@@ -79,15 +88,21 @@ def region_mean(
         from ._distributed import make_sync
 
         extra["sync"] = make_sync(True, None)
-    if not isinstance(focal_weight, torch.Tensor):
-        focal_weight = functional._per_class(focal_weight, logits)
+    if sigmoid:
+        extra["sigmoid"] = True
+        focal_weight = functional._sides(*focal_weight, logits)
+        focal_gamma = functional._sides(*focal_gamma, logits)
+    else:
+        if not isinstance(focal_weight, torch.Tensor):
+            focal_weight = functional._per_class(focal_weight, logits)
+        focal_gamma = functional._per_class(focal_gamma, logits)
     return functional._run(
         "region_loss",
         backend,
         logits,
         target,
         focal_weight,
-        functional._per_class(focal_gamma, logits),
+        focal_gamma,
         functional._per_class(exponent, logits),
         delta=delta,
         focal_coef=focal_coef,
@@ -98,7 +113,7 @@ def region_mean(
         clip=False,
         batch=batch,
         ignore_index=ignore_index,
-        reduction="mean",
+        reduction=reduction,
         **extra,
     )
 

@@ -19,17 +19,28 @@ family (CE is its focal term with ``gamma = 0``; ``DC = (C/K) R - C/K`` with exp
 for ``do_bg=False`` and the smoothing halved, :mod:`._compat`). With ``ignore_label`` the
 cross-entropy's mean runs over the valid voxels of the whole batch where the region family
 averages per image, so the Dice term is fused and the cross-entropy is the fused row family
-(two passes). The ``10^{-8}`` clamp is not applied: it only acts when ``smooth = 0`` and a class
-has neither ground truth nor prediction, where the fused loss is NaN and nnU-Net's 0.
+(two passes).
+
+``DC_and_BCE_loss`` (region-based training: independent sigmoid channels, region targets that
+may overlap) = ``weight_ce * BCEWithLogits + weight_dice * DC`` on ``sigmoid(net_output)``, one
+pass each way of the region family's sigmoid mode (BCE is its two-sided focal term with
+``a = 1, gamma = 0``). ``use_ignore_label=True`` (an ignore channel on dense region targets,
+which the region family cannot drop: it drops voxels of integer label maps only) and
+``bce_kwargs`` other than ``reduction="mean"`` are computed in eager PyTorch, with a one-time
+warning naming the option.
+
+The ``10^{-8}`` clamp binds only when ``G + P + s < 10^{-8}``; the fused Dice uses
+``max(s, 10^{-8})`` as the denominator's smoothing (:func:`_dice_smoothing`), which is exact
+for ``s >= 10^{-8}`` and, for ``s = 0``, gives nnU-Net's 0 for a class with no ground truth (also
+with no predicted mass, e.g. an image whose voxels are all ignored) instead of ``0 / 0``; with
+ground truth present it changes the dice by a relative ``10^{-8} / (G + P)`` at most. Only a
+smoothing strictly between 0 and ``10^{-8}`` with ``G + P`` below ``10^{-8}`` differs visibly.
 
 ``ddp=True`` with ``batch_dice=True`` under an initialised ``torch.distributed`` group: the
 Dice statistics are summed over the ranks (``dist_sync``) and the gradient is scaled by the
 world size, so that DistributedDataParallel's averaging gives the single-process parameter
 gradient, as nnU-Net's gathered statistics do. The returned value is then the loss of the
 global batch (nnU-Net's per-rank value has the rank's own cross-entropy).
-
-``DC_and_BCE_loss`` (region-based training, sigmoid) has no fused path yet (the kernels are
-softmax only): it is computed in eager PyTorch, with a one-time warning.
 """
 
 from __future__ import annotations
@@ -68,6 +79,21 @@ def _soft_dice_options(soft_dice_kwargs, dice_class) -> dict:
         "smooth": check_number("smooth", soft_dice_kwargs.get("smooth", 1.0), low=0.0),
         "ddp": check_bool("ddp", soft_dice_kwargs.get("ddp", True)),
     }
+
+
+def _dice_smoothing(smooth: float) -> tuple[float, float]:
+    """``(smooth_nr, smooth_dr)`` of the region family for nnU-Net's
+    ``(2 I + s) / max(G + P + s, 1e-8)`` (halved: ``G + P = 2 TP + FN + FP``).
+
+    The clamp binds only when ``G + P + s < 1e-8``. The denominator's smoothing is therefore
+    ``max(s, 1e-8)``: identical for ``s >= 1e-8`` (nnU-Net's trainers use 1e-5, its class default
+    is 1); for ``s = 0`` it turns ``0 / 0`` (a class with no ground truth and no predicted mass,
+    e.g. every voxel of the image ignored) into nnU-Net's 0, leaves a class with ``G = 0`` at 0
+    (``I = 0`` there), and changes any other class's dice by a relative ``1e-8 / (G + P)`` at most
+    (``G >= 1`` for 0/1 targets). For ``0 < s < 1e-8`` a class with ``G + P < 1e-8`` gets
+    ``s / (P + 1e-8)`` where nnU-Net has ``s / 1e-8`` (values below ``s / 1e-8 < 1`` either way).
+    """
+    return smooth / 2, max(smooth, _DENOMINATOR_FLOOR) / 2
 
 
 def _ddp_sync(options: dict) -> bool:
@@ -171,6 +197,7 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 (nnU-Net's class name)
         constant -= self.weight_dice
         exponent = [1.0] * num_classes if options["do_bg"] else [0.0] + [1.0] * (num_classes - 1)
         sync = _ddp_sync(options)
+        smooth_nr, smooth_dr = _dice_smoothing(options["smooth"])
         fused_ce = self.ignore_label is None and self.weight_ce != 0.0
         loss = region_mean(
             net_output,
@@ -181,8 +208,8 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 (nnU-Net's class name)
             delta=0.5,
             focal_coef=self.weight_ce if fused_ce else 0.0,
             tversky_coef=tversky_coef,
-            smooth_nr=options["smooth"] / 2,
-            smooth_dr=options["smooth"] / 2,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
             batch=options["batch_dice"],
             ignore_index=self.ignore_label,
             backend=self.backend,
@@ -218,8 +245,19 @@ class DC_and_CE_loss(nn.Module):  # noqa: N801 (nnU-Net's class name)
 
 class DC_and_BCE_loss(nn.Module):  # noqa: N801 (nnU-Net's class name)
     r"""``weight_ce * BCEWithLogits + weight_dice * DC`` on sigmoid probabilities (nnU-Net's region-based
-    training). ``target``: one-hot regions ``(B, R, *S)``, with ``use_ignore_label`` an extra last
-    channel marking ignored voxels. Eager PyTorch (warned once): the kernels have no sigmoid mode yet.
+    training); ``forward(net_output (B, R, *S), target)``.
+
+    ``target``: region maps ``(B, R, *S)`` (bool, integer 0/1 or float), with ``use_ignore_label``
+    an extra last channel that is 1 (True) on ignored voxels. The cross-entropy is the mean over
+    every element (``B R S``); with ``use_ignore_label`` the masked sum divided by the number of
+    valid voxels (channels not counted), as in nnU-Net. ``do_bg`` concerns the Dice term only.
+
+    Fused (one sigmoid pass of the region family each way: BCE is its two-sided focal term with
+    ``a = 1, gamma = 0``, weighted ``weight_ce / R``) unless ``use_ignore_label=True`` or
+    ``bce_kwargs`` sets anything but ``reduction="mean"``: those run in eager PyTorch with a one-time
+    warning naming the option (the region family drops voxels only for integer label maps, and
+    region targets may overlap, so they cannot be recoded as one). ``backend``: this package's
+    backend keyword.
     """
 
     def __init__(
@@ -230,28 +268,79 @@ class DC_and_BCE_loss(nn.Module):  # noqa: N801 (nnU-Net's class name)
         weight_dice=1,
         use_ignore_label: bool = False,
         dice_class=None,
+        *,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.dice_options = _soft_dice_options(soft_dice_kwargs, dice_class)
         if not isinstance(bce_kwargs, dict):
             raise TypeError(f"bce_kwargs must be a dict, got {type(bce_kwargs).__name__}")
         self.use_ignore_label = check_bool("use_ignore_label", use_ignore_label)
+        self._eager_reason = None
+        other = sorted(k for k, v in bce_kwargs.items() if not (k == "reduction" and v == "mean"))
+        if other:
+            self._eager_reason = f"bce_kwargs {other}"
+        if self.use_ignore_label:
+            self._eager_reason = "use_ignore_label=True (an ignore channel on dense region targets)"
         bce_kwargs = dict(bce_kwargs)
         if self.use_ignore_label:
             bce_kwargs["reduction"] = "none"
         self.bce = nn.BCEWithLogitsLoss(**bce_kwargs)
         self.weight_ce = _check_weight("weight_ce", weight_ce)
         self.weight_dice = _check_weight("weight_dice", weight_dice)
+        self.backend = check_backend(backend)
 
     def forward(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        warn_once("lmfloss_kernels.nnunet.DC_and_BCE_loss", "sigmoid (region-based) training", "eager PyTorch")
+        if not isinstance(net_output, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError("net_output and target must be torch.Tensors")
         extra = 1 if self.use_ignore_label else 0
-        if target.dim() != net_output.dim() or target.shape[1] != net_output.shape[1] + extra:
+        if (
+            net_output.dim() < 3
+            or target.dim() != net_output.dim()
+            or target.shape[1] != net_output.shape[1] + extra
+            or target.shape[2:] != net_output.shape[2:]
+        ):
             raise ValueError(
                 f"target must be one-hot regions of shape (B, {net_output.shape[1] + extra}, *spatial) for "
                 f"net_output {tuple(net_output.shape)} (use_ignore_label={self.use_ignore_label}), "
                 f"got {tuple(target.shape)}"
             )
+        options = self.dice_options
+        num_classes = net_output.shape[1]
+        kept = num_classes if options["do_bg"] else num_classes - 1
+        if kept < 1:
+            raise ValueError("do_bg=False needs at least 2 regions, got 1")
+        if self._eager_reason is not None:
+            warn_once("lmfloss_kernels.nnunet.DC_and_BCE_loss", self._eager_reason, "eager PyTorch")
+            return self._eager(net_output, target)
+        tversky_coef, constant = kept_class_scaling(num_classes, kept, self.weight_dice)
+        constant -= self.weight_dice
+        exponent = [1.0] * num_classes if options["do_bg"] else [0.0] + [1.0] * (num_classes - 1)
+        smooth_nr, smooth_dr = _dice_smoothing(options["smooth"])
+        ones, zeros = [1.0] * num_classes, [0.0] * num_classes
+        sync = _ddp_sync(options)
+        loss = region_mean(
+            net_output,
+            target,
+            focal_weight=(ones, ones),
+            focal_gamma=(zeros, zeros),
+            exponent=exponent,
+            delta=0.5,
+            focal_coef=self.weight_ce / num_classes,
+            tversky_coef=tversky_coef,
+            smooth_nr=smooth_nr,
+            smooth_dr=smooth_dr,
+            batch=options["batch_dice"],
+            ignore_index=None,
+            backend=self.backend,
+            dist_sync=sync,
+            sigmoid=True,
+        )
+        if sync:
+            loss = _scale_gradient(loss, torch.distributed.get_world_size())
+        return loss + constant
+
+    def _eager(self, net_output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         mask = None
         regions = target
         if self.use_ignore_label:

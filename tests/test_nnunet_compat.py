@@ -7,6 +7,9 @@ against the independent implementation below only.
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,29 +243,139 @@ def test_deep_supervision_without_weights_sums_every_scale():
     torch.testing.assert_close(total, loss(outputs[0], targets[0]) + loss(outputs[1], targets[1]))
 
 
-@pytest.mark.parametrize("use_ignore_label", [False, True])
-@pytest.mark.parametrize("soft_dice_kwargs", DICE_OPTIONS[:2] + DICE_OPTIONS[3:])
-def test_dc_and_bce_equals_the_formula_and_nnunetv2(monkeypatch, use_ignore_label, soft_dice_kwargs):
-    logits = torch.randn(2, 3, 5, 6)
-    target = (torch.rand(2, 3 + use_ignore_label, 5, 6) > 0.6).to(torch.uint8)
-    ours = ln.DC_and_BCE_loss({}, soft_dice_kwargs, weight_ce=0.8, use_ignore_label=use_ignore_label)
-    monkeypatch.setattr(_compat, "_warned", set())
-    with pytest.warns(UserWarning, match="sigmoid"):
-        value = _value_and_grad(ours, logits, target)
+def _no_user_warning(criterion, logits, target):
+    """``_value_and_grad`` asserting the criterion warns nothing (a fused path has nothing to report)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _value_and_grad(criterion, logits, target)
+    ours = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert not ours, ours
+    return result
+
+
+def _regions(batch, regions, spatial, dtype, *, ignore_channel=False):
+    """Overlapping 0/1 region maps (BraTS style), optionally with nnU-Net's ignore channel last."""
+    target = torch.rand(batch, regions + ignore_channel, *spatial) > 0.6
+    return target.to(dtype)
+
+
+def _nnunet_bce(soft_dice_kwargs, bce_kwargs=None, **kwargs):
+    return nnunet_losses.DC_and_BCE_loss(
+        dict(bce_kwargs or {}), dict(soft_dice_kwargs), dice_class=MemoryEfficientSoftDiceLoss, **kwargs
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("soft_dice_kwargs", DICE_OPTIONS)
+@pytest.mark.parametrize("target_dtype", [torch.bool, torch.uint8, torch.float32])
+def test_dc_and_bce_is_fused_and_equals_the_formula_and_nnunetv2(backend, soft_dice_kwargs, target_dtype):
+    logits = torch.randn(2, 3, 5, 6) * 2
+    target = _regions(2, 3, (5, 6), target_dtype)
+    ours = ln.DC_and_BCE_loss({}, soft_dice_kwargs, weight_ce=0.8, weight_dice=1.3, backend=backend)
+    value = _no_user_warning(ours, logits, target)
     expected = _independent(
-        lambda x, y: expected_dc_and_bce(
-            x, y, soft_dice_kwargs=soft_dice_kwargs, weight_ce=0.8, use_ignore_label=use_ignore_label
-        ),
+        lambda x, y: expected_dc_and_bce(x, y, soft_dice_kwargs=soft_dice_kwargs, weight_ce=0.8, weight_dice=1.3),
         logits,
         target,
     )
     _assert_same(value, expected)
     if nnunet_losses is not None:
-        theirs = nnunet_losses.DC_and_BCE_loss(
-            {}, dict(soft_dice_kwargs), weight_ce=0.8, use_ignore_label=use_ignore_label,
-            dice_class=MemoryEfficientSoftDiceLoss,
-        )  # fmt: skip
+        theirs = _nnunet_bce(soft_dice_kwargs, weight_ce=0.8, weight_dice=1.3)
         _assert_same(value, _value_and_grad(theirs, logits, target))
+
+
+def test_dc_and_bce_soft_regions_equal_the_formula():
+    logits = torch.randn(2, 3, 4, 5, 3)
+    target = torch.rand(2, 3, 4, 5, 3)
+    kwargs = DICE_OPTIONS[1]
+    value = _no_user_warning(ln.DC_and_BCE_loss({"reduction": "mean"}, kwargs, backend="reference"), logits, target)
+    expected = _independent(lambda x, y: expected_dc_and_bce(x, y, soft_dice_kwargs=kwargs), logits, target)
+    _assert_same(value, expected)
+
+
+@pytest.mark.parametrize(
+    ("bce_kwargs", "use_ignore_label", "reason"),
+    [
+        ({}, True, "use_ignore_label=True"),
+        ({"pos_weight": torch.tensor([[[2.0]], [[0.5]], [[1.5]]])}, False, "bce_kwargs ['pos_weight']"),
+    ],
+    ids=["use_ignore_label", "pos_weight"],
+)
+@pytest.mark.parametrize("soft_dice_kwargs", DICE_OPTIONS[:2] + DICE_OPTIONS[3:])
+def test_dc_and_bce_eager_options_warn_once_and_equal_nnunetv2(
+    monkeypatch, bce_kwargs, use_ignore_label, reason, soft_dice_kwargs
+):
+    logits = torch.randn(2, 3, 5, 6)
+    target = _regions(2, 3, (5, 6), torch.uint8, ignore_channel=use_ignore_label)
+    ours = ln.DC_and_BCE_loss(
+        bce_kwargs, soft_dice_kwargs, weight_ce=0.8, use_ignore_label=use_ignore_label, backend="reference"
+    )
+    monkeypatch.setattr(_compat, "_warned", set())
+    with pytest.warns(UserWarning, match=re.escape(reason)):
+        value = _value_and_grad(ours, logits, target)
+    _no_user_warning(ours, logits, target)  # once per process
+    if not bce_kwargs:
+        expected = _independent(
+            lambda x, y: expected_dc_and_bce(
+                x, y, soft_dice_kwargs=soft_dice_kwargs, weight_ce=0.8, use_ignore_label=use_ignore_label
+            ),
+            logits,
+            target,
+        )
+        _assert_same(value, expected)
+    if nnunet_losses is not None:
+        theirs = _nnunet_bce(soft_dice_kwargs, bce_kwargs, weight_ce=0.8, use_ignore_label=use_ignore_label)
+        _assert_same(value, _value_and_grad(theirs, logits, target))
+
+
+def _clamp_binds(probabilities, onehot, valid, batch_dice) -> bool:
+    """Whether nnU-Net's ``max(G + P + s, 1e-8)`` takes the 1e-8 for some class (with ``s = 0``)."""
+    axes = tuple(range(2, probabilities.dim()))
+    total = (probabilities * valid).sum(axes) + (onehot * valid).sum(axes)
+    if batch_dice:
+        total = total.sum(0)
+    return bool((total < 1e-8).any())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_denominator_clamp_with_zero_smoothing_gives_nnunets_values_sigmoid(backend, batch_dice):
+    """smooth = 0, a class absent from the ground truth with no predicted mass: nnU-Net's clamp
+    binds there (``0 / 1e-8 = 0``), where an unclamped ratio would be ``0 / 0``."""
+    kwargs = {"batch_dice": batch_dice, "do_bg": False, "smooth": 0.0, "ddp": False}
+    # Sigmoid: region 1 empty everywhere, its logits so negative that P underflows to 0 in float32.
+    logits = torch.randn(2, 3, 5, 6)
+    logits[:, 1] = -120.0
+    target = _regions(2, 3, (5, 6), torch.uint8)
+    target[:, 1] = 0
+    assert _clamp_binds(torch.sigmoid(logits.double()), target.double(), torch.ones(1), batch_dice)
+    ours = _no_user_warning(ln.DC_and_BCE_loss({}, kwargs, backend=backend), logits, target)
+    expected = _independent(lambda x, y: expected_dc_and_bce(x, y, soft_dice_kwargs=kwargs), logits, target)
+    assert torch.isfinite(ours[0]) and torch.isfinite(ours[1]).all()
+    _assert_same(ours, expected)
+    if nnunet_losses is not None:
+        _assert_same(ours, _value_and_grad(_nnunet_bce(kwargs), logits, target))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_dice", [False, True])
+def test_denominator_clamp_with_zero_smoothing_gives_nnunets_values_softmax(backend, batch_dice):
+    """smooth = 0, the last image entirely ignored (G = P = 0 for every class), class 3 never present."""
+    kwargs = {"batch_dice": batch_dice, "do_bg": False, "smooth": 0.0, "ddp": False}
+    logits, target = _case(2, 4, (5, 6))
+    target[target == 3] = 2
+    target[1] = 3
+    onehot = F.one_hot(target[:, 0].long(), 4).movedim(-1, 1).double()
+    valid = (target != 3).double()
+    # per image the ignored image binds; summed over the batch, class 3 keeps image 0's predicted mass
+    assert _clamp_binds(torch.softmax(logits.double(), 1), onehot, valid, batch_dice) == (not batch_dice)
+    ours = _value_and_grad(ln.DC_and_CE_loss(kwargs, {}, ignore_label=3, backend=backend), logits, target)
+    expected = _independent(lambda x, y: expected_dc_and_ce(x, y, soft_dice_kwargs=kwargs, ignore=3), logits, target)
+    assert torch.isfinite(ours[0]) and torch.isfinite(ours[1]).all()
+    _assert_same(ours, expected)
+    if nnunet_losses is not None:
+        theirs = nnunet_losses.DC_and_CE_loss(dict(kwargs), {}, ignore_label=3, dice_class=MemoryEfficientSoftDiceLoss)
+        _assert_same(ours, _value_and_grad(theirs, logits, target))
 
 
 @pytest.mark.parametrize("ignore", [None, 2])
@@ -273,6 +386,17 @@ def test_ddp_batch_dice_on_one_rank_equals_the_plain_loss(single_rank_group, ign
     _assert_same(
         _value_and_grad(ln.DC_and_CE_loss(synced, {}, ignore_label=ignore), logits, target),
         _value_and_grad(ln.DC_and_CE_loss(plain, {}, ignore_label=ignore), logits, target),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_batch_dice_dc_and_bce_on_one_rank_equals_the_plain_loss(single_rank_group, backend):  # noqa: F811
+    logits = torch.randn(2, 3, 5, 6)
+    target = _regions(2, 3, (5, 6), torch.bool)
+    synced = {"batch_dice": True, "do_bg": True, "smooth": 1e-5, "ddp": True}
+    _assert_same(
+        _no_user_warning(ln.DC_and_BCE_loss({}, synced, backend=backend), logits, target),
+        _value_and_grad(ln.DC_and_BCE_loss({}, dict(synced, ddp=False), backend=backend), logits, target),
     )
 
 
@@ -359,6 +483,11 @@ def _parameter_gradient(criterion, rank=None):
     return loss.detach(), torch.cat([p.grad.flatten() for p in net.parameters()])
 
 
+def _on_regions(criterion):
+    """The criterion on the one-hot regions of a (B, 1, *S) label target (DC_and_BCE_loss's input)."""
+    return lambda output, target: criterion(output, F.one_hot(target[:, 0].long(), 4).movedim(-1, 1).to(torch.uint8))
+
+
 def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     import datetime
     import os
@@ -373,9 +502,12 @@ def _ddp_worker(rank: int, port: int, out_dir: str) -> None:
     results = {}
     try:
         results["ours"] = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE), {}), rank)
+        bce = ln.DC_and_BCE_loss({}, dict(DDP_DICE), backend="reference")
+        results["ours_bce"] = _parameter_gradient(_on_regions(bce), rank)
         if nnunet_losses is not None:
             theirs = nnunet_losses.DC_and_CE_loss(dict(DDP_DICE), {}, dice_class=MemoryEfficientSoftDiceLoss)
             results["nnunetv2"] = _parameter_gradient(theirs, rank)
+            results["nnunetv2_bce"] = _parameter_gradient(_on_regions(_nnunet_bce(DDP_DICE)), rank)
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -398,9 +530,15 @@ def test_ddp_batch_dice_gives_the_single_process_parameter_gradient(tmp_path):
             pytest.fail("the two gloo ranks did not finish within 240 s")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     single_value, single_grad = _parameter_gradient(ln.DC_and_CE_loss(dict(DDP_DICE, ddp=False), {}))
+    bce = ln.DC_and_BCE_loss({}, dict(DDP_DICE, ddp=False), backend="reference")
+    single_bce_value, single_bce_grad = _parameter_gradient(_on_regions(bce))
     for result in ranks:
         value, grad = result["ours"]
         torch.testing.assert_close(value, single_value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, single_grad, rtol=1e-5, atol=1e-6)
+        value, bce_grad = result["ours_bce"]
+        torch.testing.assert_close(value, single_bce_value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bce_grad, single_bce_grad, rtol=1e-5, atol=1e-6)
         if "nnunetv2" in result:
             torch.testing.assert_close(grad, result["nnunetv2"][1], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(bce_grad, result["nnunetv2_bce"][1], rtol=1e-5, atol=1e-6)
