@@ -18,9 +18,11 @@ Paths:
 * ``cpu``: the C++ CPU extension, kernels included (they take ~10 us at this size);
 * ``triton (launch stubbed)``: the host path of the Triton backend up to the launch, which is what
   a GPU call costs on the host besides Triton's own launcher. Without a GPU, Triton runs in its
-  interpreter, so the kernel wrappers (``row_forward``, ``region_forward``, ``region_backward``)
-  are replaced by the custom ops' fake implementations, which allocate the outputs and launch
-  nothing. With a GPU the real kernels are launched (asynchronously: only the host time counts).
+  interpreter, so the four kernel wrappers (``row_forward``, ``row_backward``, ``region_forward``,
+  ``region_backward``) are replaced by the custom ops' fake implementations, which allocate the
+  outputs and launch nothing. (Until 2026-12-04 ``row_backward`` was left out, so the row losses'
+  train rows timed the interpreted backward kernel, some 20 ms, instead of its launch path.)
+  With a GPU the real kernels are launched (asynchronously: only the host time counts).
 """
 
 from __future__ import annotations
@@ -100,14 +102,15 @@ def stubbed_triton_launches():
     """Replace the Triton kernel wrappers by the custom ops' fake implementations (outputs, no launch)."""
     from lmfloss_kernels.triton import ops, region, row
 
-    saved = (row.row_forward, region.region_forward, region.region_backward)
+    saved = (row.row_forward, row.row_backward, region.region_forward, region.region_backward)
     row.row_forward = ops.row_loss_op._abstract_fn
+    row.row_backward = ops.row_backward_op._abstract_fn
     region.region_forward = ops.region_forward_op._abstract_fn
     region.region_backward = ops.region_backward_op._abstract_fn
     try:
         yield
     finally:
-        row.row_forward, region.region_forward, region.region_backward = saved
+        row.row_forward, row.row_backward, region.region_forward, region.region_backward = saved
 
 
 def paths(device: torch.device) -> list[tuple[str, str, contextlib.AbstractContextManager]]:
