@@ -4,7 +4,9 @@
 main suite). On tiny inputs a loss is all overhead: argument checks, backend choice, the custom-op
 call, the autograd node. This measures that host work, per call, as the **CPU time of the calling
 thread** (``time.thread_time``: what other processes do on a loaded machine does not count, and
-neither do idle waits), best of 5 repeats of the mean over ``--calls`` calls, in two modes:
+neither do idle waits), best of 5 repeats of the mean over ``--calls`` calls, the criterion's repeats
+alternating with ``F.cross_entropy``'s on the same tensors (so both see the same machine load), in
+two modes:
 
 * ``train``: forward + ``backward()`` of a logits tensor that requires grad (a training step);
 * ``no_grad``: forward under ``torch.no_grad()`` (a validation step).
@@ -18,9 +20,11 @@ Paths:
 * ``cpu``: the C++ CPU extension, kernels included (they take ~10 us at this size);
 * ``triton (launch stubbed)``: the host path of the Triton backend up to the launch, which is what
   a GPU call costs on the host besides Triton's own launcher. Without a GPU, Triton runs in its
-  interpreter, so the kernel wrappers (``row_forward``, ``region_forward``, ``region_backward``)
-  are replaced by the custom ops' fake implementations, which allocate the outputs and launch
-  nothing. With a GPU the real kernels are launched (asynchronously: only the host time counts).
+  interpreter, so the four kernel wrappers (``row_forward``, ``row_backward``, ``region_forward``,
+  ``region_backward``) are replaced by the custom ops' fake implementations, which allocate the
+  outputs and launch nothing. (Until 2026-12-04 ``row_backward`` was left out, so the row losses'
+  train rows timed the interpreted backward kernel, some 20 ms, instead of its launch path.)
+  With a GPU the real kernels are launched (asynchronously: only the host time counts).
 """
 
 from __future__ import annotations
@@ -67,14 +71,26 @@ CONSTRUCTED = {
 
 def per_call_us(fn, calls: int) -> float:
     """Best of 5 repeats of the mean thread CPU time of ``fn()`` over ``calls`` calls, in microseconds."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    best = float("inf")
-    for _ in range(5):
-        start = time.thread_time_ns()
-        for _ in range(calls):
+    return side_by_side_us([fn], calls)[0]
+
+
+def side_by_side_us(fns, calls: int) -> list[float]:
+    """:func:`per_call_us` of each of ``fns``, their repeats interleaved.
+
+    On a shared machine the cost of the same call drifts with the load over a run; timing the
+    criterion and ``F.cross_entropy`` in alternating repeats exposes both to the same load, so
+    their ratio holds even when the absolute numbers move.
+    """
+    for fn in fns:
+        for _ in range(max(10, calls // 10)):
             fn()
-        best = min(best, (time.thread_time_ns() - start) / calls / 1e3)
+    best = [float("inf")] * len(fns)
+    for _ in range(5):
+        for index, fn in enumerate(fns):
+            start = time.thread_time_ns()
+            for _ in range(calls):
+                fn()
+            best[index] = min(best[index], (time.thread_time_ns() - start) / calls / 1e3)
     return best
 
 
@@ -100,14 +116,15 @@ def stubbed_triton_launches():
     """Replace the Triton kernel wrappers by the custom ops' fake implementations (outputs, no launch)."""
     from lmfloss_kernels.triton import ops, region, row
 
-    saved = (row.row_forward, region.region_forward, region.region_backward)
+    saved = (row.row_forward, row.row_backward, region.region_forward, region.region_backward)
     row.row_forward = ops.row_loss_op._abstract_fn
+    row.row_backward = ops.row_backward_op._abstract_fn
     region.region_forward = ops.region_forward_op._abstract_fn
     region.region_backward = ops.region_backward_op._abstract_fn
     try:
         yield
     finally:
-        row.row_forward, region.region_forward, region.region_backward = saved
+        row.row_forward, row.row_backward, region.region_forward, region.region_backward = saved
 
 
 def paths(device: torch.device) -> list[tuple[str, str, contextlib.AbstractContextManager]]:
@@ -129,11 +146,6 @@ def run(calls: int, device: torch.device) -> tuple[list[dict], list[tuple[str, f
     rows_y = torch.randint(0, 10, (32,), device=device)
     dense_x = torch.randn(2, 4, 8, 8, device=device)
     dense_y = torch.randint(0, 4, (2, 8, 8), device=device)
-    cross_entropy = {
-        (kind, mode): per_call_us(step(TF.cross_entropy, x, y, mode), calls)
-        for kind, x, y in (("rows", rows_x, rows_y), ("dense", dense_x, dense_y))
-        for mode in ("train", "no_grad")
-    }
     results = []
     for label, backend, context in paths(device):
         with context:
@@ -141,8 +153,8 @@ def run(calls: int, device: torch.device) -> tuple[list[dict], list[tuple[str, f
                 for name, make in losses.items():
                     criterion = make(backend)
                     for mode in ("train", "no_grad"):
-                        ours = per_call_us(step(criterion, x, y, mode), calls)
-                        ce = cross_entropy[(kind, mode)]
+                        pair = [step(criterion, x, y, mode), step(TF.cross_entropy, x, y, mode)]
+                        ours, ce = side_by_side_us(pair, calls)
                         results.append(
                             dict(loss=name, path=label, mode=mode, input=kind, us=ours, ce_us=ce, ratio=ours / ce)
                         )
@@ -155,8 +167,8 @@ def table(results: list[dict], construction: list[tuple[str, float]], device: to
         f"# Per-call host overhead vs F.cross_entropy ({device.type}, {platform.processor() or platform.machine()}, "
         f"torch {torch.__version__}, {threads} thread(s))",
         "",
-        "Thread CPU time per call, best of 5 repeats; rows 32x10, dense 2x4x8x8, float32, int64 labels "
-        "(method: `bench/overhead.py`).",
+        "Thread CPU time per call, best of 5 repeats, each row's criterion and cross_entropy timed in "
+        "alternating repeats; rows 32x10, dense 2x4x8x8, float32, int64 labels (method: `bench/overhead.py`).",
         "",
         "| loss | path | mode | ours us | cross_entropy us | ratio |",
         "|---|---|---|---|---|---|",

@@ -53,9 +53,37 @@ def call_op(op, *args):
             if type(arg) is not torch.Tensor:
                 return op(*args)
             wants_grad = wants_grad or arg.requires_grad
+    kernel = _eager_kernel(op)
+    if kernel is not None:
+        return kernel(*args)
     if wants_grad and torch.is_grad_enabled():
         return _EagerOp.apply(op, *args)
     return op._init_fn(*args)
+
+
+# op -> (kernel, name of the dispatcher op that must carry an autograd kernel), until first used;
+# then op -> kernel, or None where the loaded library has no autograd kernel for it (an older build).
+_EAGER_KERNELS: dict = {}
+
+
+def register_eager_kernel(op, kernel, dispatcher_op: str) -> None:
+    """Have :func:`call_op` run ``kernel(*args)`` for ``op`` in plain eager execution.
+
+    ``kernel`` must compute what ``op`` computes, with the same gradient, through the dispatcher op
+    ``dispatcher_op`` whose autograd formula is registered in C++ (``csrc/autograd.cpp``): a training
+    step then makes one C++ graph node and runs no Python in its backward. The kernel is used only
+    once the loaded library is seen to have that autograd kernel.
+    """
+    _EAGER_KERNELS[op] = (kernel, dispatcher_op)
+
+
+def _eager_kernel(op):
+    entry = _EAGER_KERNELS.get(op)
+    if type(entry) is tuple:
+        kernel, name = entry
+        has_autograd = torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+        entry = _EAGER_KERNELS[op] = kernel if has_autograd else None
+    return entry
 
 
 class _EagerOp(torch.autograd.Function):
@@ -66,6 +94,9 @@ class _EagerOp(torch.autograd.Function):
         output = op._init_fn(*args)
         op._setup_context_fn(ctx=ctx, inputs=args, output=output)
         ctx.op = op
+        # The ops' second outputs (normalisers, statistics) never receive a gradient: no zeros are
+        # materialised for them (the formulas ignore that argument).
+        ctx.set_materialize_grads(False)
         return output
 
     @staticmethod

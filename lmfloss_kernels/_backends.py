@@ -81,6 +81,11 @@ def _load(name: str) -> Backend | str:
     return _loaded[name]
 
 
+def loaded(name: str) -> Backend | str | None:
+    """The registry's object for ``name`` as imported so far (``None`` if never asked for)."""
+    return _loaded.get(name)
+
+
 def preload(name: str) -> None:
     """Import the backend ``name`` (every fused candidate for ``"auto"``) now.
 

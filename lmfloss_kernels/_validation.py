@@ -16,6 +16,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._config import get_options
+from ._plans import recorded_target_check
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -125,6 +126,7 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
 
 
+@recorded_target_check
 def check_labels_coverage(
     logits: torch.Tensor, target: object, *, ignore_index: int | None
 ) -> tuple[torch.Tensor, bool]:
@@ -224,6 +226,7 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
+@recorded_target_check
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
     """A region loss's target: a dense map of the logits' shape, or an integer label map.
 

@@ -47,6 +47,7 @@ from . import reference
 from ._backends import resolve_backend
 from ._config import get_options
 from ._distributed import make_sync
+from ._plans import record_dispatch
 from ._validation import (
     as_class_values,
     check_bool,
@@ -202,10 +203,28 @@ def _run(family: str, backend: str, logits: torch.Tensor, *args, **kwargs) -> to
     function = getattr(implementation, family)
     if get_options().check_backend and implementation.name != "reference":
         _compare_with_reference(family, function, implementation.name, logits, args, kwargs)
-    loss = function(logits, *args, **kwargs)
-    if implementation.name in _NONFINITE_IN_KERNEL:
-        return loss
-    return _propagate_nonfinite(loss, logits, family, kwargs["reduction"])
+    dispatch = _Dispatch(implementation, family)
+    loss = dispatch(logits, *args, **kwargs)
+    record_dispatch(dispatch, logits, args, kwargs, loss)
+    return loss
+
+
+class _Dispatch:
+    """One loss family on one backend, with the non-finite logits policy: what a criterion's call plan replays."""
+
+    __slots__ = ("implementation", "function", "family", "in_kernel")
+
+    def __init__(self, implementation, family: str):
+        self.implementation = implementation
+        self.function = getattr(implementation, family)
+        self.family = family
+        self.in_kernel = implementation.name in _NONFINITE_IN_KERNEL
+
+    def __call__(self, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        loss = self.function(logits, *args, **kwargs)
+        if self.in_kernel:
+            return loss
+        return _propagate_nonfinite(loss, logits, self.family, kwargs["reduction"])
 
 
 def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, reduction: str) -> torch.Tensor:

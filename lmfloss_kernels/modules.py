@@ -17,6 +17,7 @@ from torch import nn
 
 from . import functional as F
 from ._backends import BACKEND_NAMES, preload
+from ._plans import planned_call
 from ._validation import as_class_values, check_bool, check_class_counts, check_number, class_vector, per_class_on
 
 __all__ = [
@@ -142,6 +143,9 @@ class _KeywordLoss(_Criterion):
         return {**self.kwargs, **tensors}
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return planned_call(self, (self.backend, self.kwargs), self._compute, logits, target)
+
+    def _compute(self, logits, target) -> torch.Tensor:
         served = self._call_kwargs(logits) if isinstance(logits, torch.Tensor) else self._call_kwargs()
         return type(self)._function(logits, target, **served, backend=self.backend)
 
@@ -475,6 +479,9 @@ class _MarginLoss(_Criterion):
         )
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return planned_call(self, (self.backend, self.options), self._compute, logits, target)
+
+    def _compute(self, logits, target) -> torch.Tensor:
         return self._call(logits, target, self.backend)
 
     def extra_repr(self) -> str:

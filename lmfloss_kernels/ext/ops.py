@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .._autograd import call_op, refuse_double_backward
+from .._autograd import call_op, refuse_double_backward, register_eager_kernel
 
 REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2}
 
@@ -99,6 +99,17 @@ def _row_backward(ctx, grad_loss, _grad_norms):
 
 
 row_loss_op.register_autograd(_row_backward, setup_context=_row_setup)
+
+
+def _row_loss_eager(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction):
+    # The extension op itself, whose autograd kernel (csrc/autograd.cpp) is the formula above in C++.
+    return torch.ops.lmfloss_ext.row_loss_forward(
+        logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index,
+        REDUCTION_CODES[reduction],
+    )  # fmt: skip
+
+
+register_eager_kernel(row_loss_op, _row_loss_eager, "lmfloss_ext::row_loss_forward")
 
 
 @torch.library.custom_op("lmfloss::ext_region_loss", mutates_args=())

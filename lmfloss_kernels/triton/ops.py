@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .._autograd import call_op
 from .._backends import refuse_double_backward
 from . import region, row
 
@@ -93,7 +94,8 @@ def _row_backward(ctx, grad_loss, _grad_of_norms):
     if grad_loss is None:
         return (None,) * 11
     logits, labels, norms, margins, ldam_weight, focal_weight = ctx.saved_tensors
-    grad = row_backward_op(grad_loss, logits, labels, norms, margins, ldam_weight, focal_weight, *ctx.options)
+    # Through call_op: in eager mode the op's implementation directly, without torch.library's dispatch layers.
+    grad = call_op(row_backward_op, grad_loss, logits, labels, norms, margins, ldam_weight, focal_weight, *ctx.options)
     return (grad,) + (None,) * 10
 
 
