@@ -206,7 +206,11 @@ def _run_quick(tmp_path: Path, *flags: str) -> tuple[str, list[dict], dict]:
             assert row["peak_extra_mb"] is None and csv_row["peak_extra_mb"] == "<0.0625"
         else:
             assert row["peak_extra_mb"] >= data["meta"]["memory_floor_mb"]
-        if row["provider"] == "eager":
+        assert csv_row["path"] == row["path"]
+        if row["path"] == "delegated":  # never reported as ours: a reason, and no speed-up
+            assert f"{row['loss']} {row['provider']}" in data["delegated"]
+            assert row["vs_eager"] is row["vs_compile"] is row["vs_library"] is None
+        elif row["provider"] == "eager":
             assert row["vs_eager"] == 1.0
     return done.stdout, csv_rows, data
 
