@@ -181,7 +181,7 @@ class Settings:
     budget_s: float = 1.0
     skipped: list[dict] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
-    paths: dict[tuple, str] = field(default_factory=dict)  # (case, provider) -> FUSED or DELEGATED
+    paths: dict[tuple, str] = field(default_factory=dict)  # (case, provider) -> path of a drop-in class of ours
     delegated: dict[str, str] = field(default_factory=dict)  # "loss provider" -> why it delegated
 
 
