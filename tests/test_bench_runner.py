@@ -131,6 +131,7 @@ def _row(provider: str, peak: float, grad_bytes: int) -> dict:
         "target": "i64 labels",
         "mode": "full",
         "provider": provider,
+        "path": runner.PATHS.get(provider, "fused"),
         "median_ms": 2.0,
         "p20_ms": 1.5,
         "p80_ms": 2.5,
@@ -142,6 +143,7 @@ def _row(provider: str, peak: float, grad_bytes: int) -> dict:
         "bandwidth_frac": 0.05,
         "vs_eager": 1.0,
         "vs_compile": math.nan,
+        "vs_library": math.nan,
     }
 
 
