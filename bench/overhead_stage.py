@@ -43,8 +43,11 @@ def measure(calls: int, device: torch.device, threads: int | None, timeout_s: fl
         return {"calls": calls, "error": f"timed out after {timeout_s:.0f} s"}
     if done.returncode != 0:
         return {"calls": calls, "error": f"exit {done.returncode}: {done.stderr.strip()[-1500:]}"}
-    data = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"calls": calls, **data, "summary": summary(data["rows"])}
+    try:  # bench.overhead may change under us: an output of another form is a note, not a crash
+        data = json.loads(done.stdout.strip().splitlines()[-1])
+        return {"calls": calls, **data, "summary": summary(data["rows"])}
+    except (ValueError, KeyError, IndexError, TypeError) as error:
+        return {"calls": calls, "error": f"unreadable output of bench.overhead ({error!r})"}
 
 
 def summary(rows: list[dict]) -> list[dict]:
