@@ -533,3 +533,18 @@ def test_overhead_stage_runs_bench_overhead_in_a_child_process():
         assert f"| {r['loss']} | {r['path']} | {r['mode']} | {r['us']:.1f} |" in stage["table"]
     assert {name for name, _ in stage["construction"]} == set(overhead.CONSTRUCTED)
     assert len(stage["summary"]) == len(paths) * 2
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "expected"),
+    [(3, "", "exit 3: boom"), (0, "not json\n", "unreadable output"), (0, '{"rows": [{"loss": "L"}]}\n', "KeyError")],
+)
+def test_a_failing_overhead_child_leaves_a_note(monkeypatch, returncode, stdout, expected):
+    # A crash or an output of another form (bench.overhead changed) must not end the suite's run.
+    def fake_run(command, **kwargs):
+        return subprocess.CompletedProcess(command, returncode, stdout=stdout, stderr="boom")
+
+    monkeypatch.setattr(overhead_stage.subprocess, "run", fake_run)
+    stage = overhead_stage.measure(7, torch.device("cpu"), 1)
+    assert set(stage) == {"calls", "error"} and stage["calls"] == 7 and expected in stage["error"]
+    assert overhead_stage.lines(stage)[0].startswith("Per-call overhead: not measured (")
