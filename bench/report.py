@@ -18,7 +18,7 @@ import torch
 
 import lmfloss_kernels
 
-from . import measure
+from . import measure, overhead_stage
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -31,6 +31,7 @@ COLUMNS = (
     "target",
     "mode",
     "provider",
+    "path",
     "median_ms",
     "p20_ms",
     "p80_ms",
@@ -45,6 +46,7 @@ COLUMNS = (
     "bandwidth_frac",
     "vs_eager",
     "vs_compile",
+    "vs_library",
 )
 
 
@@ -146,6 +148,7 @@ _HEADER = (
     ("bandwidth_frac", "BW frac", "{:.3f}"),
     ("vs_eager", "vs eager", "{:.2f}x"),
     ("vs_compile", "vs compile", "{:.2f}x"),
+    ("vs_library", "vs lib", "{:.2f}x"),
 )
 
 MODE_TITLES = {"forward": "forward", "backward": "backward", "full": "fwd+bwd", "nograd": "no-grad fwd"}
@@ -160,10 +163,17 @@ def _below_floor(row: dict, key: str) -> bool:
     return key in ("peak_extra_mb", "peak_over_grad") and bool(row.get("peak_below_floor"))
 
 
+def provider_label(row: dict) -> str:
+    """The provider, marked when our class handed the call to the library's code (not ours)."""
+    return f"{row['provider']} [delegated]" if row.get("path") == "delegated" else row["provider"]
+
+
 def _cell(row: dict, key: str, fmt: str, floor_mb: float) -> str:
     value = row.get(key)
     if key == "mode":
         return MODE_TITLES[value]
+    if key == "provider":
+        return provider_label(row)
     if _below_floor(row, key):
         return f"< {_memory_bound(row, key, floor_mb):.2f}"
     if isinstance(value, float) and not math.isfinite(value):
@@ -206,7 +216,7 @@ def headline_rows(rows: list[dict]) -> list[dict]:
     return [row for row in full if row["voxels"] == largest[key(row)]]
 
 
-def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> list[str]:
+def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict, delegated: dict[str, str]) -> list[str]:
     lines = [
         f"device: {meta['device']} ({meta['device_type']}, {meta['cpu_threads']} CPU threads, load average "
         f"{meta['load_average']}); torch {meta['torch']}, "
@@ -222,6 +232,12 @@ def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> li
     if notes:
         lines.append("How MONAI's function differs from ours, per loss:")
         lines += [f"  {loss}: {note}" for loss, note in sorted(notes.items())]
+    if delegated:
+        lines.append(
+            "Delegated: our drop-in class handed these calls to the library's code (or eager PyTorch), so the "
+            "rows marked [delegated] time that code, not our kernels, and get no speed-up:"
+        )
+        lines += [f"  {key}: {reason}" for key, reason in sorted(delegated.items())]
     reasons = sorted({f"{s['provider']}: {s['reason']}" for s in skipped})
     if reasons:
         lines.append("Not run:")
@@ -229,9 +245,17 @@ def _context_lines(notes: dict[str, str], skipped: list[dict], meta: dict) -> li
     return lines
 
 
-def format_table(rows: list[dict], notes: dict[str, str], skipped: list[dict], meta: dict) -> str:
+def format_table(
+    rows: list[dict],
+    notes: dict[str, str],
+    skipped: list[dict],
+    meta: dict,
+    delegated: dict[str, str] | None = None,
+    overhead: dict | None = None,
+) -> str:
     table = table_lines(rows, markdown=False, floor_mb=meta["memory_floor_mb"])
-    return "\n".join(["", *table, "", *_context_lines(notes, skipped, meta)])
+    extra = ["", *overhead_stage.lines(overhead)] if overhead is not None else []
+    return "\n".join(["", *table, "", *_context_lines(notes, skipped, meta, delegated or {}), *extra])
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,9 +267,18 @@ def _slug(text: str) -> str:
 
 
 def write(
-    rows: list[dict], meta: dict, notes: dict[str, str], skipped: list[dict], out: str | None, plots: bool
+    rows: list[dict],
+    meta: dict,
+    notes: dict[str, str],
+    skipped: list[dict],
+    out: str | None,
+    plots: bool,
+    delegated: dict[str, str] | None = None,
+    overhead: dict | None = None,
 ) -> list[Path]:
-    """CSV, JSON and markdown (and PNG plots) named after the device and the date."""
+    """CSV, JSON and markdown (and PNG plots) named after the device and the date; the per-call
+    overhead stage (:mod:`.overhead_stage`), when given, goes into the JSON and the markdown."""
+    delegated = delegated or {}
     directory = Path(out) if out else RESULTS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     stamp = meta["date"][:19].replace(":", "").replace("-", "")
@@ -264,19 +297,21 @@ def write(
         }
         writer.writerow({**row, **bounds, **flat_meta})
     _replace(paths[0], table.getvalue())
-    _replace(paths[1], _json(meta, notes, skipped, rows))
+    _replace(paths[1], _json(meta, notes, skipped, rows, delegated, overhead))
     sections = [
         "## Headline: fwd+bwd at the largest size of each case",
         "",
         *table_lines(headline_rows(rows), markdown=True, floor_mb=meta["memory_floor_mb"]),
         "",
-        *_context_lines(notes, skipped, meta),
+        *_context_lines(notes, skipped, meta, delegated),
         "",
         "## All rows",
         "",
         *table_lines(rows, markdown=True, floor_mb=meta["memory_floor_mb"]),
         "",
     ]
+    if overhead is not None:
+        sections += ["## Per-call overhead", "", *overhead_stage.lines(overhead), ""]
     _replace(paths[2], "\n".join(sections))
     if plots:
         paths += plot(rows, stem, meta["memory_floor_mb"])
@@ -291,7 +326,7 @@ def _replace(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def _json(meta, notes, skipped, rows) -> str:
+def _json(meta, notes, skipped, rows, delegated, overhead) -> str:
     # JSON has no NaN: missing figures (no compile baseline, memory not measurable or below the
     # resolution, which peak_below_floor and meta's memory_floor_mb tell apart) become null.
     def clean(value):
@@ -303,8 +338,11 @@ def _json(meta, notes, skipped, rows) -> str:
         "meta": meta,
         "monai_notes": notes,
         "not_run": skipped,
+        "delegated": delegated,
         "rows": [{k: clean(v) for k, v in row.items()} for row in rows],
     }
+    if overhead is not None:
+        data["overhead"] = {k: v for k, v in overhead.items() if k != "table"}
     return json.dumps(data, indent=1)
 
 
@@ -327,11 +365,11 @@ def plot(rows: list[dict], stem: Path, floor_mb: float) -> list[Path]:
         if len({r["voxels"] for r in group}) < 2:
             continue
         fig, (ax_time, ax_mem) = plt.subplots(1, 2, figsize=(11, 4.2))
-        for provider in dict.fromkeys(r["provider"] for r in group):
+        for provider in dict.fromkeys(provider_label(r) for r in group):
             pts = sorted(
                 (r["voxels"], r["median_ms"], r["p20_ms"], r["p80_ms"], r["peak_extra_mb"])
                 for r in group
-                if r["provider"] == provider
+                if provider_label(r) == provider
             )
             xs = [p[0] for p in pts]
             ax_time.errorbar(

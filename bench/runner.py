@@ -21,7 +21,9 @@ import torch
 import lmfloss_kernels
 from lmfloss_kernels import available_backends
 
-from . import measure, report
+from . import measure, overhead_stage, report
+from .dropin import DELEGATED, call_path
+from .dropin import FUSED as FUSED_PATH
 from .workloads import (
     TARGET_KINDS,
     WORKLOADS,
@@ -36,10 +38,12 @@ from .workloads import (
 )
 
 MODES = ("forward", "backward", "full", "nograd")
-BASELINES = ("eager", "compile", "monai")
+BASELINES = ("eager", "compile", "monai", "nnunet")
 FUSED = ("triton", "cuda", "cpu")
 PROVIDERS = (*BASELINES, *FUSED)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# What a row's provider ran ("path" column); fused backends of a drop-in class may have delegated.
+PATHS = {"eager": "reference", "compile": "compiled", "monai": "library", "nnunet": "library"}
 
 
 @dataclass(frozen=True)
@@ -54,13 +58,26 @@ class Spec:
     modes: tuple[str, ...] = ("full",)
 
 
+def dropin_plan(sizes: tuple[int, ...], dtypes: tuple[str, ...]) -> list[Spec]:
+    """The drop-in criteria (:mod:`.dropin`): BraTS-like volumes, 4 classes for the softmax
+    criteria (label maps), 3 overlapping regions for the sigmoid ones (multi-hot targets)."""
+    specs = []
+    for name, workload in WORKLOADS.items():
+        if workload.dropin is not None:
+            kind = workload.dropin.target_kind
+            classes = (3,) if kind == "multihot" else (4,)
+            specs.append(Spec(name, sizes, classes=classes, dtypes=dtypes, targets=(kind,)))
+    return specs
+
+
 def default_plan(device: torch.device) -> list[Spec]:
-    """Sizes chosen to finish in about 5 minutes on a 2-core CPU, or a few minutes on one GPU.
+    """Sizes chosen to finish in about 7 minutes on a 2-core CPU, or a few minutes on one GPU.
 
     On the CPU most rows stop at the 1 s timing budget, so a case costs about 1 s per provider
     (more for the eager rows at 128^3 and 1M rows), and every new graph (loss, dtype, target
     kind or grad mode) adds a torch.compile of 5-10 s: hence bf16 and one-hot at one size each.
-    From the per-row medians of the committed CPU results, this plan takes about 4 minutes there.
+    From the per-row medians of the committed CPU results, this plan takes about 4 minutes there,
+    plus about 2 minutes for the drop-in criteria, which come last (the headline losses first).
     """
     if device.type == "cuda":
         edges = (64, 96, 128, 160, 192)
@@ -72,6 +89,7 @@ def default_plan(device: torch.device) -> list[Spec]:
             Spec("mixed_focal", edges, dtypes=("bf16",)),
             Spec("dense_lmf", (64, 128, 192), classes=(2, 4, 14), dtypes=("bf16",)),
             Spec("lmf_rows", rows, classes=(4, 8), dtypes=("bf16", "fp32"), modes=MODES),
+            *dropin_plan((96, 128), ("bf16",)),
         ]
     return [
         Spec("ufl_asym", (32, 64, 128)),  # 2x4x128^3 fp32 fwd+bwd: the CPU target of the design
@@ -84,6 +102,7 @@ def default_plan(device: torch.device) -> list[Spec]:
         Spec("lmf_rows", (4096, 65536, 1 << 20), classes=(4, 8)),
         Spec("lmf_rows", (65536,), classes=(8,), modes=MODES),
         Spec("lmf_rows", (65536,), classes=(8,), dtypes=("bf16",)),
+        *dropin_plan((32, 64), ("fp32",)),
     ]
 
 
@@ -97,6 +116,7 @@ def quick_plan() -> list[Spec]:
         Spec("mixed_focal", (16,)),
         Spec("dense_lmf", (16,)),
         Spec("lmf_rows", (4096,), dtypes=("fp32", "bf16")),
+        *dropin_plan((12,), ("fp32",)),
     ]
 
 
@@ -161,10 +181,17 @@ class Settings:
     budget_s: float = 1.0
     skipped: list[dict] = field(default_factory=list)
     notes: dict[str, str] = field(default_factory=dict)
+    paths: dict[tuple, str] = field(default_factory=dict)  # (case, provider) -> path of a drop-in class of ours
+    delegated: dict[str, str] = field(default_factory=dict)  # "loss provider" -> why it delegated
 
 
-def provider_fn(name: str, workload: Workload, case: Case, inputs, settings: Settings) -> Callable | str:
-    """``fn(logits, target) -> loss`` for a provider, or a string saying why it cannot run."""
+def provider_fn(name: str, workload: Workload, case: Case, inputs, settings: Settings) -> Callable | str | None:
+    """``fn(logits, target) -> loss`` for a provider, a string saying why it cannot run, or None
+    where the provider does not apply (nnU-Net's class for a MONAI criterion, and so on)."""
+    if workload.dropin is not None:
+        return _dropin_fn(name, workload, case, inputs, settings)
+    if name == "nnunet":
+        return None
     x, t = inputs[0]
     if name == "eager":
         return lambda a, b: workload.call(a, b, backend="reference")
@@ -176,11 +203,51 @@ def provider_fn(name: str, workload: Workload, case: Case, inputs, settings: Set
             return "MONAI is not installed (pip install monai)"
         settings.notes[workload.name] = workload.monai_note
         return fn
-    if name == "triton" and settings.device.type != "cuda":
-        return "Triton runs on the CPU only under TRITON_INTERPRET, which is not a benchmark"
-    if name not in available_backends(settings.device, x.dtype):
-        return f"backend {name!r} is not available for {settings.device.type} {x.dtype}"
+    reason = _backend_missing(name, settings.device, x.dtype)
+    if reason is not None:
+        return reason
     return lambda a, b: workload.call(a, b, backend=name)
+
+
+def _backend_missing(name: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    if name == "triton" and device.type != "cuda":
+        return "Triton runs on the CPU only under TRITON_INTERPRET, which is not a benchmark"
+    if name not in available_backends(device, dtype):
+        return f"backend {name!r} is not available for {device.type} {dtype}"
+    return None
+
+
+def _dropin_fn(name: str, workload: Workload, case: Case, inputs, settings: Settings) -> Callable | str | None:
+    """Providers of a drop-in class: the library's class (``monai`` / ``nnunet``) and its
+    ``torch.compile`` (``compile``); ours with the reference backend (``eager``) or a fused backend.
+
+    Ours is called once first to see which path it takes (:func:`.dropin.call_path`): a call that
+    ran the library's code is recorded as delegated, and one that needs the absent library is not run.
+    """
+    dropin = workload.dropin
+    x, t = inputs[0]
+    if name in ("monai", "nnunet") and name != dropin.provider:
+        return None
+    if name in ("monai", "nnunet", "compile"):
+        theirs = dropin.theirs()
+        if theirs is None:
+            return f"{dropin.library} is not installed: no library baseline for the drop-in rows"
+        theirs = theirs.to(settings.device)
+        return torch.compile(theirs, dynamic=True) if name == "compile" else theirs
+    if name != "eager":
+        reason = _backend_missing(name, settings.device, x.dtype)
+        if reason is not None:
+            return reason
+    ours = dropin.ours("reference" if name == "eager" else name).to(settings.device)
+    try:
+        path, why = call_path(ours, x, t)
+    except ImportError as error:
+        return f"{workload.name} delegates to {dropin.library} here, which is not installed ({error})"
+    # Not delegated: the reference backend's row stays "reference", a fused backend's "fused".
+    settings.paths[(case, name)] = path if path == DELEGATED else PATHS.get(name, path)
+    if path == DELEGATED:
+        settings.delegated[f"{workload.name} {name}"] = why
+    return ours
 
 
 def mode_runner(mode: str, fn: Callable, inputs) -> tuple[Callable[[int], object], Callable[[int], object] | None]:
@@ -239,6 +306,8 @@ def run_case(
     rows = []
     for provider in settings.providers:
         fn = provider_fn(provider, workload, case, inputs, settings)
+        if fn is None:
+            continue
         if isinstance(fn, str):
             settings.skipped.append({"provider": provider, "loss": case.loss, "dtype": case.dtype, "reason": fn})
             continue
@@ -272,6 +341,7 @@ def run_case(
                     "target": target_label(workload, probe[1]),
                     "mode": mode,
                     "provider": provider,
+                    "path": settings.paths.get((case, provider), PATHS.get(provider, FUSED_PATH)),
                     "median_ms": median * 1e3,
                     "p20_ms": p20 * 1e3,
                     "p80_ms": p80 * 1e3,
@@ -330,16 +400,29 @@ def _time(run, setup, inputs, provider: str, settings: Settings):
 
 
 def add_speedups(rows: list[dict]) -> None:
-    """Speed-up of every row over the eager and the compiled reference of the same case."""
+    """Speed-up of every row over the eager and the compiled reference of the same case, and for
+    the drop-in criteria over the library's own class (``vs_library``).
+
+    For a drop-in criterion, ``eager`` is our class on the reference backend and ``compile`` is
+    ``torch.compile`` of the library's class. A row whose call was delegated to the library's code
+    gets no speed-up: it is not our computation.
+    """
     key = ("loss", "shape", "dtype", "target", "mode")
     base: dict[tuple, dict[str, float]] = {}
     for row in rows:
-        if row["provider"] in ("eager", "compile"):
-            base.setdefault(tuple(row[k] for k in key), {})[row["provider"]] = row["median_ms"]
+        if row["provider"] in ("eager", "compile") or row["path"] == "library" and _is_dropin(row):
+            kind = "library" if row["path"] == "library" else row["provider"]
+            base.setdefault(tuple(row[k] for k in key), {})[kind] = row["median_ms"]
     for row in rows:
         ref = base.get(tuple(row[k] for k in key), {})
-        for provider in ("eager", "compile"):
-            row[f"vs_{provider}"] = ref[provider] / row["median_ms"] if provider in ref else math.nan
+        for kind in ("eager", "compile", "library"):
+            ok = kind in ref and row["path"] != DELEGATED
+            row[f"vs_{kind}"] = ref[kind] / row["median_ms"] if ok else math.nan
+
+
+def _is_dropin(row: dict) -> bool:
+    workload = WORKLOADS.get(row["loss"])
+    return workload is not None and workload.dropin is not None
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,6 +472,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--out", default=None, help="results directory (default: bench/results)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    parser.add_argument(
+        "--no-overhead", action="store_true", help="skip the per-call overhead stage (bench/overhead.py, run last)"
+    )
+    parser.add_argument(
+        "--overhead-calls",
+        type=int,
+        default=None,
+        help="calls per repeat of the overhead stage (default 200; quick 50)",
+    )
     args = parser.parse_args(argv)
     if args.classes and any(c < 2 for c in args.classes):
         parser.error("--classes must all be >= 2")
@@ -434,16 +526,25 @@ def main(argv: list[str] | None = None) -> int:
         partial = rows + pending
         add_speedups(partial)
         partial_meta = {**meta, "run_seconds": round(time.time() - started, 1), "complete": False}
-        report.write(partial, partial_meta, settings.notes, settings.skipped, args.out, plots=False)
+        report.write(
+            partial, partial_meta, settings.notes, settings.skipped, args.out, plots=False, delegated=settings.delegated
+        )
 
     with lmfloss_kernels.options(check_backend=False):
         for case in report.progress(cases, desc="bench"):
             rows.extend(run_case(case, settings, copy_bw, on_row=record))
             pending.clear()
     add_speedups(rows)
+    overhead = None
+    if not args.no_overhead:
+        # Last, after every row is written: a time limit that stops it loses no row.
+        calls = args.overhead_calls or (50 if args.quick else 200)
+        print(f"per-call overhead stage (bench/overhead.py, {calls} calls per repeat)", file=sys.stderr)
+        overhead = overhead_stage.measure(calls, device, args.threads)
     meta = {**report.metadata(device, copy_bw, time.time() - started, command), "date": meta["date"], "complete": True}
-    print(report.format_table(rows, settings.notes, settings.skipped, meta))
-    paths = report.write(rows, meta, settings.notes, settings.skipped, args.out, plots=not args.no_plots)
+    context = dict(delegated=settings.delegated, overhead=overhead)
+    print(report.format_table(rows, settings.notes, settings.skipped, meta, **context))
+    paths = report.write(rows, meta, settings.notes, settings.skipped, args.out, plots=not args.no_plots, **context)
     for path in paths:
         print(f"wrote {path}")
     return 0 if rows else 1

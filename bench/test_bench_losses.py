@@ -34,13 +34,14 @@ def _synchronize():
 @pytest.mark.parametrize("loss", sorted(WORKLOADS))
 def test_loss(benchmark, loss, dtype, provider, mode):
     workload = WORKLOADS[loss]
-    case = runner.Case(loss, _size(workload.dense), 4, dtype, "labels", (mode,))
+    target = workload.target_kinds[0]
+    case = runner.Case(loss, _size(workload.dense), 4, dtype, target, (mode,))
     shape = logits_shape(workload, case.size, case.classes)
-    inputs = [make_inputs(workload, shape, runner.DTYPES[dtype], "labels", DEVICE)]
+    inputs = [make_inputs(workload, shape, runner.DTYPES[dtype], target, DEVICE)]
     settings = runner.Settings(device=DEVICE, providers=(provider,))
     fn = runner.provider_fn(provider, workload, case, inputs, settings)
-    if isinstance(fn, str):
-        pytest.skip(fn)
+    if fn is None or isinstance(fn, str):
+        pytest.skip(fn or f"{provider} does not apply to {loss}")
     run, setup = runner.mode_runner(mode, fn, inputs)
 
     def call():
@@ -52,7 +53,10 @@ def test_loss(benchmark, loss, dtype, provider, mode):
         _synchronize()
 
     benchmark.group = f"{loss} {'x'.join(map(str, shape))} {dtype} {mode}"
-    benchmark.extra_info.update(provider=provider, device=str(DEVICE), monai_note=settings.notes.get(loss, ""))
+    path = settings.paths.get((case, provider), runner.PATHS.get(provider, "fused"))
+    benchmark.extra_info.update(
+        provider=provider, path=path, device=str(DEVICE), monai_note=settings.notes.get(loss, "")
+    )
     benchmark.pedantic(
         call,
         setup=prepare if setup is not None else None,

@@ -5,6 +5,8 @@ authors' defaults), plus MONAI's closest equivalent and a sentence saying how MO
 differs. Dense workloads take ``(B, C, D, H, W)`` logits and a ``uint8`` label map ``(B, D, H, W)`` (the
 fast path) or, for the region losses, a float one-hot map of the logits' shape; row workloads
 take ``(N, C)`` logits and ``int64`` labels ``(N,)`` as a classification data loader yields them.
+Drop-in workloads (:mod:`.dropin`) are a class of ``lmfloss_kernels.monai`` / ``.nnunet`` against the
+library class it replaces, on the targets that library takes.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import torch
 import lmfloss_kernels.functional as lf
 from lmfloss_kernels import reference
 
+from .dropin import DROPINS, DropIn, make_target
+
 # Class counts of a long-tailed training set (each class 4x rarer than the one before); only the
 # LMF margins depend on them.
 _TAIL_RATIO = 4.0
-TARGET_KINDS = ("labels", "onehot")
+TARGET_KINDS = ("labels", "onehot", "multihot")
 
 
 def class_counts(num_classes: int) -> list[float]:
@@ -37,12 +41,15 @@ class Workload:
     dense: bool  # (B, C, *S) volumes, else (N, C) rows
     call: Callable[..., torch.Tensor]  # call(logits, target, backend=...) through the public API
     monai_note: str
-    family: str = "region_loss"  # the reference family the public API maps it onto
+    family: str | None = "region_loss"  # the reference family the public API maps it onto (None: drop-in)
     onehot: bool = True  # also takes a float one-hot target (the region losses)
+    dropin: DropIn | None = None  # a drop-in class against the library's own (then family is None)
 
     @property
     def target_kinds(self) -> tuple[str, ...]:
-        return TARGET_KINDS if self.onehot else ("labels",)
+        if self.dropin is not None:
+            return (self.dropin.target_kind,)
+        return ("labels", "onehot") if self.onehot else ("labels",)
 
 
 def _lmf(x, t, backend):
@@ -101,6 +108,22 @@ WORKLOADS: dict[str, Workload] = {
         ),
     )
 }
+WORKLOADS.update(
+    {
+        name: Workload(
+            name,
+            title,
+            True,
+            # One construction per call: the runner builds the criterion once per provider instead.
+            lambda x, t, backend, dropin=dropin: dropin.ours(backend)(x, t),
+            "",
+            family=None,
+            onehot=False,
+            dropin=dropin,
+        )
+        for name, (title, dropin) in DROPINS.items()
+    }
+)
 
 
 def logits_shape(workload: Workload, size: int, num_classes: int, batch: int = 2) -> tuple[int, ...]:
@@ -114,13 +137,15 @@ def make_inputs(
     """Fresh random logits (leaf, requires grad) and a target for them."""
     num_classes = shape[1]
     logits = (3.0 * torch.randn(shape, device=device)).to(dtype).requires_grad_(True)
+    if target_kind not in workload.target_kinds:
+        raise ValueError(f"workload {workload.name!r} takes {workload.target_kinds}, got target kind {target_kind!r}")
+    if workload.dropin is not None:
+        return logits, make_target(workload.dropin, logits)
     label_shape = shape[:1] + shape[2:]
     label_dtype = torch.uint8 if workload.dense else torch.int64
     labels = torch.randint(0, num_classes, label_shape, device=device, dtype=label_dtype)
     if target_kind == "labels":
         return logits, labels
-    if target_kind not in workload.target_kinds:
-        raise ValueError(f"workload {workload.name!r} takes {workload.target_kinds}, got target kind {target_kind!r}")
     onehot = torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1).to(dtype).contiguous()
     return logits, onehot
 
@@ -128,7 +153,8 @@ def make_inputs(
 def target_label(workload: Workload, target: torch.Tensor) -> str:
     """Short description of a target tensor for the results table."""
     if target.is_floating_point():
-        return f"one-hot {str(target.dtype).removeprefix('torch.')}"
+        kind = "multi-hot" if workload.target_kinds == ("multihot",) else "one-hot"
+        return f"{kind} {str(target.dtype).removeprefix('torch.')}"
     return {torch.uint8: "u8 labels", torch.int64: "i64 labels"}.get(target.dtype, str(target.dtype))
 
 

@@ -16,6 +16,9 @@
 #   ncu             Nsight Compute's DRAM bytes read / written and kernel time of the same calls
 #                   (bench/traffic.py: bytes over the ideal one-pass bytes, share of copy bandwidth)
 #   bench_headline  python -m bench at the headline sizes; bench_sweep: the smaller sizes
+#   bench_dropin    the MONAI / nnU-Net drop-in criteria at 2x4x128^3 (2x3x128^3 multi-hot), ours
+#                   (rows marked when they delegated; MONAI is absent there: no library rows), then
+#                   the per-call overhead table; last, so that it never takes the headline rows' time
 # A step that fails or times out does not stop the next ones. pytest gets SIGINT at its limit, so
 # it still prints the failures so far; the benchmark writes its rows as they are measured.
 #
@@ -188,7 +191,7 @@ done
 
 export -f versions
 export work python dry CUDA_HOME cuda_from ncu
-step versions 30 TERM bash -c versions
+step versions 20 TERM bash -c versions
 
 triton_suites=(tests/test_triton_ops.py tests/test_triton_rows.py tests/test_triton_regions.py
   tests/test_calf_transforms.py tests/test_calf_stats.py)
@@ -241,20 +244,29 @@ if [ "$dry" = 1 ]; then
   step traffic 120 TERM "$python" -m bench.traffic time --device cpu --small --backends cpu --out "$work/traffic.json"
   step ncu 120 TERM bash -c ncu_step
   step bench_headline 120 TERM "$python" -m bench --quick --device cpu --threads 1 --providers eager \
-    --losses lmf_rows --dtypes fp32 --modes forward --no-plots --out "$work/bench_headline"
+    --losses lmf_rows --dtypes fp32 --modes forward --no-plots --no-overhead --out "$work/bench_headline"
   step bench_sweep 120 TERM "$python" -m bench --quick --device cpu --threads 1 --providers eager \
-    --losses ufl_asym --sizes 8 --modes forward --no-plots --out "$work/bench_sweep"
+    --losses ufl_asym --sizes 8 --modes forward --no-plots --no-overhead --out "$work/bench_sweep"
+  step bench_dropin 120 TERM "$python" -m bench --quick --device cpu --threads 1 --providers cpu,triton,cuda \
+    --losses monai_dice_ce,monai_dice_sigmoid --sizes 8 --modes forward --no-plots --overhead-calls 2 \
+    --out "$work/bench_dropin"
 else
   arch=$("$python" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 9.0)
   step build 140 TERM env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" bash -c build_step
   step gpu_tests 60 INT "$python" -m pytest "${pytest_flags[@]}" -m gpu tests
   step triton_tests 70 INT "$python" -m pytest "${pytest_flags[@]}" "${triton_suites[@]}"
   step traffic 30 TERM "$python" -m bench.traffic time --out "$work/traffic.json"
-  step ncu 75 TERM bash -c ncu_step
+  step ncu 55 TERM bash -c ncu_step
   bench=("$python" -m bench --device cuda --dtypes bf16 --targets labels --modes full,forward --budget 0.2
-    --providers triton,cuda,eager,compile --classes 4,8)
+    --providers triton,cuda,eager,compile --classes 4,8 --no-overhead)
   step bench_headline 60 TERM "${bench[@]}" --losses ufl_asym,lmf_rows --sizes 192 --rows 1M \
     --out "$work/bench_headline"
   step bench_sweep 25 TERM "${bench[@]}" --losses ufl_asym,dense_lmf,lmf_rows --sizes 128 --rows 64k \
     --no-plots --out "$work/bench_sweep"
+  # The plan's classes (4, or 3 regions for the sigmoid criteria), fwd+bwd only, no torch.compile
+  # (MONAI's class is not there to compile); the overhead stage runs after the rows are written.
+  step bench_dropin 35 TERM "$python" -m bench --device cuda --dtypes bf16 --modes full --budget 0.2 \
+    --providers triton,cuda,eager,monai,nnunet --sizes 128 --no-plots --overhead-calls 20 \
+    --losses monai_dice_ce,monai_dice_sigmoid,monai_dice_focal,monai_dice_focal_sigmoid,nnunet_dc_ce \
+    --out "$work/bench_dropin"
 fi

@@ -11,19 +11,20 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import measure, report, runner
+from bench import dropin, measure, overhead, overhead_stage, report, runner
 from bench.workloads import WORKLOADS, bytes_moved, family_call, logits_shape, make_inputs, monai_loss, voxels
 from lmfloss_kernels import available_backends, reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-CASES = [(name, kind) for name, w in sorted(WORKLOADS.items()) for kind in w.target_kinds]
+CASES = [(name, kind) for name, w in sorted(WORKLOADS.items()) if w.dropin is None for kind in w.target_kinds]
+DROPINS = sorted(name for name, w in WORKLOADS.items() if w.dropin is not None)
 
 
 @pytest.mark.parametrize(("loss", "target_kind"), CASES)
@@ -130,6 +131,7 @@ def _row(provider: str, peak: float, grad_bytes: int) -> dict:
         "target": "i64 labels",
         "mode": "full",
         "provider": provider,
+        "path": runner.PATHS.get(provider, "fused"),
         "median_ms": 2.0,
         "p20_ms": 1.5,
         "p80_ms": 2.5,
@@ -141,6 +143,7 @@ def _row(provider: str, peak: float, grad_bytes: int) -> dict:
         "bandwidth_frac": 0.05,
         "vs_eager": 1.0,
         "vs_compile": math.nan,
+        "vs_library": math.nan,
     }
 
 
@@ -187,6 +190,7 @@ def _run_quick(tmp_path: Path, *flags: str) -> tuple[str, list[dict], dict]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("TRITON_INTERPRET", None)  # the runner must skip Triton on the CPU by itself
     command = [sys.executable, "-m", "bench", "--quick", "--threads", "1", "--device", "cpu", "--out", str(tmp_path)]
+    command.append("--no-overhead")  # measured by its own test
     done = subprocess.run([*command, *flags], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (csv_path,) = tmp_path.glob("*.csv")
@@ -204,33 +208,47 @@ def _run_quick(tmp_path: Path, *flags: str) -> tuple[str, list[dict], dict]:
             assert row["peak_extra_mb"] is None and csv_row["peak_extra_mb"] == "<0.0625"
         else:
             assert row["peak_extra_mb"] >= data["meta"]["memory_floor_mb"]
-        if row["provider"] == "eager":
+        assert csv_row["path"] == row["path"]
+        if row["path"] == "delegated":  # never reported as ours: a reason, and no speed-up
+            assert f"{row['loss']} {row['provider']}" in data["delegated"]
+            assert row["vs_eager"] is row["vs_compile"] is row["vs_library"] is None
+        elif row["provider"] == "eager":
             assert row["vs_eager"] == 1.0
     return done.stdout, csv_rows, data
 
 
-def _runs_here(provider: str, dtype: str) -> bool:
-    """Whether the runner must time ``provider`` for ``dtype`` logits on this CPU."""
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _runs_here(provider: str, case) -> bool | None:
+    """Whether the runner must time ``provider`` for ``case`` (its loss and dtype) on this CPU; None
+    where the provider does not apply (a library's class for another library's criterion)."""
+    workload = WORKLOADS[case.loss]
+    if provider in ("monai", "nnunet"):
+        if workload.dropin is None:
+            return _installed("monai") if provider == "monai" else None
+        return _installed(workload.dropin.library) if provider == workload.dropin.provider else None
+    if provider == "compile" and workload.dropin is not None:  # torch.compile of the library's class
+        return _installed(workload.dropin.library)
     if provider in ("eager", "compile"):
         return True
-    if provider == "monai":
-        return importlib.util.find_spec("monai") is not None
     # Triton's only CPU mode is its interpreter, which the runner refuses to time.
-    return provider != "triton" and provider in available_backends("cpu", runner.DTYPES[dtype])
+    return provider != "triton" and provider in available_backends("cpu", runner.DTYPES[case.dtype])
 
 
 def _expected_keys(cases: list, provider: str) -> set[tuple]:
     return {
         (c.loss, voxels(logits_shape(WORKLOADS[c.loss], c.size, c.classes)), c.classes, c.dtype, c.target, mode)
         for c in cases
-        if _runs_here(provider, c.dtype)
+        if _runs_here(provider, c)
         for mode in c.modes
     }
 
 
 def _row_keys(rows: list[dict], provider: str) -> set[tuple]:
     def kind(row):
-        return "onehot" if row["target"].startswith("one-hot") else "labels"
+        return {"one-hot": "onehot", "multi-hot": "multihot"}.get(row["target"].split()[0], "labels")
 
     return {
         (r["loss"], r["voxels"], r["classes"], r["dtype"], kind(r), r["mode"])
@@ -244,18 +262,24 @@ def _check_providers(data: dict, cases: list, providers: tuple[str, ...]) -> Non
     # failing provider into not_run, so not_run must hold nothing but genuinely missing ones.
     for provider in providers:
         assert _row_keys(data["rows"], provider) == _expected_keys(cases, provider), provider
-    reasons = {"triton": "TRITON_INTERPRET", "monai": "not installed", "cuda": "is not available"}
+    reasons = {"triton": "TRITON_INTERPRET", "cuda": "is not available"}
     for entry in data["not_run"]:
         assert "mode" not in entry, f"{entry['provider']} failed: {entry['reason']}"
-        assert not _runs_here(entry["provider"], entry["dtype"]), entry
-        assert reasons.get(entry["provider"], "is not available") in entry["reason"], entry
-    missing = {p for p in providers for c in cases if not _runs_here(p, c.dtype)}
+        case = runner.Case(entry["loss"], 0, 0, entry["dtype"], "", ())
+        assert _runs_here(entry["provider"], case) is False, entry
+        assert reasons.get(entry["provider"], "not installed") in entry["reason"], entry
+    missing = {p for p in providers for c in cases if _runs_here(p, c) is False}
     assert {entry["provider"] for entry in data["not_run"]} == missing
+    # A provider that does not apply leaves neither a row nor a note.
+    for c in cases:
+        for p in providers:
+            if _runs_here(p, c) is None:
+                assert not [r for r in data["rows"] if r["loss"] == c.loss and r["provider"] == p], (c, p)
 
 
 def test_quick_run_writes_table_csv_json_and_plots(tmp_path):
     # Every provider but torch.compile (which compiles a graph per loss: see the next test).
-    providers = ("eager", "monai", "triton", "cuda", "cpu")
+    providers = ("eager", "monai", "nnunet", "triton", "cuda", "cpu")
     out, _, data = _run_quick(tmp_path, "--providers", ",".join(providers))
     assert "median ms" in out and "vs eager" in out and "copy bandwidth" in out
     quick = runner.expand(runner.quick_plan())
@@ -307,3 +331,220 @@ def test_a_stopped_run_keeps_every_row_it_finished(tmp_path, monkeypatch):
     assert [row["dtype"] for row in data["rows"]] == ["fp32", "fp32", "bf16"]
     assert [(row["mode"], row["complete"]) for row in csv_rows] == [(m, "False") for m in measured]
     assert all(row["median_ms"] > 0 for row in data["rows"])
+
+
+# --------------------------------------------------------------------------------------------
+# Drop-in criteria (MONAI / nnU-Net classes against ours) and the per-call overhead stage
+
+
+@pytest.mark.parametrize("loss", DROPINS)
+def test_dropin_targets_are_what_the_library_takes(loss):
+    workload = WORKLOADS[loss]
+    classes = 3 if workload.target_kinds == ("multihot",) else 4
+    x, t = make_inputs(workload, logits_shape(workload, 5, classes), torch.float32, workload.target_kinds[0], "cpu")
+    batch, _, *spatial = x.shape
+    if workload.dropin.target_kind == "labels":
+        assert t.shape == (batch, 1, *spatial) and t.dtype == torch.uint8
+        assert int(t.min()) >= 0 and int(t.max()) < classes
+    else:
+        # Nested overlapping regions (BraTS: WT contains TC contains ET): a voxel in region c is in
+        # every region before it, and some voxels are in more than one region.
+        assert t.shape == x.shape and t.dtype == x.dtype and set(t.unique().tolist()) <= {0.0, 1.0}
+        assert bool((t[:, 1:] <= t[:, :-1]).all())
+        assert bool((t.sum(1) >= 2).any()) and bool((t.sum(1) == 0).any())
+    assert report.provider_label({"provider": "cpu", "path": "fused"}) == "cpu"
+    assert workload.target_kinds == (workload.dropin.target_kind,)
+
+
+@pytest.mark.parametrize("loss", DROPINS)
+def test_dropin_rows_compare_the_same_function(loss):
+    # Ours and the library's class, built as the runner builds them, must agree on fresh random
+    # inputs (odd sizes): a row against the library is then a comparison of equals.
+    dropin_spec = WORKLOADS[loss].dropin
+    theirs = dropin_spec.theirs()
+    if theirs is None:
+        pytest.skip(f"{dropin_spec.library} is not installed")
+    workload = WORKLOADS[loss]
+    classes = 3 if workload.target_kinds == ("multihot",) else 4
+    shape = (2, classes, 5, 7, 3)
+    x, t = make_inputs(workload, shape, torch.float64, workload.target_kinds[0], "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a delegated option warns; the value is checked all the same
+        ours = dropin_spec.ours("cpu" if "cpu" in available_backends("cpu", torch.float64) else "reference")
+        value, expected = ours(x, t), theirs(x, t)
+    (grad,) = torch.autograd.grad(value, x)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    torch.testing.assert_close(value.double(), expected.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
+class _LibraryDice(torch.nn.Module):
+    """Stands in for a library's class: a module defined in a ``monai`` module."""
+
+    def forward(self, x, t):
+        return (torch.sigmoid(x) * t).mean()
+
+
+_LibraryDice.__module__ = "monai.losses.dice"
+
+
+def test_call_path_sees_a_library_module_and_a_not_fused_warning_every_time():
+    x, t = torch.randn(2, 3, 4), torch.rand(2, 3, 4)
+    library = _LibraryDice()
+
+    class Wrapper(torch.nn.Module):
+        def forward(self, a, b):
+            return library(a, b)
+
+    assert dropin.call_path(lambda a, b: (a * b).sum(), x, t) == (dropin.FUSED, "")
+    path, why = dropin.call_path(Wrapper(), x, t)
+    assert path == dropin.DELEGATED and "monai.losses.dice._LibraryDice" in why
+    # The package warns once per process and reason; the probe must still see it on every call.
+    from lmfloss_kernels import _compat
+
+    def warns_once(a, b):
+        _compat.warn_once("Ours", "option=1", "monai.losses.Dice")
+        return (a * b).sum()
+
+    before = set(_compat._warned)
+    for _ in range(2):
+        path, why = dropin.call_path(warns_once, x, t)
+        assert path == dropin.DELEGATED and "option=1" in why and "not fused" in why
+    assert ("Ours", "option=1") in _compat._warned and before <= _compat._warned
+    _compat._warned.discard(("Ours", "option=1"))
+    # No hook is left behind: later calls of library modules are not recorded.
+    assert dropin.call_path(lambda a, b: (a - b).sum(), x, t)[0] == dropin.FUSED
+
+
+def _main_quick(tmp_path: Path, monkeypatch, *flags: str) -> dict:
+    """``runner.main`` in this process on the CPU (quick sizes, no plots, no overhead stage): the JSON."""
+    monkeypatch.setattr(runner.gc, "freeze", lambda: None)
+    argv = ["--quick", "--device", "cpu", "--no-plots", "--no-overhead", "--modes", "full", "--out", str(tmp_path)]
+    assert runner.main([*argv, *flags]) == 0
+    (json_path,) = tmp_path.glob("*.json")
+    return json.loads(json_path.read_text())
+
+
+def test_a_delegated_call_is_labelled_and_never_reported_as_ours(tmp_path, monkeypatch):
+    # Our class handing the call to the library's code: its row says so everywhere and gets no
+    # speed-up; the library's row and our reference row are measured as usual.
+    def ours_delegating(self, backend):
+        return _LibraryDice()
+
+    monkeypatch.setattr(dropin.DropIn, "ours", ours_delegating)
+    data = _main_quick(tmp_path, monkeypatch, "--losses", "monai_dice_ce", "--providers", "eager,cpu")
+    rows = {row["provider"]: row for row in data["rows"]}
+    assert set(rows) == {"eager", "cpu"}
+    for provider, row in rows.items():
+        assert row["path"] == "delegated"
+        assert row["vs_eager"] is None and row["vs_library"] is None
+        assert "_LibraryDice ran" in data["delegated"][f"monai_dice_ce {provider}"]
+    text = next(tmp_path.glob("*.md")).read_text()
+    assert "| cpu [delegated] |" in text and "| eager [delegated] |" in text
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        assert {row["path"] for row in csv.DictReader(f)} == {"delegated"}
+
+
+def test_speedups_over_the_library_skip_delegated_rows():
+    def row(provider, path, ms, loss="monai_dice_ce"):
+        key = dict(loss=loss, shape="2x4x8x8x8", dtype="fp32", target="u8 labels", mode="full")
+        return {**key, "provider": provider, "path": path, "median_ms": ms}
+
+    rows = [
+        row("eager", "reference", 8.0),
+        row("compile", "compiled", 4.0),
+        row("monai", "library", 6.0),
+        row("cpu", "fused", 2.0),
+        row("cuda", "delegated", 6.0),
+        row("monai", "library", 3.0, loss="ufl_asym"),  # MONAI's closest loss: a different function
+        row("cpu", "fused", 1.0, loss="ufl_asym"),
+    ]
+    runner.add_speedups(rows)
+    cpu, cuda, closest = rows[3], rows[4], rows[6]
+    assert (cpu["vs_eager"], cpu["vs_compile"], cpu["vs_library"]) == (4.0, 2.0, 3.0)
+    assert rows[2]["vs_library"] == 1.0
+    assert all(math.isnan(cuda[k]) for k in ("vs_eager", "vs_compile", "vs_library"))
+    assert math.isnan(closest["vs_library"])
+
+
+def test_library_absent_rows_skip_with_a_note_and_ours_still_run(tmp_path, monkeypatch):
+    # As on the GPU machine: neither MONAI nor nnU-Net importable. The library rows are not run
+    # (a note says why), a fused class of ours is still measured, and one that would delegate is
+    # not run rather than reported.
+    for name in ("monai", "monai.losses", "nnunetv2", "nnunetv2.training.loss.compound_losses"):
+        monkeypatch.setitem(sys.modules, name, None)
+    losses = "monai_dice_ce,monai_dice_sigmoid,nnunet_dc_ce"
+    providers = "eager,compile,monai,nnunet,cpu"
+    data = _main_quick(tmp_path, monkeypatch, "--losses", losses, "--providers", providers)
+    by_key = {(row["loss"], row["provider"]): row for row in data["rows"]}
+    assert not [key for key in by_key if key[1] in ("monai", "nnunet", "compile")]
+    for loss in ("monai_dice_ce", "nnunet_dc_ce"):  # fused today, and they need no library
+        assert by_key[(loss, "cpu")]["path"] == "fused" and by_key[(loss, "eager")]["path"] == "reference"
+        assert by_key[(loss, "cpu")]["vs_library"] is None
+    notes = {(entry["loss"], entry["provider"]): entry["reason"] for entry in data["not_run"]}
+    for loss, provider in [(loss, p) for loss in losses.split(",") for p in ("compile", "monai", "nnunet")]:
+        library = WORKLOADS[loss].dropin
+        if provider in ("monai", "nnunet") and provider != library.provider:
+            assert (loss, provider) not in notes  # not applicable: no note either
+        else:
+            assert f"{library.library} is not installed" in notes[(loss, provider)]
+    for provider in ("eager", "cpu"):  # the sigmoid Dice: fused (a row), or delegated (a note, no row)
+        key = ("monai_dice_sigmoid", provider)
+        assert (key in by_key) != (key in notes)
+        assert by_key[key]["path"] == "fused" if key in by_key else "which is not installed" in notes[key]
+    assert data["delegated"] == {}
+
+
+def test_overhead_summary_keeps_the_worst_criterion_of_each_path_and_mode():
+    gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))
+    rows = []
+    for path in ("cpu", "triton (launch stubbed)"):
+        for mode in ("train", "no_grad"):
+            for loss in ("LMFLoss", "DiceLoss", "FocalLoss"):
+                us, ce = (float(v) for v in 1 + 100 * torch.rand(2, generator=gen))
+                rows.append(dict(loss=loss, path=path, mode=mode, input="rows", us=us, ce_us=ce, ratio=us / ce))
+    summary = overhead_stage.summary(rows)
+    assert len(summary) == 4
+    for line in summary:
+        group = [r for r in rows if (r["path"], r["mode"]) == (line["path"], line["mode"])]
+        worst = max(group, key=lambda r: r["ratio"])
+        assert (line["worst_loss"], line["ratio"]) == (worst["loss"], worst["ratio"])
+        assert line["meets_goal"] == (worst["ratio"] <= overhead_stage.GOAL)
+    stage = {"calls": 3, "rows": rows, "construction": [], "table": "# title\n\nbody\n", "summary": summary}
+    text = "\n".join(overhead_stage.lines(stage))
+    assert "## title" in text and "body" in text and text.count("\n| cpu |") == 2
+    assert overhead_stage.lines({"calls": 3, "error": "exit 1: boom"}) == [
+        "Per-call overhead: not measured (exit 1: boom)"
+    ]
+
+
+def test_overhead_stage_runs_bench_overhead_in_a_child_process():
+    # The stage hands back bench.overhead's own rows: every criterion, path and mode, with the
+    # ratio to cross-entropy that its table prints.
+    stage = overhead_stage.measure(2, torch.device("cpu"), 1, timeout_s=600)
+    assert "error" not in stage, stage.get("error")
+    losses = {*overhead.ROW_LOSSES, *overhead.DENSE_LOSSES}
+    paths = {label for label, _, _ in overhead.paths(torch.device("cpu"))}
+    assert {(r["loss"], r["path"], r["mode"]) for r in stage["rows"]} == {
+        (loss, path, mode) for loss in losses for path in paths for mode in ("train", "no_grad")
+    }
+    for r in stage["rows"]:
+        assert r["us"] > 0 and r["ce_us"] > 0 and r["ratio"] == pytest.approx(r["us"] / r["ce_us"])
+        assert f"| {r['loss']} | {r['path']} | {r['mode']} | {r['us']:.1f} |" in stage["table"]
+    assert {name for name, _ in stage["construction"]} == set(overhead.CONSTRUCTED)
+    assert len(stage["summary"]) == len(paths) * 2
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stdout", "expected"),
+    [(3, "", "exit 3: boom"), (0, "not json\n", "unreadable output"), (0, '{"rows": [{"loss": "L"}]}\n', "KeyError")],
+)
+def test_a_failing_overhead_child_leaves_a_note(monkeypatch, returncode, stdout, expected):
+    # A crash or an output of another form (bench.overhead changed) must not end the suite's run.
+    def fake_run(command, **kwargs):
+        return subprocess.CompletedProcess(command, returncode, stdout=stdout, stderr="boom")
+
+    monkeypatch.setattr(overhead_stage.subprocess, "run", fake_run)
+    stage = overhead_stage.measure(7, torch.device("cpu"), 1)
+    assert set(stage) == {"calls", "error"} and stage["calls"] == 7 and expected in stage["error"]
+    assert overhead_stage.lines(stage)[0].startswith("Per-call overhead: not measured (")

@@ -26,7 +26,17 @@ from bench.workloads import WORKLOADS, bytes_moved, logits_shape
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.sh"
-STEPS = ("versions", "build", "gpu_tests", "triton_tests", "traffic", "ncu", "bench_headline", "bench_sweep")
+STEPS = (
+    "versions",
+    "build",
+    "gpu_tests",
+    "triton_tests",
+    "traffic",
+    "ncu",
+    "bench_headline",
+    "bench_sweep",
+    "bench_dropin",
+)
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a bash script with GNU timeout")
 
@@ -68,10 +78,15 @@ def test_dry_run_writes_every_step_into_the_archive(tmp_path):
     gpu_test = "tests/test_hardening_numerics.py::test_nonfinite_logits_give_nan_loss_on_gpu"
     assert gpu_test in files["gpu_tests.log"].decode(), "the gpu mark selects it"
     # The benchmark and traffic steps' own results, complete.
-    for folder in ("bench_headline", "bench_sweep"):
+    for folder in ("bench_headline", "bench_sweep", "bench_dropin"):
         (name,) = [n for n in files if n.startswith(folder + "/") and n.endswith(".json")]
         data = json.loads(files[name])
         assert data["meta"]["complete"] is True and data["rows"]
+        # Only the drop-in step measures the overhead (after its rows): the headline steps skip it.
+        assert ("overhead" in data) == (folder == "bench_dropin"), folder
+    dropin = json.loads(files[next(n for n in files if n.startswith("bench_dropin/") and n.endswith(".json"))])
+    assert {row["loss"] for row in dropin["rows"]} == {"monai_dice_ce", "monai_dice_sigmoid"}
+    assert dropin["overhead"]["rows"] and "error" not in dropin["overhead"]
     rows = json.loads(files["traffic.json"])
     assert {row["case"] for row in rows} == set(traffic.CASES)
     assert all(row["copy_fraction"] > 0 for row in rows), rows
