@@ -176,8 +176,9 @@ def _region_setup(ctx, inputs, output):
 def _region_backward(ctx, grad_loss, _grad_of_stats):
     refuse_double_backward("triton")
     logits, target, stats, focal_weight, focal_gamma, tversky_exponent = ctx.saved_tensors
-    grad = region_backward_op(
-        grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, *ctx.options
+    # Through call_op, as the row backward: eager mode skips torch.library's dispatch layers.
+    grad = call_op(
+        region_backward_op, grad_loss, logits, target, stats, focal_weight, focal_gamma, tversky_exponent, *ctx.options
     )
     return (grad,) + (None,) * (len(ctx.options) + 4)
 
