@@ -27,6 +27,7 @@ import torch
 from . import functional
 from ._backends import _user_stacklevel
 from ._validation import check_ignore_index, check_target
+from .functional import _kept_class_scaling as kept_class_scaling  # noqa: F401 (for monai.py, nnunet.py)
 from .modules import _check_backend as check_backend  # noqa: F401 (re-exported for monai.py, nnunet.py)
 
 # Smallest eps the region family accepts; unused with clip=False (log q is taken in log space).
@@ -46,12 +47,6 @@ def warn_once(owner: str, reason: str, fallback: str) -> None:
         UserWarning,
         stacklevel=_user_stacklevel(),
     )
-
-
-def kept_class_scaling(num_classes: int, kept: int, factor: float) -> tuple[float, float]:
-    """``(tversky_coef, constant)`` turning the region term over C classes into ``factor`` times the
-    mean of ``1 - TI`` over the ``kept`` classes whose exponent is 1 (the others have exponent 0)."""
-    return factor * num_classes / kept, -factor * (num_classes - kept) / kept
 
 
 def region_mean(

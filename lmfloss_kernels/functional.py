@@ -1180,6 +1180,13 @@ def _non_negative_class_values(name: str, value, logits: torch.Tensor) -> torch.
     return vector
 
 
+def _kept_class_scaling(num_classes: int, kept: int, factor: float) -> tuple[float, float]:
+    """``(tversky_coef, constant)`` turning the region term over C classes into ``factor`` times the
+    mean of ``1 - TI`` over the ``kept`` classes whose exponent is 1 (the others have exponent 0):
+    ``(C/K) factor R_b - factor (C - K)/K``."""
+    return factor * num_classes / kept, -factor * (num_classes - kept) / kept
+
+
 def _dice_plus_voxel_term(
     logits,
     target,
@@ -1214,9 +1221,7 @@ def _dice_plus_voxel_term(
         )
     smooth = check_number("smooth", smooth, low=0.0)
     reduction = check_reduction(reduction)
-    # (C/K) * lambda_dice * R_b - lambda_dice (C - K)/K: the same scaling as _compat.kept_class_scaling,
-    # which imports this module (so it cannot be imported from here).
-    tversky_coef, constant = lambda_dice * num_classes / kept, -lambda_dice * (num_classes - kept) / kept
+    tversky_coef, constant = _kept_class_scaling(num_classes, kept, lambda_dice)
     if constant != 0.0 and reduction == "sum" and check_bool("dist_sync", dist_sync):
         # The per-image constant times the global image count, which only the all-reduce knows.
         raise ValueError(
