@@ -27,6 +27,8 @@ LOSSES = {
     "unified": lambda x, t, **kw: F.unified_focal_loss(x, t, **kw),
     "dice": lambda x, t, **kw: F.dice_loss(x, t, **kw),
     "focal_tversky": lambda x, t, **kw: F.focal_tversky_loss(x, t, clip=False, **kw),
+    "unified_sigmoid": lambda x, t, **kw: F.unified_focal_loss(x, t, sigmoid=True, **kw),
+    "dice_ce_sigmoid": lambda x, t, **kw: F.dice_ce_loss(x, t, sigmoid=True, **kw),
 }
 
 
