@@ -10,7 +10,8 @@ with flush-to-zero of subnormal inputs and results:
 * ``exp2``: relative ``2^-22``;  ``rcp``: relative ``2^-23``;
 * ``log2``: absolute ``2^-22.6`` for ``x`` in ``[0.5, 2]``, relative ``2^-22`` elsewhere.
 
-It prints, per case, the norm-wise relative error of the loss and of the gradient against the
+The cases cover the softmax and the sigmoid (multi-label) mode. It prints, per case, the
+norm-wise relative error of the loss and of the gradient against the
 float64 reference (``lmfloss_kernels.reference.region_loss`` on float64 logits), next to that of
 the float32 reference. Run from the repository root::
 
@@ -101,6 +102,17 @@ def _cases():
         yield f"UFL soft, random, clip={clip}", random, soft, vectors, dict(ufl, clip=clip)
     yield "Dice labels, random", random, labels, vectors, dict(dice, clip=False)
     yield "Dice labels, confident", confident, labels, vectors, dict(dice, clip=False)
+    # Sigmoid mode: (2, C) focal constants (positive side, negative side), overlapping uint8 channels.
+    multi_hot = (torch.rand(shape) < 0.3).to(torch.uint8)
+    sure = torch.randn(shape) + 12.0 * (2.0 * multi_hot - 1.0)
+    sides = (torch.tensor([[0.6] * 4, [0.4] * 4]), torch.tensor([[0.0] * 4, [0.5] * 4]), torch.full((4,), 0.5))
+    bce = (torch.ones(2, 4), torch.zeros(2, 4), torch.ones(4))
+    for clip in (True, False):
+        options = dict(ufl, clip=clip, sigmoid=True)
+        yield f"sigmoid UFL multi-hot, random, clip={clip}", random, multi_hot, sides, options
+        yield f"sigmoid UFL multi-hot, confident, clip={clip}", sure, multi_hot, sides, options
+        yield f"sigmoid UFL labels, random, clip={clip}", random, labels, sides, options
+    yield "sigmoid Dice+BCE multi-hot, random", random, multi_hot, bce, dict(ufl, clip=False, sigmoid=True)
 
 
 def _loss_and_grad(function, logits, target, vectors, options):
