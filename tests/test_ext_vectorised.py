@@ -21,8 +21,11 @@ from lmfloss_kernels import ext
 
 HOT_FUNCTIONS = (
     r"lmfloss::cpu::softmax_tile<float>\(",
-    r"region_forward_impl<float, lmfloss::cpu::LabelMap<unsigned char> >\(",
-    r"region_backward_impl<float, lmfloss::cpu::LabelMap<unsigned char> >\(",
+    # <dtype, sigmoid, target>: softmax on a label map, sigmoid on a uint8 multi-hot map.
+    r"region_forward_impl<float, false, lmfloss::cpu::LabelMap<unsigned char> >\(",
+    r"region_backward_impl<float, false, lmfloss::cpu::LabelMap<unsigned char> >\(",
+    r"region_forward_impl<float, true, lmfloss::cpu::SoftMap<unsigned char> >\(",
+    r"region_backward_impl<float, true, lmfloss::cpu::SoftMap<unsigned char> >\(",
     r"row_backward_impl<float, unsigned char>\(",
 )
 PACKED_YMM = re.compile(r"\tv(?:add|sub|mul|div|max|min|blendv|f[n]?m(?:add|sub)\w*)ps\s[^\n]*%ymm")
