@@ -65,10 +65,22 @@ _SCRIPT = textwrap.dedent(
             compile_variant(row._row_forward_kernel, pointers, forward_flags, arch, "i64")
             compile_variant(row._row_backward_kernel, pointers, flags, arch, "i64")
             count += 2
+        # Softmax: u8 labels, fp32 soft map, i64 labels, u8 one-hot; sigmoid: u8 multi-hot (binary),
+        # fp32 soft map, i32 labels with ignore.
+        softmax = dict(SIGMOID=False, BINARY=False)
+        sigmoid = dict(SIGMOID=True, BINARY=True)
         region_variants = [
-            ("*bf16", "*u8", dict(SOFT=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True)),
-            ("*fp16", "*fp32", dict(SOFT=True, HAS_IGNORE=False, CLIP=False, HAS_FOCAL=True, HAS_TVERSKY=False)),
-            ("*fp32", "*i64", dict(SOFT=False, HAS_IGNORE=False, CLIP=True, HAS_FOCAL=False, HAS_TVERSKY=True)),
+            ("*bf16", "*u8", dict(softmax, DENSE=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True)),
+            ("*fp16", "*fp32", dict(softmax, DENSE=True, HAS_IGNORE=False, CLIP=False, HAS_FOCAL=True,
+                                    HAS_TVERSKY=False)),
+            ("*fp32", "*i64", dict(softmax, DENSE=False, HAS_IGNORE=False, CLIP=True, HAS_FOCAL=False,
+                                   HAS_TVERSKY=True)),
+            ("*bf16", "*u8", dict(softmax, DENSE=True, HAS_IGNORE=False, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True)),
+            ("*bf16", "*u8", dict(sigmoid, DENSE=True, HAS_IGNORE=False, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True)),
+            ("*fp32", "*fp32", dict(sigmoid, BINARY=False, DENSE=True, HAS_IGNORE=False, CLIP=False, HAS_FOCAL=True,
+                                    HAS_TVERSKY=True)),
+            ("*fp16", "*i32", dict(sigmoid, DENSE=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=False,
+                                   HAS_TVERSKY=True)),
         ]
         for logits, target, flags in region_variants:
             pointers = {"logit_ptr": logits, "target_ptr": target, "grad_ptr": logits}
@@ -77,7 +89,8 @@ _SCRIPT = textwrap.dedent(
                 compile_variant(region._region_kernel, pointers, constexprs, arch)
                 count += 1
     pointers = {"logit_ptr": "*bf16", "target_ptr": "*u8", "grad_ptr": "*bf16"}
-    flags = dict(SOFT=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True, HAS_TVERSKY=True, BACKWARD=True)
+    flags = dict(DENSE=False, SIGMOID=False, BINARY=False, HAS_IGNORE=True, CLIP=True, HAS_FOCAL=True,
+                 HAS_TVERSKY=True, BACKWARD=True)
     compile_variant(region._region_kernel, pointers, dict(flags, C=4, BLOCK_C=4, ROWS=128, VEC=8), 80)
     count += 1
     finalize_variants = [
@@ -105,4 +118,4 @@ def test_kernels_compile_for_gpus():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     result = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "compiled 23" in result.stdout
+    assert "compiled 31" in result.stdout
