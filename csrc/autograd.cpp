@@ -1,21 +1,28 @@
-// Autograd kernel of lmfloss_ext::row_loss_forward: the row family's gradient as a C++ graph node.
+// Autograd kernels of lmfloss_ext::row_loss_forward and lmfloss_ext::region_loss_forward: the two
+// families' gradients as C++ graph nodes.
 //
-// The Python custom op (lmfloss_kernels/ext/ops.py) carries the same formula for torch.compile,
-// opcheck and torch.func; in plain eager calls the package calls this op directly
-// (lmfloss_kernels/_autograd.py, call_op), so a training step of a row loss creates one C++ node
-// and runs no Python in its backward: on small inputs that Python node and its backward callback
-// cost several times the kernels. Region ops keep their Python formula.
+// The Python custom ops (lmfloss_kernels/ext/ops.py) carry the same formulas for torch.compile,
+// opcheck and torch.func; in plain eager calls the package calls these ops directly
+// (lmfloss_kernels/_autograd.py, call_op), so a training step of a row or region loss creates one
+// C++ node and runs no Python in its backward: on small inputs that Python node and its backward
+// callback cost several times the kernels.
 //
-// forward:  (loss, norms) = row_loss_forward(...) below autograd; norms is non-differentiable.
-// backward: grad_logits = row_loss_backward(grad_loss, logits, ..., norms, ...); first order only:
-//           a create_graph=True backward (grad mode on inside backward) raises, as the Python
+// Both families have the same shape, so one template serves them:
+// forward:  (loss, aux) = <family>_loss_forward(five tensors, options...) below autograd; aux (the row
+//           normalisers / the region statistics) is non-differentiable.
+// backward: grad_logits = <family>_loss_backward(grad_loss, five tensors, aux, options...); first order
+//           only: a create_graph=True backward (grad mode on inside backward) raises, as the Python
 //           formula does (the kernels compute the gradient without a graph of their own).
 
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/ivalue.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <cstddef>
+#include <optional>
 #include <tuple>
+#include <utility>
 
 namespace lmfloss {
 namespace {
@@ -23,67 +30,89 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-using RowForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                          const at::Tensor&, const at::Tensor&, double, double,
-                                                          double, double, int64_t, int64_t);
-using RowBackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double,
-                                 double, int64_t, int64_t);
+constexpr std::size_t kTensorInputs = 5;  // logits, target and three per-class tensors, in both families
 
-struct RowLoss : public torch::autograd::Function<RowLoss> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& labels,
-                               const at::Tensor& margins, const at::Tensor& ldam_weight,
-                               const at::Tensor& focal_weight, double alpha, double beta, double gamma, double s,
-                               int64_t ignore_index, int64_t reduction) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("lmfloss_ext::row_loss_forward", "")
-                               .typed<RowForwardFn>();
+// The dispatcher ops of one family, by name.
+struct RowOps {
+  static constexpr const char* forward = "lmfloss_ext::row_loss_forward";
+  static constexpr const char* backward = "lmfloss_ext::row_loss_backward";
+};
+struct RegionOps {
+  static constexpr const char* forward = "lmfloss_ext::region_loss_forward";
+  static constexpr const char* backward = "lmfloss_ext::region_loss_backward";
+};
+
+// Same words as lmfloss_kernels._autograd.refuse_double_backward; the backends are named by device type.
+void refuse_double_backward(const at::Tensor& logits) {
+  TORCH_CHECK(!at::GradMode::is_enabled(), "double backward is not supported by backend '",
+              c10::DeviceTypeName(logits.device().type(), /*lower_case=*/true),
+              "' (create_graph=True builds a graph of a gradient that its fused kernels compute without one); "
+              "use backend='reference' for higher-order gradients");
+}
+
+// Options are the scalar arguments after the five tensors (double, int64_t, bool, std::optional<int64_t>).
+template <typename Ops, typename... Options>
+struct FusedLoss : public torch::autograd::Function<FusedLoss<Ops, Options...>> {
+  using ForwardFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                        const at::Tensor&, const at::Tensor&, Options...);
+  using BackwardFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, Options...);
+
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, const at::Tensor& target,
+                               const at::Tensor& first, const at::Tensor& second, const at::Tensor& third,
+                               Options... options) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Ops::forward, "").template typed<ForwardFn>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, norms] =
-        op.call(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s, ignore_index, reduction);
-    ctx->save_for_backward({logits, labels, margins, ldam_weight, focal_weight, norms});
-    ctx->mark_non_differentiable({norms});
-    ctx->saved_data["alpha"] = alpha;
-    ctx->saved_data["beta"] = beta;
-    ctx->saved_data["gamma"] = gamma;
-    ctx->saved_data["s"] = s;
-    ctx->saved_data["ignore_index"] = ignore_index;
-    ctx->saved_data["reduction"] = reduction;
-    return {loss, norms};
+    auto [loss, aux] = op.call(logits, target, first, second, third, options...);
+    ctx->save_for_backward({logits, target, first, second, third, aux});
+    ctx->mark_non_differentiable({aux});
+    // aux never receives a gradient: no zeros are materialised for it (nor for an unused loss).
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["options"] = c10::ivalue::Tuple::create({c10::IValue(options)...});
+    return {loss, aux};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("lmfloss_ext::row_loss_backward", "")
-                               .typed<RowBackwardFn>();
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor& logits = saved[0];
-    // Same words as lmfloss_kernels._autograd.refuse_double_backward; the backends are named by device type.
-    TORCH_CHECK(!at::GradMode::is_enabled(), "double backward is not supported by backend '",
-                c10::DeviceTypeName(logits.device().type(), /*lower_case=*/true),
-                "' (create_graph=True builds a graph of a gradient that its fused kernels compute without one); "
-                "use backend='reference' for higher-order gradients");
-    variable_list result(11);
+    refuse_double_backward(saved[0]);
+    variable_list result(kTensorInputs + sizeof...(Options));
     if (!grads[0].defined()) return result;
-    result[0] = op.call(grads[0], logits, saved[1], saved[2], saved[3], saved[4], saved[5],
-                        ctx->saved_data["alpha"].toDouble(), ctx->saved_data["beta"].toDouble(),
-                        ctx->saved_data["gamma"].toDouble(), ctx->saved_data["s"].toDouble(),
-                        ctx->saved_data["ignore_index"].toInt(), ctx->saved_data["reduction"].toInt());
+    const auto options = ctx->saved_data["options"].toTupleRef().elements().asArrayRef();
+    result[0] = call_backward(grads[0], saved, options, std::index_sequence_for<Options...>{});
     return result;
+  }
+
+  template <std::size_t... I>
+  static at::Tensor call_backward(const at::Tensor& grad, const variable_list& saved,
+                                  c10::ArrayRef<c10::IValue> options, std::index_sequence<I...>) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Ops::backward, "").template typed<BackwardFn>();
+    return op.call(grad, saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
+                   options[I].template to<Options>()...);
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> row_loss_forward_autograd(const at::Tensor& logits, const at::Tensor& labels,
-                                                             const at::Tensor& margins, const at::Tensor& ldam_weight,
-                                                             const at::Tensor& focal_weight, double alpha,
-                                                             double beta, double gamma, double s,
-                                                             int64_t ignore_index, int64_t reduction) {
-  auto outputs = RowLoss::apply(logits, labels, margins, ldam_weight, focal_weight, alpha, beta, gamma, s,
-                                ignore_index, reduction);
+template <typename Ops, typename... Options>
+std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(const at::Tensor& logits, const at::Tensor& target,
+                                                       const at::Tensor& first, const at::Tensor& second,
+                                                       const at::Tensor& third, Options... options) {
+  auto outputs = FusedLoss<Ops, Options...>::apply(logits, target, first, second, third, options...);
   return {outputs[0], outputs[1]};
 }
+
+// Options in schema order (csrc/ops.cpp). row: alpha, beta, gamma, s, ignore_index, reduction.
+constexpr auto row_loss_forward_autograd =
+    &fused_loss_autograd<RowOps, double, double, double, double, int64_t, int64_t>;
+// region: delta, focal_coef, tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid.
+constexpr auto region_loss_forward_autograd =
+    &fused_loss_autograd<RegionOps, double, double, double, double, double, double, bool, bool,
+                         std::optional<int64_t>, int64_t, bool>;
 
 }  // namespace
 }  // namespace lmfloss
 
-TORCH_LIBRARY_IMPL(lmfloss_ext, Autograd, m) { m.impl("row_loss_forward", &lmfloss::row_loss_forward_autograd); }
+TORCH_LIBRARY_IMPL(lmfloss_ext, Autograd, m) {
+  m.impl("row_loss_forward", lmfloss::row_loss_forward_autograd);
+  m.impl("region_loss_forward", lmfloss::region_loss_forward_autograd);
+}

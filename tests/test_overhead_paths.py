@@ -1,4 +1,4 @@
-"""The criteria's fast call paths: call plans (lmfloss_kernels/_plans.py) and the C++ autograd node of the row op.
+"""The criteria's fast call paths: call plans (lmfloss_kernels/_plans.py) and the C++ autograd nodes of the ext ops.
 
 A plan replays what a criterion's first call with a given signature resolved; every test here
 compares a replayed call with the functional API (which never uses plans) or the eager reference on
@@ -269,6 +269,81 @@ def test_row_op_gradient_in_eager_mode_equals_the_reference(reduction):
     loss = F.lmf_loss(leaf, y, COUNTS, backend="cpu", **kwargs).sum()
     with pytest.raises(RuntimeError, match="double backward is not supported by backend 'cpu'.*reference"):
         torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+def _graph_node_names(tensor):
+    names, stack = [], [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None:
+            names.append(node.name())
+            stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def _region_target(kind, logits):
+    """A label map (B, *S) with ignored voxels, or a uint8 (B, C, *S) map: one-hot (softmax) / multi-hot (sigmoid)."""
+    num_classes = logits.shape[1]
+    labels = torch.randint(0, num_classes, logits.shape[:1] + logits.shape[2:])
+    if kind == "labels":
+        labels.view(-1)[::7] = 255
+        return labels
+    if kind == "onehot":
+        return torch.nn.functional.one_hot(labels, num_classes).movedim(-1, 1).to(torch.uint8)
+    return (torch.rand(logits.shape) < 0.4).to(torch.uint8)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    ("sigmoid", "kind"), [(False, "labels"), (False, "onehot"), (True, "labels"), (True, "multihot")]
+)
+def test_region_op_gradient_in_eager_mode_equals_the_reference(reduction, dtype, sigmoid, kind):
+    x = torch.randn(2, 3, 5, 7, dtype=dtype) * 3
+    y = _region_target(kind, x)
+    ignore_index = 255 if kind == "labels" else None
+    kwargs = dict(delta=0.3, gamma=0.7, sigmoid=sigmoid, reduction=reduction, ignore_index=ignore_index)
+    got = _loss_and_grad(lambda a, b: F.unified_focal_loss(a, b, backend="cpu", **kwargs), x, y)
+    want = _loss_and_grad(lambda a, b: F.unified_focal_loss(a, b, backend="reference", **kwargs), x, y)
+    tolerance = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], **tolerance)
+    torch.testing.assert_close(got[1], want[1], **tolerance)
+    leaf = x.clone().requires_grad_(True)
+    loss = F.unified_focal_loss(leaf, y, backend="cpu", **kwargs).sum()
+    names = _graph_node_names(loss)
+    assert any("FusedLoss" in name for name in names), names  # the C++ node, not the Python formula
+    with pytest.raises(RuntimeError, match="double backward is not supported by backend 'cpu'.*reference"):
+        torch.autograd.grad(loss, leaf, create_graph=True)
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+@pytest.mark.parametrize("loss", ["dice", "tversky", "focal_tversky"])
+def test_other_region_losses_use_the_cpp_node_and_equal_the_reference(loss):
+    function = {"dice": F.dice_loss, "tversky": F.tversky_loss, "focal_tversky": F.focal_tversky_loss}[loss]
+    x = torch.randn(3, 4, 6, dtype=torch.float64) * 2
+    y = torch.randint(0, 4, (3, 6))
+    got = _loss_and_grad(lambda a, b: function(a, b, backend="cpu"), x, y)
+    want = _loss_and_grad(lambda a, b: function(a, b, backend="reference"), x, y)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+    assert any("FusedLoss" in name for name in _graph_node_names(function(x.requires_grad_(True), y, backend="cpu")))
+
+
+def test_the_python_formula_serves_a_library_without_the_autograd_kernel(monkeypatch):
+    """An older build (no Autograd kernel for the op, as region_loss_backward has none) takes the Python formula."""
+    from lmfloss_kernels import _autograd
+    from lmfloss_kernels.ext import ops
+
+    x, y = _inputs("dense", dtype=torch.float64)
+    want = _loss_and_grad(lambda a, b: F.unified_focal_loss(a, b, backend="reference"), x, y)
+    monkeypatch.setitem(_autograd._EAGER_KERNELS, ops.region_loss_op, (None, "lmfloss_ext::region_loss_backward"))
+    got = _loss_and_grad(lambda a, b: F.unified_focal_loss(a, b, backend="cpu"), x, y)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-12)
+    leaf = x.clone().requires_grad_(True)
+    names = _graph_node_names(F.unified_focal_loss(leaf, y, backend="cpu"))
+    assert not any("FusedLoss" in name for name in names), names
 
 
 def test_a_first_call_with_every_label_ignored_plans_on_the_next_one():

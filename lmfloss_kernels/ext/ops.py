@@ -202,3 +202,15 @@ def _region_backward(ctx, grad_loss, _grad_stats):
 
 
 region_loss_op.register_autograd(_region_backward, setup_context=_region_setup)
+
+
+def _region_loss_eager(logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef,
+                       smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid=False):  # fmt: skip
+    # The extension op itself, whose autograd kernel (csrc/autograd.cpp) is the formula above in C++.
+    return torch.ops.lmfloss_ext.region_loss_forward(
+        logits, target, focal_weight, focal_gamma, tversky_exponent, delta, focal_coef, tversky_coef, smooth_nr,
+        smooth_dr, eps, clip, batch, ignore_index, REDUCTION_CODES[reduction], sigmoid,
+    )  # fmt: skip
+
+
+register_eager_kernel(region_loss_op, _region_loss_eager, "lmfloss_ext::region_loss_forward")
