@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from test_cuda_build import _cuda_home
+from toolchain import cuda_home
 
 import lmfloss_kernels
 from lmfloss_kernels import ext
@@ -26,8 +26,10 @@ def test_the_cpp_extension_is_loaded_with_cpu_kernels():
 
 
 def test_the_cuda_build_gate_can_run():
-    assert torch.version.cuda is not None, "CI needs the CUDA build of torch (torch==2.14.1) for the CUDA build gate"
-    assert _cuda_home() is not None, "CI needs nvcc (a CUDA toolkit) for the CUDA build gate"
+    assert torch.version.cuda is not None, (
+        "CI needs the CUDA build of torch (torch==2.14.1) for the CUDA build gate (tests/test_wheel.py)"
+    )
+    assert cuda_home() is not None, "CI needs nvcc (a CUDA toolkit) for the CUDA build gate (tests/test_wheel.py)"
 
 
 def test_triton_runs_here():

@@ -23,6 +23,8 @@ EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Each example trains for a while even in --quick mode.
+pytestmark = pytest.mark.slow
 
 
 def run_quick(script: str, out: Path) -> str:

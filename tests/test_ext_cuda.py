@@ -4,7 +4,7 @@ The same checks as the CPU tests on CUDA tensors: rows and regions, every reduct
 random ``grad_output``, ignore_index, batch, clip on/off, soft targets, strided layouts, low
 precision, bitwise determinism, opcheck. They need a CUDA device and a library built with CUDA
 kernels (``FORCE_CUDA=1`` or a visible GPU at build time); elsewhere they are skipped with the
-reason, and the CUDA build gate (``test_cuda_build.py``) still compiles the kernels.
+reason, and the CUDA build gate (the CUDA wheel of ``test_wheel.py``) still compiles the kernels.
 """
 
 from __future__ import annotations

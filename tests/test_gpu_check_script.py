@@ -59,6 +59,7 @@ def _summary(files: dict[str, bytes]) -> dict[str, dict]:
     return {row["step"]: row for row in rows}
 
 
+@pytest.mark.slow  # every step in its CPU form: collections, benchmark and traffic runs
 def test_dry_run_writes_every_step_into_the_archive(tmp_path):
     done = subprocess.run(
         ["bash", str(SCRIPT), "--dry-run"], cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=400
