@@ -28,8 +28,11 @@ mapping), one pass forward and one backward unless noted:
 
 The sigmoid focal term (``FocalLoss(use_softmax=False)``, ``DiceFocalLoss``) equals the kernels'
 two-sided focal term for 0/1 targets only: a float target that is not 0/1 is delegated unless
-``gamma = 0`` and ``alpha=None`` (:func:`_soft_focal_reason`; the check costs one read of the
-target and, on a GPU, one device sync per call).
+``gamma = 0`` and ``alpha=None`` (:func:`_soft_focal_reason`). That check reads the target's values,
+so it follows the package's rule for value checks (as the label-range checks do): always on CPU
+tensors, on GPU tensors only with the ``check_labels`` option (it costs a device-to-host sync per
+call) and never while ``torch.compile`` traces; where it does not run, a float target is taken to
+be 0/1, and a soft one gets the kernels' two-sided term.
 
 ``reduction="none"`` is fused for ``DiceLoss`` / ``TverskyLoss`` with one kept class (MONAI's
 per-(image, class) values are then the region family's per-image ones); with several classes,
@@ -64,7 +67,7 @@ from ._compat import (
     uniform_value,
     warn_once,
 )
-from ._validation import check_bool, check_number
+from ._validation import _can_inspect, check_bool, check_number
 
 __all__ = ["DiceCELoss", "DiceFocalLoss", "DiceLoss", "FocalLoss", "TverskyLoss"]
 
@@ -202,9 +205,11 @@ def _soft_focal_reason(target: torch.Tensor, gamma: float, alpha) -> str | None:
     ``alpha y + (1 - alpha)(1 - y)`` (or ``alpha_c`` where ``y == 1``); for ``y`` in ``{0, 1}``
     that is the two-sided focal term of the kernels, for soft ``y`` it is not (except with
     ``gamma = 0`` and no ``alpha``, plain binary cross-entropy). Float targets are therefore
-    checked to be 0/1: one read of the target and, on a GPU, one device-to-host sync per call.
+    checked to be 0/1 where the package checks values (:func:`_validation._can_inspect`: CPU tensors,
+    GPU tensors with the ``check_labels`` option, nothing under ``torch.compile``); elsewhere they
+    are taken to be 0/1, with no device-to-host sync.
     """
-    if not target.is_floating_point() or (gamma == 0.0 and alpha is None):
+    if not target.is_floating_point() or (gamma == 0.0 and alpha is None) or not _can_inspect(target):
         return None
     if bool(((target == 0) | (target == 1)).all()):
         return None

@@ -485,3 +485,28 @@ def test_fused_criterion_compiles_with_fullgraph(fused_only):
     logits, target = _inputs(2, 4, (3, 4, 5), "float_labels")
     ours, theirs = _both("DiceCELoss", include_background=False, to_onehot_y=True, softmax=True, batch=True)
     _compare(torch.compile(ours, fullgraph=True), theirs, logits, target)
+
+
+def test_sigmoid_focal_term_compiles_with_fullgraph_on_float_targets(fused_only):
+    """The 0/1 check of float targets reads values: it must not run (nor break the graph) under compile."""
+    logits, target = _inputs(2, 3, (4, 5), "onehot_float")
+    ours, theirs = _both("DiceFocalLoss", sigmoid=True, gamma=2.0, alpha=0.25)
+    _compare(torch.compile(ours, fullgraph=True), theirs, logits, target)
+
+
+def test_float_targets_unchecked_where_values_are_not_inspected(fused_only, monkeypatch):
+    """Where the package reads no values (GPU without ``check_labels``), a soft float target is taken as 0/1.
+
+    It then gets the kernels' two-sided sigmoid focal term, with no delegation and no host sync:
+    ``a+ y (1 - p)^g (-log p) + a- (1 - y) p^g (-log(1 - p))``, here against a direct torch formula.
+    """
+    monkeypatch.setattr(lm, "_can_inspect", lambda tensor: False)
+    logits = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    soft = torch.rand(2, 3, 6, 5, dtype=torch.float64)
+    gamma, alpha = 2.0, 0.25
+    value = lm.FocalLoss(gamma=gamma, alpha=alpha, backend="cpu")(logits, soft)
+    p = torch.sigmoid(logits)
+    term = alpha * soft * (1 - p) ** gamma * -torch.nn.functional.logsigmoid(logits) + (1 - alpha) * (
+        1 - soft
+    ) * p**gamma * -torch.nn.functional.logsigmoid(-logits)
+    torch.testing.assert_close(value, term.mean(), rtol=1e-10, atol=0)
