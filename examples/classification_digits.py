@@ -191,7 +191,7 @@ def main() -> None:
     common.set_up(args.threads)
     clock = common.Stopwatch()
     seeds = range(2 if args.quick else 5)
-    epochs = 8 if args.quick else 60
+    epochs = 2 if args.quick else 60
     pool_images, pool_labels, test_images, test_digits = load_digits_split()
     runs = []
     for ratio in RATIOS:
