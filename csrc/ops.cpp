@@ -24,10 +24,17 @@
 #include <limits>
 
 // Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
+// NONFINITE_IN_CPU_KERNELS tells the package that the CPU kernels apply the non-finite logits policy
+// themselves (functional._NONFINITE_IN_KERNEL); a library built before they did lacks it.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
                                -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "NONFINITE_IN_CPU_KERNELS", 1) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 namespace lmfloss {

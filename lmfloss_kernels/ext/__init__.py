@@ -12,6 +12,8 @@ unavailable.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .. import _distributed
@@ -33,12 +35,22 @@ KERNEL_DEVICES = frozenset(
 )
 
 
+# Whether the loaded library's CPU kernels apply the non-finite logits policy themselves (a probe in
+# the forward kernels, as the CUDA ones have; csrc/ops.cpp says so). A library built before they did
+# leaves it to functional._propagate_nonfinite.
+CPU_NONFINITE_IN_KERNEL = (
+    LOAD_ERROR is None and getattr(importlib.import_module("lmfloss_kernels._C"), "NONFINITE_IN_CPU_KERNELS", 0) == 1
+)
+
+
 class ExtensionBackend:
     """The extension's kernels for tensors of one device type (``"cpu"`` or ``"cuda"``)."""
 
     def __init__(self, device_type: str):
         self.name = device_type
         self.device_type = device_type
+        # Read by functional._Dispatch: no host-side non-finite policy on top of these kernels.
+        self.nonfinite_in_kernel = device_type == "cuda" or CPU_NONFINITE_IN_KERNEL
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if LOAD_ERROR is not None:
