@@ -81,7 +81,7 @@ def record_dispatch(compute, logits: torch.Tensor, args: tuple, kwargs: dict, lo
 class _Plan:
     """The replayable part of one recorded call; ``compute is None`` marks a signature that is not planned."""
 
-    __slots__ = ("state", "buffers", "implementation", "check", "compute", "constants", "kwargs")
+    __slots__ = ("state", "buffers", "implementation", "check", "compute", "constants", "kwargs", "prepared")
 
     def __init__(self, state, buffers, implementation=None, check=None, compute=None, constants=(), kwargs=None):
         self.state = state
@@ -91,6 +91,10 @@ class _Plan:
         self.compute = compute
         self.constants = constants
         self.kwargs = kwargs
+        # compute(logits, target, *constants, **kwargs) as a function of (logits, target) whose work on the
+        # constants and keywords is done (functional._Dispatch.prepared), where the backend offers one.
+        prepare = getattr(compute, "prepared", None)
+        self.prepared = None if prepare is None else prepare(constants, kwargs)
 
     def holds(self, state, criterion) -> bool:
         if self.state != state:
@@ -110,6 +114,8 @@ class _Plan:
             checked, every_ignored = checked
             if every_ignored:
                 return NotImplemented
+        if self.prepared is not None:
+            return self.prepared(logits, checked)
         return self.compute(logits, checked, *self.constants, **self.kwargs)
 
 

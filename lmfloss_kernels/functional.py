@@ -230,6 +230,15 @@ class _Dispatch:
             return loss
         return _propagate_nonfinite(loss, logits, self.family, kwargs["reduction"])
 
+    def prepared(self, constants: tuple, kwargs: dict):
+        """``lambda logits, target: self(logits, target, *constants, **kwargs)`` with the work that depends on
+        the constants and keywords alone done now (a call plan's replay), or ``None`` where the backend has no
+        ``prepared_<family>`` or the policy runs on the host."""
+        prepare = getattr(self.implementation, f"prepared_{self.family}", None)
+        if prepare is None or not self.in_kernel:
+            return None
+        return prepare(*constants, **kwargs)
+
 
 def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, reduction: str) -> torch.Tensor:
     """Non-finite logits policy: NaN, +inf or -inf in a row / image makes its loss NaN, on every backend.
