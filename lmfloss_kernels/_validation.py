@@ -126,7 +126,24 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
 
 
-@recorded_target_check
+def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None):
+    """:func:`check_labels_coverage` for later calls with this call's signature (see ``_plans``).
+
+    The type, dtype, device and shape checks passed and depend on nothing else; so do the channel
+    axis to drop and whether values are inspected. Left: the label range, on every call.
+    """
+    squeeze = target.dim() == logits.dim()
+    inspect = _can_inspect(target)
+    num_classes = logits.shape[1]
+
+    def replay(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        labels = target.squeeze(1) if squeeze else target
+        return labels, inspect and check_label_range(labels, num_classes, ignore_index)
+
+    return replay
+
+
+@recorded_target_check(_planned_labels)
 def check_labels_coverage(
     logits: torch.Tensor, target: object, *, ignore_index: int | None
 ) -> tuple[torch.Tensor, bool]:
@@ -226,7 +243,27 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
-@recorded_target_check
+def _planned_target(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None):
+    """:func:`check_target` for later calls with this call's signature (see ``_plans``): a label map's
+    range, a dense map's ``[0, 1]`` range and its conversion to what the kernels read."""
+    if not target.is_floating_point() and target.shape != logits.shape:
+        labels = _planned_labels(logits, target, ignore_index=ignore_index)
+        return lambda logits, target: labels(logits, target)[0]
+    as_bytes = target.dtype == torch.bool
+    inspect = _can_inspect(target)
+    convert = not target.is_floating_point() and target.dtype not in (torch.uint8, torch.bool)
+
+    def replay(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if as_bytes:
+            target = target.view(torch.uint8)
+        if inspect:
+            check_soft_range(target)
+        return target.to(torch.uint8) if convert else target
+
+    return replay
+
+
+@recorded_target_check(_planned_target)
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
     """A region loss's target: a dense map of the logits' shape, or an integer label map.
 

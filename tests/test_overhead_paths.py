@@ -168,6 +168,52 @@ def test_value_checks_run_on_every_replayed_call():
         unified(dense_x, soft)
 
 
+TARGET_LAYOUTS = ["labels", "labels_channel", "labels_int8", "bool_map", "int_map", "uint8_map", "soft_map"]
+
+
+def _target(layout: str, labels: torch.Tensor) -> torch.Tensor:
+    one_hot = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1)
+    return {
+        "labels": labels,
+        "labels_channel": labels.unsqueeze(1),
+        "labels_int8": labels.to(torch.int8),
+        "bool_map": one_hot.bool(),
+        "int_map": one_hot.to(torch.int32),
+        "uint8_map": one_hot.to(torch.uint8),
+        "soft_map": torch.softmax(3 * torch.randn(one_hot.shape), 1),
+    }[layout]
+
+
+@pytest.mark.parametrize("layout", TARGET_LAYOUTS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_replayed_target_checks_equal_the_full_checks_on_every_layout(layout, backend):
+    """A replay checks only the target's values (its signature was checked once): same loss and gradient as
+    the functional API on fresh targets of every layout, and the same errors for bad values."""
+    unified = lk.UnifiedFocalLoss(backend=backend)
+    for _ in range(3):
+        x, labels = _inputs("dense")
+        _assert_same(
+            unified, lambda a, b, name: F.unified_focal_loss(a, b, backend=name), x, _target(layout, labels), backend
+        )
+    assert len(unified._call_plans) == 1 and next(iter(unified._call_plans.values())).compute is not None
+    target = _target(layout, labels)
+    if layout.startswith("labels"):
+        target.view(-1)[5] = 4
+        message = r"target labels must be in \[0, 3\], got values in \[0, 4\]"
+    elif layout == "soft_map":
+        target[1, 2, 0, 3] = float("nan")
+        message = r"must have every entry finite and in \[0, 1\], got NaN entries"
+    elif layout == "bool_map":
+        return  # a bool map has no bad value
+    else:
+        target[1, 2, 0, 3] = 2
+        message = r"must have every entry finite and in \[0, 1\], got values in \[0, 2\]"
+    with pytest.raises(ValueError, match=message):
+        F.unified_focal_loss(x, target, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        unified(x, target)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_replayed_calls_keep_the_all_ignored_and_non_finite_rules(backend):
     x, y = _inputs("rows")
