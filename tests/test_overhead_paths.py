@@ -13,6 +13,7 @@ import pickle
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 import lmfloss_kernels as lk
 from lmfloss_kernels import _backends, reference
@@ -401,3 +402,21 @@ def test_a_first_call_with_every_label_ignored_plans_on_the_next_one():
     _assert_same(criterion, CASES["lmf"][1], x, y, "cpu")
     (plan,) = criterion._call_plans.values()
     assert plan.compute is not None
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_the_cpp_op_makes_no_node_without_gradients_and_still_refuses_forward_mode_ad():
+    """Under no_grad (or for inputs that need no gradient) the C++ autograd kernel runs the op alone; the
+    values equal a graph-making call's, and a forward-mode tangent still meets the node's clear error."""
+    x, y = _inputs("dense")
+    unified = lk.UnifiedFocalLoss(backend="cpu")
+    leaf = x.clone().requires_grad_(True)
+    with_node = unified(leaf, y)
+    assert with_node.grad_fn is not None
+    with torch.no_grad():
+        without = unified(leaf, y)
+    assert not without.requires_grad and without.grad_fn is None
+    torch.testing.assert_close(without, with_node.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(unified(x, y), with_node.detach(), rtol=0, atol=0)
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+        F.unified_focal_loss(forward_ad.make_dual(x, torch.randn_like(x)), y, backend="cpu")
