@@ -136,17 +136,27 @@ at::ScalarType math_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+// v as a contiguous tensor of the math dtype on the logits' device: v itself when it already is (the
+// usual case: a criterion's constants), without the dispatcher round trips of to() and contiguous().
+at::Tensor math_vector(const at::Tensor& v, const at::Tensor& logits) {
+  const auto mt = math_type(logits);
+  if (v.scalar_type() == mt && v.device() == logits.device() && v.is_contiguous()) return v;
+  return v.to(logits.device(), mt).contiguous();
+}
+}  // namespace
+
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(1), "lmfloss_ext: ", name, " must have shape (",
               logits.size(1), ",), got ", v.sizes());
-  return v.to(logits.device(), math_type(logits)).contiguous();
+  return math_vector(v, logits);
 }
 
 at::Tensor focal_table(const at::Tensor& v, const at::Tensor& logits, const char* name, bool sigmoid) {
   if (!sigmoid) return class_vector(v, logits, name);
   TORCH_CHECK(v.dim() == 2 && v.size(0) == 2 && v.size(1) == logits.size(1), "lmfloss_ext: ", name,
               " must have shape (2, ", logits.size(1), ") in sigmoid mode (positive, negative side), got ", v.sizes());
-  return v.to(logits.device(), math_type(logits)).contiguous();
+  return math_vector(v, logits);
 }
 
 at::Tensor debug_poison(at::Tensor t) {

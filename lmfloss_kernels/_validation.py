@@ -126,8 +126,9 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
 
 
-def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None):
-    """:func:`check_labels_coverage` for later calls with this call's signature (see ``_plans``).
+def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None, coverage: bool = True):
+    """:func:`check_labels_coverage` (``coverage=False``: :func:`check_labels`) for later calls with this
+    call's signature (see ``_plans``).
 
     The type, dtype, device and shape checks passed and depend on nothing else; so do the channel
     axis to drop and whether values are inspected. Left: the label range, on every call.
@@ -140,7 +141,13 @@ def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index:
         labels = target.squeeze(1) if squeeze else target
         return labels, inspect and check_label_range(labels, num_classes, ignore_index)
 
-    return replay
+    def replay_labels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target.squeeze(1) if squeeze else target
+        if inspect:
+            check_label_range(labels, num_classes, ignore_index)
+        return labels
+
+    return replay if coverage else replay_labels
 
 
 @recorded_target_check(_planned_labels)
@@ -250,8 +257,7 @@ def _planned_target(logits: torch.Tensor, target: torch.Tensor, *, ignore_index:
     """:func:`check_target` for later calls with this call's signature (see ``_plans``): a label map's
     range, a dense map's ``[0, 1]`` range and its conversion to what the kernels read."""
     if not target.is_floating_point() and target.shape != logits.shape:
-        labels = _planned_labels(logits, target, ignore_index=ignore_index)
-        return lambda logits, target: labels(logits, target)[0]
+        return _planned_labels(logits, target, ignore_index=ignore_index, coverage=False)
     as_bytes = target.dtype == torch.bool
     inspect = _can_inspect(target)
     convert = not target.is_floating_point() and target.dtype not in (torch.uint8, torch.bool)
