@@ -93,10 +93,28 @@ struct FusedLoss : public torch::autograd::Function<FusedLoss<Ops, Options...>> 
   }
 };
 
+// Whether a call can make a graph node: grad mode on and an input that requires a gradient, or a
+// forward-mode tangent on the logits (which the node's Function refuses, as it should keep doing).
+inline bool wants_node(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& first,
+                       const at::Tensor& second, const at::Tensor& third) {
+  if (logits._fw_grad(/*level=*/0).defined()) return true;
+  return at::GradMode::is_enabled() && (logits.requires_grad() || target.requires_grad() || first.requires_grad() ||
+                                        second.requires_grad() || third.requires_grad());
+}
+
 template <typename Ops, typename... Options>
 std::tuple<at::Tensor, at::Tensor> fused_loss_autograd(const at::Tensor& logits, const at::Tensor& target,
                                                        const at::Tensor& first, const at::Tensor& second,
                                                        const at::Tensor& third, Options... options) {
+  if (!wants_node(logits, target, first, second, third)) {
+    // No node to make (validation under no_grad, inputs that need no gradient): the kernel alone,
+    // without the Function machinery's bookkeeping of the outputs.
+    using ForwardFn = typename FusedLoss<Ops, Options...>::ForwardFn;
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow(Ops::forward, "").template typed<ForwardFn>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(logits, target, first, second, third, options...);
+  }
   auto outputs = FusedLoss<Ops, Options...>::apply(logits, target, first, second, third, options...);
   return {outputs[0], outputs[1]};
 }

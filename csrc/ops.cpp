@@ -24,10 +24,17 @@
 #include <limits>
 
 // Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
+// NONFINITE_IN_CPU_KERNELS tells the package that the CPU kernels apply the non-finite logits policy
+// themselves (functional._NONFINITE_IN_KERNEL); a library built before they did lacks it.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
                                -1, nullptr};
-  return PyModule_Create(&module);
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && PyModule_AddIntConstant(m, "NONFINITE_IN_CPU_KERNELS", 1) < 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
 }
 
 namespace lmfloss {
@@ -129,17 +136,27 @@ at::ScalarType math_type(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+namespace {
+// v as a contiguous tensor of the math dtype on the logits' device: v itself when it already is (the
+// usual case: a criterion's constants), without the dispatcher round trips of to() and contiguous().
+at::Tensor math_vector(const at::Tensor& v, const at::Tensor& logits) {
+  const auto mt = math_type(logits);
+  if (v.scalar_type() == mt && v.device() == logits.device() && v.is_contiguous()) return v;
+  return v.to(logits.device(), mt).contiguous();
+}
+}  // namespace
+
 at::Tensor class_vector(const at::Tensor& v, const at::Tensor& logits, const char* name) {
   TORCH_CHECK(v.dim() == 1 && v.size(0) == logits.size(1), "lmfloss_ext: ", name, " must have shape (",
               logits.size(1), ",), got ", v.sizes());
-  return v.to(logits.device(), math_type(logits)).contiguous();
+  return math_vector(v, logits);
 }
 
 at::Tensor focal_table(const at::Tensor& v, const at::Tensor& logits, const char* name, bool sigmoid) {
   if (!sigmoid) return class_vector(v, logits, name);
   TORCH_CHECK(v.dim() == 2 && v.size(0) == 2 && v.size(1) == logits.size(1), "lmfloss_ext: ", name,
               " must have shape (2, ", logits.size(1), ") in sigmoid mode (positive, negative side), got ", v.sizes());
-  return v.to(logits.device(), math_type(logits)).contiguous();
+  return math_vector(v, logits);
 }
 
 at::Tensor debug_poison(at::Tensor t) {

@@ -61,6 +61,36 @@ def call_op(op, *args):
     return op._init_fn(*args)
 
 
+def bind_op(op, tail: tuple):
+    """``lambda first, second: call_op(op, first, second, *tail)``, for a ``tail`` fixed by a call plan.
+
+    A criterion's call plan (:mod:`lmfloss_kernels._plans`) replays the same op with the same
+    constants and scalar options on every training step: their checks are made once, here (plain
+    tensors that need no gradient), and each call checks only its two tensors and the execution
+    mode, with :func:`call_op`'s routing otherwise.
+    """
+    if any(isinstance(arg, torch.Tensor) and (type(arg) is not torch.Tensor or arg.requires_grad) for arg in tail):
+        return lambda first, second: call_op(op, first, second, *tail)
+
+    def bound(first, second):
+        if (
+            type(first) is not torch.Tensor
+            or type(second) is not torch.Tensor
+            or torch.compiler.is_compiling()
+            or is_in_torch_dispatch_mode()
+            or _functorch_interpreter() is not None
+        ):
+            return call_op(op, first, second, *tail)
+        kernel = _eager_kernel(op)
+        if kernel is not None:
+            return kernel(first, second, *tail)
+        if (first.requires_grad or second.requires_grad) and torch.is_grad_enabled():
+            return _EagerOp.apply(op, first, second, *tail)
+        return op._init_fn(first, second, *tail)
+
+    return bound
+
+
 # op -> (kernel, name of the dispatcher op that must carry an autograd kernel), until first used;
 # then op -> kernel, or None where the loaded library has no autograd kernel for it (an older build).
 _EAGER_KERNELS: dict = {}

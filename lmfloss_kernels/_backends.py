@@ -170,3 +170,14 @@ def resolve_backend(name: object, logits: torch.Tensor) -> Backend:
             f"Available for these tensors: {['auto', *available_backends(device, dtype)]}"
         )
     return _load(name)  # type: ignore[return-value]
+
+
+def region_op_scalars(
+    *, delta, focal_coef, tversky_coef, smooth_nr, smooth_dr, eps, clip, batch, ignore_index, reduction, sigmoid=False
+) -> tuple:
+    """The fused region ops' arguments after their three per-class tensors, in schema order, from the
+    keywords of a backend's ``region_loss`` (its ``sync`` aside)."""
+    return (
+        float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
+        bool(clip), bool(batch), None if ignore_index is None else int(ignore_index), reduction, bool(sigmoid),
+    )  # fmt: skip

@@ -54,20 +54,29 @@ class Recording:
         self.dispatch = None
 
 
-def recorded_target_check(check):
-    """Decorator of the target checks: while a call is recorded, note the outermost one and its result."""
+def recorded_target_check(planned=None):
+    """Decorator of the target checks: while a call is recorded, note the outermost one and its result.
 
-    @functools.wraps(check)
-    def recorded(logits, target, *args, **kwargs):
-        recording = _RECORDING.get()
-        if recording is None or recording.target_check is not None:
-            return check(logits, target, *args, **kwargs)
-        recording.target_check = (check, args, kwargs)
-        result = check(logits, target, *args, **kwargs)
-        recording.checked_target = result
-        return result
+    ``planned(logits, target, *args, **kwargs)``, called once the check has passed, gives the check
+    for the later calls with the same signature: a function of ``(logits, target)`` with the same
+    result and the same errors on them, which runs only what the signature leaves undecided (value
+    checks, conversions). Without it a plan replays the whole check.
+    """
 
-    return recorded
+    def decorate(check):
+        @functools.wraps(check)
+        def recorded(logits, target, *args, **kwargs):
+            recording = _RECORDING.get()
+            if recording is None or recording.target_check is not None:
+                return check(logits, target, *args, **kwargs)
+            recording.target_check = (check, args, kwargs, planned)
+            result = check(logits, target, *args, **kwargs)
+            recording.checked_target = result
+            return result
+
+        return recorded
+
+    return decorate
 
 
 def record_dispatch(compute, logits: torch.Tensor, args: tuple, kwargs: dict, loss) -> None:
@@ -81,7 +90,7 @@ def record_dispatch(compute, logits: torch.Tensor, args: tuple, kwargs: dict, lo
 class _Plan:
     """The replayable part of one recorded call; ``compute is None`` marks a signature that is not planned."""
 
-    __slots__ = ("state", "buffers", "implementation", "check", "compute", "constants", "kwargs")
+    __slots__ = ("state", "buffers", "implementation", "check", "compute", "constants", "kwargs", "prepared")
 
     def __init__(self, state, buffers, implementation=None, check=None, compute=None, constants=(), kwargs=None):
         self.state = state
@@ -91,6 +100,10 @@ class _Plan:
         self.compute = compute
         self.constants = constants
         self.kwargs = kwargs
+        # compute(logits, target, *constants, **kwargs) as a function of (logits, target) whose work on the
+        # constants and keywords is done (functional._Dispatch.prepared), where the backend offers one.
+        prepare = getattr(compute, "prepared", None)
+        self.prepared = None if prepare is None else prepare(constants, kwargs)
 
     def holds(self, state, criterion) -> bool:
         if self.state != state:
@@ -104,12 +117,13 @@ class _Plan:
 
     def run(self, logits: torch.Tensor, target: torch.Tensor):
         """The loss, or ``NotImplemented`` when this call needs the full path (every label ignored)."""
-        check, args, kwargs = self.check
-        checked = check(logits, target, *args, **kwargs)
+        checked = self.check(logits, target)
         if isinstance(checked, tuple):  # (labels, every label ignored): the row losses' rule is decided upstream
             checked, every_ignored = checked
             if every_ignored:
                 return NotImplemented
+        if self.prepared is not None:
+            return self.prepared(logits, checked)
         return self.compute(logits, checked, *self.constants, **self.kwargs)
 
 
@@ -202,4 +216,12 @@ def _plan_of(recording: Recording, criterion, state, logits, target, loss) -> _P
     ):
         return unplanned
     implementation = compute.implementation
-    return _Plan(unplanned.state, buffers, implementation, recording.target_check, compute, constants, dict(kwargs))
+    check, check_args, check_kwargs, planned = recording.target_check
+    if planned is not None:
+        replay_check = planned(logits, target, *check_args, **check_kwargs)
+    else:
+
+        def replay_check(logits, target):
+            return check(logits, target, *check_args, **check_kwargs)
+
+    return _Plan(unplanned.state, buffers, implementation, replay_check, compute, constants, dict(kwargs))

@@ -126,7 +126,31 @@ def check_labels(logits: torch.Tensor, target: object, *, ignore_index: int | No
     return check_labels_coverage(logits, target, ignore_index=ignore_index)[0]
 
 
-@recorded_target_check
+def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None, coverage: bool = True):
+    """:func:`check_labels_coverage` (``coverage=False``: :func:`check_labels`) for later calls with this
+    call's signature (see ``_plans``).
+
+    The type, dtype, device and shape checks passed and depend on nothing else; so do the channel
+    axis to drop and whether values are inspected. Left: the label range, on every call.
+    """
+    squeeze = target.dim() == logits.dim()
+    inspect = _can_inspect(target)
+    num_classes = logits.shape[1]
+
+    def replay(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        labels = target.squeeze(1) if squeeze else target
+        return labels, inspect and check_label_range(labels, num_classes, ignore_index)
+
+    def replay_labels(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        labels = target.squeeze(1) if squeeze else target
+        if inspect:
+            check_label_range(labels, num_classes, ignore_index)
+        return labels
+
+    return replay if coverage else replay_labels
+
+
+@recorded_target_check(_planned_labels)
 def check_labels_coverage(
     logits: torch.Tensor, target: object, *, ignore_index: int | None
 ) -> tuple[torch.Tensor, bool]:
@@ -195,15 +219,18 @@ def value_range(values: torch.Tensor) -> list:
     (an expanded or channels-last map would be materialised in full), so other layouts get
     ``amin`` and ``amax``: two passes, no temporary.
     """
-    if values.device.type == "cpu" and _ATEN_GRAIN < values.numel() <= SERIAL_ELEMENTS and values.dtype in _NUMPY:
+    on_host = values.is_cpu
+    if on_host and _ATEN_GRAIN < values.numel() <= SERIAL_ELEMENTS and values.dtype in _NUMPY:
         # Between ATen's grain and the kernels' one, ATen's reductions would wake an OpenMP team
         # that the kernels do not, which on a loaded machine costs milliseconds; NumPy reduces
         # serially, on a view of the same memory (any strides, no copy).
         array = values.detach().numpy()
         return [array.min().item(), array.max().item()]
     ends = torch.aminmax(values) if values.is_contiguous() else (values.amin(), values.amax())
-    if values.device.type == "cpu":
-        return [end.item() for end in ends]  # nothing to wait for on the host: skip the stack
+    if on_host:
+        # Nothing to wait for on the host: skip the stack. tolist, not item: the same Python numbers, and
+        # measured (torch 2.14) the op call that follows an item() costs some 6 us more.
+        return [end.tolist() for end in ends]
     return torch.stack(ends).tolist()
 
 
@@ -226,7 +253,26 @@ def _representable(value: int, dtype: torch.dtype) -> bool:
     return info.min <= value <= info.max
 
 
-@recorded_target_check
+def _planned_target(logits: torch.Tensor, target: torch.Tensor, *, ignore_index: int | None):
+    """:func:`check_target` for later calls with this call's signature (see ``_plans``): a label map's
+    range, a dense map's ``[0, 1]`` range and its conversion to what the kernels read."""
+    if not target.is_floating_point() and target.shape != logits.shape:
+        return _planned_labels(logits, target, ignore_index=ignore_index, coverage=False)
+    as_bytes = target.dtype == torch.bool
+    inspect = _can_inspect(target)
+    convert = not target.is_floating_point() and target.dtype not in (torch.uint8, torch.bool)
+
+    def replay(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if as_bytes:
+            target = target.view(torch.uint8)
+        if inspect:
+            check_soft_range(target)
+        return target.to(torch.uint8) if convert else target
+
+    return replay
+
+
+@recorded_target_check(_planned_target)
 def check_target(logits: torch.Tensor, target: object, *, ignore_index: int | None) -> torch.Tensor:
     """A region loss's target: a dense map of the logits' shape, or an integer label map.
 

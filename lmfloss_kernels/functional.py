@@ -174,8 +174,10 @@ def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
 # Backends whose kernels apply the non-finite logits policy themselves, from the logits they
 # load anyway (a probe added to each row's / image's loss): for them _propagate_nonfinite would
 # be a second full read of the logits (two for reduction="none"), some 30% more memory traffic
-# for a kernel bound by it.
-_NONFINITE_IN_KERNEL = frozenset({"triton", "cuda"})
+# for a kernel bound by it, and on CPU a host read of their range on every call. A backend object
+# may still say it does not (``nonfinite_in_kernel = False``: a C++ library built before the CPU
+# kernels had the probe).
+_NONFINITE_IN_KERNEL = frozenset({"triton", "cuda", "cpu"})
 
 
 # Set while a criterion validates its keywords at construction (:func:`checks_only`).
@@ -218,13 +220,24 @@ class _Dispatch:
         self.implementation = implementation
         self.function = getattr(implementation, family)
         self.family = family
-        self.in_kernel = implementation.name in _NONFINITE_IN_KERNEL
+        self.in_kernel = implementation.name in _NONFINITE_IN_KERNEL and getattr(
+            implementation, "nonfinite_in_kernel", True
+        )
 
     def __call__(self, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         loss = self.function(logits, *args, **kwargs)
         if self.in_kernel:
             return loss
         return _propagate_nonfinite(loss, logits, self.family, kwargs["reduction"])
+
+    def prepared(self, constants: tuple, kwargs: dict):
+        """``lambda logits, target: self(logits, target, *constants, **kwargs)`` with the work that depends on
+        the constants and keywords alone done now (a call plan's replay), or ``None`` where the backend has no
+        ``prepared_<family>`` or the policy runs on the host."""
+        prepare = getattr(self.implementation, f"prepared_{self.family}", None)
+        if prepare is None or not self.in_kernel:
+            return None
+        return prepare(*constants, **kwargs)
 
 
 def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, reduction: str) -> torch.Tensor:
@@ -235,8 +248,9 @@ def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, 
     ``min + max`` (in float64, so finite logits never overflow) is non-finite exactly when a
     logit is, and ``0 * inf`` and ``0 * nan`` are NaN. One read of the logits with no
     temporary (about 2% of a CPU fwd+bwd), no host sync, nothing added to the gradient. The
-    Triton kernels apply the same policy in-kernel (``_NONFINITE_IN_KERNEL``). CPU logits are
-    first checked on the host (one min/max read), and finite ones skip the addition.
+    fused kernels (Triton, CUDA, the C++ CPU ones) apply the same policy in-kernel
+    (``_NONFINITE_IN_KERNEL``): this serves the reference. CPU logits are first checked on the
+    host (one min/max read), and finite ones skip the addition.
     """
     signal = logits.detach()
     if signal.device.type == "cpu" and not torch.compiler.is_compiling():

@@ -239,7 +239,7 @@ def test_minus_inf_logit_without_clip_keeps_the_references_finite_gradient(soft,
     (the asymmetric Unified Focal's foreground classes): there log q = -inf, and the reference's
     gradient stays finite (pow's derivative at exponent 0 is 0). A kernel that forms y * term gets
     0 * inf = NaN instead; a select on y keeps the reference's values. (The loss itself is NaN by
-    the non-finite logits policy, applied outside the backend.)"""
+    the non-finite logits policy, which the kernels apply: tests/test_ext_cpu_nonfinite.py.)"""
     logits, labels, weight, _, exponent = _region_inputs((2, 4, 5, 6), dtype=dtype, label_dtype=torch.int64)
     gamma = torch.tensor([0.5, 0.0, 0.0, 0.0], dtype=weight.dtype)
     labels[0, 1, 2], logits[0, 2, 1, 2] = 0, float("-inf")

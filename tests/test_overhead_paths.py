@@ -13,6 +13,7 @@ import pickle
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 import lmfloss_kernels as lk
 from lmfloss_kernels import _backends, reference
@@ -166,6 +167,52 @@ def test_value_checks_run_on_every_replayed_call():
     soft[0, 1, 0, 0] = 1.5
     with pytest.raises(ValueError, match="must have every entry finite and in"):
         unified(dense_x, soft)
+
+
+TARGET_LAYOUTS = ["labels", "labels_channel", "labels_int8", "bool_map", "int_map", "uint8_map", "soft_map"]
+
+
+def _target(layout: str, labels: torch.Tensor) -> torch.Tensor:
+    one_hot = torch.nn.functional.one_hot(labels, 4).movedim(-1, 1)
+    return {
+        "labels": labels,
+        "labels_channel": labels.unsqueeze(1),
+        "labels_int8": labels.to(torch.int8),
+        "bool_map": one_hot.bool(),
+        "int_map": one_hot.to(torch.int32),
+        "uint8_map": one_hot.to(torch.uint8),
+        "soft_map": torch.softmax(3 * torch.randn(one_hot.shape), 1),
+    }[layout]
+
+
+@pytest.mark.parametrize("layout", TARGET_LAYOUTS)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])
+def test_replayed_target_checks_equal_the_full_checks_on_every_layout(layout, backend):
+    """A replay checks only the target's values (its signature was checked once): same loss and gradient as
+    the functional API on fresh targets of every layout, and the same errors for bad values."""
+    unified = lk.UnifiedFocalLoss(backend=backend)
+    for _ in range(3):
+        x, labels = _inputs("dense")
+        _assert_same(
+            unified, lambda a, b, name: F.unified_focal_loss(a, b, backend=name), x, _target(layout, labels), backend
+        )
+    assert len(unified._call_plans) == 1 and next(iter(unified._call_plans.values())).compute is not None
+    target = _target(layout, labels)
+    if layout.startswith("labels"):
+        target.view(-1)[5] = 4
+        message = r"target labels must be in \[0, 3\], got values in \[0, 4\]"
+    elif layout == "soft_map":
+        target[1, 2, 0, 3] = float("nan")
+        message = r"must have every entry finite and in \[0, 1\], got NaN entries"
+    elif layout == "bool_map":
+        return  # a bool map has no bad value
+    else:
+        target[1, 2, 0, 3] = 2
+        message = r"must have every entry finite and in \[0, 1\], got values in \[0, 2\]"
+    with pytest.raises(ValueError, match=message):
+        F.unified_focal_loss(x, target, backend=backend)
+    with pytest.raises(ValueError, match=message):
+        unified(x, target)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -355,3 +402,21 @@ def test_a_first_call_with_every_label_ignored_plans_on_the_next_one():
     _assert_same(criterion, CASES["lmf"][1], x, y, "cpu")
     (plan,) = criterion._call_plans.values()
     assert plan.compute is not None
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the C++ extension is not built")
+def test_the_cpp_op_makes_no_node_without_gradients_and_still_refuses_forward_mode_ad():
+    """Under no_grad (or for inputs that need no gradient) the C++ autograd kernel runs the op alone; the
+    values equal a graph-making call's, and a forward-mode tangent still meets the node's clear error."""
+    x, y = _inputs("dense")
+    unified = lk.UnifiedFocalLoss(backend="cpu")
+    leaf = x.clone().requires_grad_(True)
+    with_node = unified(leaf, y)
+    assert with_node.grad_fn is not None
+    with torch.no_grad():
+        without = unified(leaf, y)
+    assert not without.requires_grad and without.grad_fn is None
+    torch.testing.assert_close(without, with_node.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(unified(x, y), with_node.detach(), rtol=0, atol=0)
+    with forward_ad.dual_level(), pytest.raises(RuntimeError, match="jvp is not implemented"):
+        F.unified_focal_loss(forward_ad.make_dual(x, torch.randn_like(x)), y, backend="cpu")

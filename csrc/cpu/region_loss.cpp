@@ -1,6 +1,7 @@
 // CPU kernels of the region family: per-voxel focal CE + per-(image, class) focal Tversky terms
 // (reference.region_loss), in the plan of losses.md 0.4:
 //   forward  : one pass -> per image [TP_c, FN_c, FP_c, focal sum, valid voxels] (RegionStats)
+//              (the focal sum also carries the non-finite logits probe, tile.h nonfinite_probe)
 //   finalize : O(B C) -> loss; in the backward, d loss / d TP, FN, FP per (b, c) and the focal scale
 //   backward : one pass that recomputes the softmax and writes
 //              h_c = p_c [mask_q (dTP y_c + dFP (1 - y_c)) - mask_u dFN y_c] - s_F a_c y_c G_c
@@ -50,8 +51,10 @@ struct RegionTile {
     h = y + g.classes * kTile;
   }
 
-  void load(int64_t b, int64_t v0, int64_t n) {
+  // probe (forward only): the lanes' non-finite probes, taken before the softmax overwrites z.
+  void load(int64_t b, int64_t v0, int64_t n, math_t* probe = nullptr) {
     load_tile(x, g, b, v0, n, z);
+    if (probe != nullptr) nonfinite_probe(z, g.classes, probe);
     target.load(b, v0, n, label, valid, y);
     if constexpr (!kSigmoid) {
       softmax_tile(z, p, g.classes);
@@ -106,10 +109,11 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RegionTile<scalar_t, Target, kSigmoid> tile(logits.data_ptr<scalar_t>(), g, target);
+    math_t probe[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * width;
       for_tiles(chunk, per_image, g.voxels, [&](int64_t, int64_t v0, int64_t n) {
-        tile.load(chunk / per_image, v0, n);
+        tile.load(chunk / per_image, v0, n, probe);
         if constexpr (kSigmoid) {
           // Channels are independent: one loop per channel gives its sums and its focal terms (the
           // focal switch a compile-time one, so that every version of the loop vectorises).
@@ -188,10 +192,15 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             acc[RegionStats<double>::focal(C)] += focal;
           }
         }
-        math_t count = 0;
-#pragma omp simd reduction(+ : count)
-        for (int64_t t = 0; t < kTile; ++t) count += tile.valid[t];
+        math_t count = 0, bad = 0;  // bad: 0, or NaN (the non-finite probe, whatever the order)
+#pragma omp simd reduction(+ : count, bad)
+        for (int64_t t = 0; t < kTile; ++t) {
+          count += tile.valid[t];
+          bad += probe[t];
+        }
         acc[RegionStats<double>::count(C)] += count;
+        // The focal column carries the probe into the image's loss (finalize); no backward reads it.
+        acc[RegionStats<double>::focal(C)] += bad;
       });
     }
   });
@@ -343,6 +352,19 @@ RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, d
           tversky_coef != 0.0};
 }
 
+// The elements of a float tensor of at most one axis (any stride) as doubles, exactly: the finalize's
+// inputs (exponents, the loss's gradient) read without a converted copy of the tensor.
+std::vector<double> doubles_of(const at::Tensor& t) {
+  TORCH_CHECK(t.dim() <= 1, "lmfloss_ext: expected a scalar or a vector, got ", t.sizes());
+  std::vector<double> out(t.numel());
+  const int64_t stride = t.dim() == 0 ? 0 : t.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "doubles_of", [&] {
+    const scalar_t* p = t.const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<double>(p[int64_t(i) * stride]);
+  });
+  return out;
+}
+
 // Per-image rows of Tversky sums: the image's own, or (batch = true) the sums over the batch.
 std::vector<double> tversky_rows(const double* st, int64_t batch, int64_t classes, bool batch_sum) {
   const int64_t width = RegionStats<double>::width(classes);
@@ -368,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   TORCH_CHECK(logits.dim() >= 3, "lmfloss_ext::region_loss_forward: logits must be (B, C, *S), got ", logits.sizes());
   const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
   const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
-  const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
+  const std::vector<double> e = doubles_of(class_vector(tversky_exponent, logits, "tversky_exponent"));
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t width = RegionStats<double>::width(C);
   at::Tensor stats = debug_poison(at::empty({B, width}, logits.options().dtype(at::kDouble)));
@@ -380,17 +402,14 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
                     [&](auto mode) { region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, st); });
     });
   });
-  // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c.
-  const double* e = ex.data_ptr<double>();
+  // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c. The focal column
+  // carries the non-finite probe: without a focal term it still enters as 0 * column.
   const std::vector<double> tv = tversky_rows(st, B, C, batch);
-  at::Tensor per_image = debug_poison(at::empty({B}, logits.options().dtype(at::kDouble)));
-  double* L = per_image.data_ptr<double>();
+  std::vector<double> L(B);
   double total = 0.0;
   for (int64_t b = 0; b < B; ++b) {
-    double value = 0.0;
-    if (focal_coef != 0.0) {
-      value += focal_coef * st[b * width + RegionStats<double>::focal(C)] * region_focal_scale(st + b * width, C);
-    }
+    const double focal = st[b * width + RegionStats<double>::focal(C)];
+    double value = focal_coef != 0.0 ? focal_coef * focal * region_focal_scale(st + b * width, C) : 0.0 * focal;
     if (tversky_coef != 0.0) {
       const double* row = tv.data() + b * width;
       double sum = 0.0;
@@ -403,7 +422,14 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
     total += value;
   }
   const auto mt = math_type(logits);
-  if (reduction == kNone) return {per_image.to(mt), stats};
+  if (reduction == kNone) {
+    at::Tensor per_image = at::empty({B}, logits.options().dtype(mt));
+    AT_DISPATCH_FLOATING_TYPES(mt, "region_loss_per_image", [&] {
+      scalar_t* out = per_image.data_ptr<scalar_t>();
+      for (int64_t b = 0; b < B; ++b) out[b] = static_cast<scalar_t>(L[b]);
+    });
+    return {per_image, stats};
+  }
   const double value = reduction == kMean ? total / double(B) : total;
   return {at::scalar_tensor(value, logits.options().dtype(mt)), stats};
 }
@@ -417,14 +443,12 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
   check_cpu(logits, target, "region_loss_backward", sigmoid ? 1 : 2);
   const at::Tensor fw = focal_table(focal_weight, logits, "focal_weight", sigmoid);
   const at::Tensor fg = focal_table(focal_gamma, logits, "focal_gamma", sigmoid);
-  const at::Tensor ex = class_vector(tversky_exponent, logits, "tversky_exponent").to(at::kDouble);
+  const std::vector<double> e = doubles_of(class_vector(tversky_exponent, logits, "tversky_exponent"));
   const at::Tensor stats = stats_in.to(at::kDouble).contiguous();
-  const at::Tensor go = grad.to(at::kDouble).contiguous();
+  const std::vector<double> g = doubles_of(grad);
   const int64_t B = logits.size(0), C = logits.size(1);
   const int64_t width = RegionStats<double>::width(C);
   const double* st = stats.data_ptr<double>();
-  const double* e = ex.data_ptr<double>();
-  const double* g = go.data_ptr<double>();
   // w_b = d loss / d L_b.
   std::vector<double> w(B);
   double w_total = 0.0;

@@ -1,6 +1,7 @@
 // CPU kernels of the row family: LMF = alpha * LDAM + beta * focal (reference.row_loss).
 //
 // Forward: one pass; per chunk the sums [sum w_t l^LDAM, sum w_t, sum a_t l^F, valid rows].
+// The forward also applies the non-finite logits policy (tile.h, nonfinite_probe).
 // Backward: recomputes both softmaxes and writes
 //     d/dz_j = c_L s (softmax(zeta)_j - [j == t]) + c_F G(p_t) (p_j - [j == t])
 // instead of storing a gradient during the forward: that reads the logits once more but
@@ -59,8 +60,10 @@ struct RowTile {
     q = zeta + g.classes * kTile;
   }
 
-  void load(int64_t b, int64_t v0, int64_t n) {
+  // probe (forward only): the rows' non-finite probes, taken before the softmax overwrites z.
+  void load(int64_t b, int64_t v0, int64_t n, math_t* probe = nullptr) {
     load_tile(x, g, b, v0, n, z);
+    if (probe != nullptr) nonfinite_probe(z, g.classes, probe);
     target.load(b, v0, n, label, valid, static_cast<math_t*>(nullptr));
     if (P.alpha != math_t(0)) {
       ldam_logits(z, label, P, g.classes, zeta);
@@ -84,10 +87,11 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, label_t> tile(logits.data_ptr<scalar_t>(), g, target, P);
+    math_t probe[kTile];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * 4;
       for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
-        tile.load(b, v0, n);
+        tile.load(b, v0, n, probe);
         math_t sums[4] = {0, 0, 0, 0};
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t c = tile.label[t] < 0 ? 0 : tile.label[t];
@@ -107,8 +111,11 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
             sums[2] += fl;
             row += P.beta * fl;
           }
+          // The non-finite probe enters the row's loss and both weighted sums (whichever term is on).
+          sums[0] += probe[t];
+          sums[2] += probe[t];
           sums[3] += v;
-          if (out != nullptr && t < n) out[b * g.voxels + v0 + t] = row;
+          if (out != nullptr && t < n) out[b * g.voxels + v0 + t] = row + probe[t];
         }
         for (int k = 0; k < 4; ++k) acc[k] += sums[k];
       });

@@ -182,6 +182,19 @@ void load_tile(const scalar_t* x, const Geometry& g, int64_t b, int64_t v0, int6
   }
 }
 
+// Non-finite logits policy (functional.py, _NONFINITE_IN_KERNEL), as the CUDA kernels apply it:
+// probe[t] = sum_c 0 * z_c over lane t's logits as loaded (padding lanes load 0), which is 0, or NaN
+// when one of them is NaN or +-inf. The forward kernels add it to the loss of the row / image
+// (ignored ones included) and to no gradient: the policy without a second read of the logits.
+template <typename math_t>
+void nonfinite_probe(const math_t* z, int64_t classes, math_t* probe) {
+  for (int64_t t = 0; t < kTile; ++t) probe[t] = math_t(0);
+  for (int64_t c = 0; c < classes; ++c) {
+    const math_t* zc = z + c * kTile;
+    for (int64_t t = 0; t < kTile; ++t) probe[t] += math_t(0) * zc[t];
+  }
+}
+
 // In place z -> log p = z - LSE(z), and p = softmax(z): the two-pass softmax statistics of
 // loss_math.h, lane by lane, with the lanes' max and sum in arrays so that every loop vectorises.
 template <typename math_t>

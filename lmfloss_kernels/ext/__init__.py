@@ -12,10 +12,13 @@ unavailable.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .. import _distributed
-from .._autograd import call_op
+from .._autograd import bind_op
+from .._backends import region_op_scalars
 from . import _loader, ops
 
 BUILD_INFO, LOAD_ERROR = _loader.load()
@@ -33,12 +36,22 @@ KERNEL_DEVICES = frozenset(
 )
 
 
+# Whether the loaded library's CPU kernels apply the non-finite logits policy themselves (a probe in
+# the forward kernels, as the CUDA ones have; csrc/ops.cpp says so). A library built before they did
+# leaves it to functional._propagate_nonfinite.
+CPU_NONFINITE_IN_KERNEL = (
+    LOAD_ERROR is None and getattr(importlib.import_module("lmfloss_kernels._C"), "NONFINITE_IN_CPU_KERNELS", 0) == 1
+)
+
+
 class ExtensionBackend:
     """The extension's kernels for tensors of one device type (``"cpu"`` or ``"cuda"``)."""
 
     def __init__(self, device_type: str):
         self.name = device_type
         self.device_type = device_type
+        # Read by functional._Dispatch: no host-side non-finite policy on top of these kernels.
+        self.nonfinite_in_kernel = device_type == "cuda" or CPU_NONFINITE_IN_KERNEL
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         if LOAD_ERROR is not None:
@@ -56,55 +69,46 @@ class ExtensionBackend:
     def row_loss(
         self, logits, labels, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction
     ) -> torch.Tensor:
-        loss, _ = call_op(
-            ops.row_loss_op, logits, labels, margins, ldam_weight, focal_weight, float(alpha), float(beta),
-            float(gamma), float(s), int(ignore_index), reduction,
-        )  # fmt: skip
-        return loss
+        return self.prepared_row_loss(
+            margins, ldam_weight, focal_weight, alpha=alpha, beta=beta, gamma=gamma, s=s, ignore_index=ignore_index,
+            reduction=reduction,
+        )(logits, labels)  # fmt: skip
 
-    def region_loss(
-        self,
-        logits,
-        target,
-        focal_weight,
-        focal_gamma,
-        tversky_exponent,
-        *,
-        delta,
-        focal_coef,
-        tversky_coef,
-        smooth_nr,
-        smooth_dr,
-        eps,
-        clip,
-        batch,
-        ignore_index,
-        reduction,
-        sync=None,
-        sigmoid=False,
-    ) -> torch.Tensor:
-        vectors = (focal_weight, focal_gamma, tversky_exponent)
-        sigmoid = bool(sigmoid)
-        scalars = (
-            float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
-            bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
+    def prepared_row_loss(self, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction):
+        """``lambda logits, labels: self.row_loss(logits, labels, <these arguments>)``, its options converted once."""
+        tail = (
+            margins, ldam_weight, focal_weight, float(alpha), float(beta), float(gamma), float(s), int(ignore_index),
+            reduction,
         )  # fmt: skip
+        bound = bind_op(ops.row_loss_op, tail)
+        return lambda logits, labels: bound(logits, labels)[0]
+
+    def region_loss(self, logits, target, focal_weight, focal_gamma, tversky_exponent, *, sync=None, **options):
+        if sync is None:
+            return self.prepared_region_loss(focal_weight, focal_gamma, tversky_exponent, **options)(logits, target)
+        vectors = (focal_weight, focal_gamma, tversky_exponent)
+        *scalars, _, sigmoid = region_op_scalars(**options)  # the distributed kernels run with reduction="none"
+        kernels = _distributed.RegionKernels(
+            statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none", sigmoid),
+            gradient=lambda w, st: ops.region_loss_backward_op(
+                w, logits, target, *vectors, st, *scalars, "none", sigmoid
+            ),
+            layout=(3 * logits.shape[1], 3 * logits.shape[1] + 1, 0),
+            backend=self.name,
+        )
+        names = ("delta", "focal_coef", "tversky_coef", "smooth_nr", "smooth_dr", "batch", "reduction")
+        synced = _distributed.synced_options(tversky_exponent, **{name: options[name] for name in names})
+        return _distributed.SyncedRegion.apply(logits, kernels, synced, sync)
+
+    def prepared_region_loss(self, focal_weight, focal_gamma, tversky_exponent, *, sync=None, **options):
+        """``lambda logits, target: self.region_loss(logits, target, <these arguments>)``, its options converted
+        once; ``None`` with ``sync`` (the distributed path, not replayed)."""
         if sync is not None:
-            kernels = _distributed.RegionKernels(
-                statistics=lambda z: ops.region_loss_op(z, target, *vectors, *scalars, "none", sigmoid),
-                gradient=lambda w, st: ops.region_loss_backward_op(
-                    w, logits, target, *vectors, st, *scalars, "none", sigmoid
-                ),
-                layout=(3 * logits.shape[1], 3 * logits.shape[1] + 1, 0),
-                backend=self.name,
-            )
-            options = _distributed.synced_options(
-                tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,
-                smooth_dr=smooth_dr, batch=batch, reduction=reduction,
-            )  # fmt: skip
-            return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = call_op(ops.region_loss_op, logits, target, *vectors, *scalars, reduction, sigmoid)
-        return loss
+            return None
+        bound = bind_op(
+            ops.region_loss_op, (focal_weight, focal_gamma, tversky_exponent, *region_op_scalars(**options))
+        )
+        return lambda logits, target: bound(logits, target)[0]
 
 
 CPU_BACKEND = ExtensionBackend("cpu")

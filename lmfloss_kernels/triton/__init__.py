@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import _distributed
-from .._autograd import call_op
+from .._autograd import bind_op
+from .._backends import region_op_scalars
 from . import ops
 from ._common import unavailable_reason
 
@@ -37,80 +38,49 @@ class TritonBackend:
         return unavailable_reason(device, dtype)
 
     def row_loss(
-        self,
-        logits,
-        labels,
-        margins,
-        ldam_weight,
-        focal_weight,
-        *,
-        alpha,
-        beta,
-        gamma,
-        s,
-        ignore_index,
-        reduction,
+        self, logits, labels, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction
     ) -> torch.Tensor:
-        loss, _ = call_op(
-            ops.row_loss_op,
-            logits,
-            labels,
-            _vector(margins),
-            _vector(ldam_weight),
-            _vector(focal_weight),
-            float(alpha),
-            float(beta),
-            float(gamma),
-            float(s),
-            int(ignore_index),
-            reduction,
-        )
-        return loss
+        return self.prepared_row_loss(
+            margins, ldam_weight, focal_weight, alpha=alpha, beta=beta, gamma=gamma, s=s, ignore_index=ignore_index,
+            reduction=reduction,
+        )(logits, labels)  # fmt: skip
 
-    def region_loss(
-        self,
-        logits,
-        target,
-        focal_weight,
-        focal_gamma,
-        tversky_exponent,
-        *,
-        delta,
-        focal_coef,
-        tversky_coef,
-        smooth_nr,
-        smooth_dr,
-        eps,
-        clip,
-        batch,
-        ignore_index,
-        reduction,
-        sync=None,
-        sigmoid=False,
-    ) -> torch.Tensor:
-        """The region family; ``sigmoid``: the multi-label mode, focal weight and gamma ``(2, C)``."""
-        vectors = (_vector(focal_weight), _vector(focal_gamma), _vector(tversky_exponent))
-        sigmoid = bool(sigmoid)
-        scalars = (
-            float(delta), float(focal_coef), float(tversky_coef), float(smooth_nr), float(smooth_dr), float(eps),
-            bool(clip), bool(batch), None if ignore_index is None else int(ignore_index),
+    def prepared_row_loss(self, margins, ldam_weight, focal_weight, *, alpha, beta, gamma, s, ignore_index, reduction):
+        """``lambda logits, labels: self.row_loss(logits, labels, <these arguments>)``, its constants and options
+        converted once."""
+        tail = (
+            _vector(margins), _vector(ldam_weight), _vector(focal_weight), float(alpha), float(beta), float(gamma),
+            float(s), int(ignore_index), reduction,
         )  # fmt: skip
+        bound = bind_op(ops.row_loss_op, tail)
+        return lambda logits, labels: bound(logits, labels)[0]
+
+    def region_loss(self, logits, target, focal_weight, focal_gamma, tversky_exponent, *, sync=None, **options):
+        """The region family; ``sigmoid``: the multi-label mode, focal weight and gamma ``(2, C)``."""
+        if sync is None:
+            return self.prepared_region_loss(focal_weight, focal_gamma, tversky_exponent, **options)(logits, target)
+        vectors = (_vector(focal_weight), _vector(focal_gamma), _vector(tversky_exponent))
+        *scalars, _, sigmoid = region_op_scalars(**options)  # the distributed kernels run with reduction="none"
+        kernels = _distributed.RegionKernels(
+            statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none", sigmoid),
+            gradient=lambda w, stats: ops.region_backward_op(
+                w, logits, target, stats, *vectors, *scalars, "none", sigmoid
+            ),
+            layout=(0, 1, 2),
+            backend=self.name,
+        )
+        names = ("delta", "focal_coef", "tversky_coef", "smooth_nr", "smooth_dr", "batch", "reduction")
+        synced = _distributed.synced_options(tversky_exponent, **{name: options[name] for name in names})
+        return _distributed.SyncedRegion.apply(logits, kernels, synced, sync)
+
+    def prepared_region_loss(self, focal_weight, focal_gamma, tversky_exponent, *, sync=None, **options):
+        """``lambda logits, target: self.region_loss(logits, target, <these arguments>)``, its constants and
+        options converted once; ``None`` with ``sync`` (the distributed path, not replayed)."""
         if sync is not None:
-            kernels = _distributed.RegionKernels(
-                statistics=lambda z: ops.region_forward_op(z, target, *vectors, *scalars, "none", sigmoid),
-                gradient=lambda w, stats: ops.region_backward_op(
-                    w, logits, target, stats, *vectors, *scalars, "none", sigmoid
-                ),
-                layout=(0, 1, 2),
-                backend=self.name,
-            )  # fmt: skip
-            options = _distributed.synced_options(
-                tversky_exponent, delta=delta, focal_coef=focal_coef, tversky_coef=tversky_coef, smooth_nr=smooth_nr,
-                smooth_dr=smooth_dr, batch=batch, reduction=reduction,
-            )  # fmt: skip
-            return _distributed.SyncedRegion.apply(logits, kernels, options, sync)
-        loss, _ = call_op(ops.region_forward_op, logits, target, *vectors, *scalars, reduction, sigmoid)
-        return loss
+            return None
+        vectors = (_vector(focal_weight), _vector(focal_gamma), _vector(tversky_exponent))
+        bound = bind_op(ops.region_forward_op, (*vectors, *region_op_scalars(**options)))
+        return lambda logits, target: bound(logits, target)[0]
 
 
 def _vector(values: torch.Tensor) -> torch.Tensor:
