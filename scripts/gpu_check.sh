@@ -10,7 +10,7 @@
 #   build           the C++/CUDA extension built in place for this GPU's architecture
 #                   (setup.py build_ext --inplace: no pip, no package index; CUDA_HOME below)
 #   gpu_tests       pytest -m gpu (the cuda backend, > 2**31 elements, autocast, determinism, probes)
-#   triton_tests    the Triton and CALF suites, compiled for the GPU
+#   triton_tests    the Triton and CALF suites, compiled for the GPU (the sigmoid mode's last)
 #   traffic         one forward + backward of the headline losses (Unified Focal bf16 + uint8 at
 #                   2x4x192^3, LMF rows 1M x 8 bf16), triton and cuda, against a copy of the same bytes
 #   ncu             Nsight Compute's DRAM bytes read / written and kernel time of the same calls
@@ -193,8 +193,9 @@ export -f versions
 export work python dry CUDA_HOME cuda_from ncu
 step versions 20 TERM bash -c versions
 
+# The sigmoid (multi-label) suite last: should the step's limit cut it short, the others have run.
 triton_suites=(tests/test_triton_ops.py tests/test_triton_rows.py tests/test_triton_regions.py
-  tests/test_calf_transforms.py tests/test_calf_stats.py)
+  tests/test_calf_transforms.py tests/test_calf_stats.py tests/test_triton_sigmoid.py)
 pytest_flags=(-p no:cacheprovider -q -rfE --maxfail=200)
 cases="ufl_bf16_u8_192 lmf_rows_bf16_1M"
 
