@@ -23,7 +23,10 @@ Paths:
   interpreter, so the four kernel wrappers (``row_forward``, ``row_backward``, ``region_forward``,
   ``region_backward``) are replaced by the custom ops' fake implementations, which allocate the
   outputs and launch nothing. (Until 2026-12-04 ``row_backward`` was left out, so the row losses'
-  train rows timed the interpreted backward kernel, some 20 ms, instead of its launch path.)
+  train rows timed the interpreted backward kernel, some 20 ms, instead of its launch path.) The
+  tensors are CPU tensors, so the target's value checks (the label range read on the host) run as
+  for the ``cpu`` path; GPU tensors skip them unless the ``check_labels`` option is on, so a real
+  GPU call costs a few microseconds less than this row.
   With a GPU the real kernels are launched (asynchronously: only the host time counts).
 """
 
