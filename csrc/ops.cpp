@@ -25,7 +25,7 @@
 
 // Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
 // NONFINITE_IN_CPU_KERNELS tells the package that the CPU kernels apply the non-finite logits policy
-// themselves (functional._NONFINITE_IN_KERNEL); a library built before they did lacks it.
+// themselves (the backend's nonfinite_in_kernel); a library built before they did lacks it.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
                                -1, nullptr};

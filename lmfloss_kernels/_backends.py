@@ -3,10 +3,12 @@
 A backend is an object with a ``name``, an ``unavailable_reason(device, dtype)`` method that
 returns ``None`` when it can serve tensors of that device and dtype (or a sentence saying why
 not), and the two loss-family functions with the signatures of
-:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`.
-Fused backends live in their own subpackages and are imported lazily, the first time they are
-asked for (the C++ extension when the package is imported, so that a missing or stale build is
-reported once, at import), so a broken or missing Triton or C++ extension never stops the others.
+:func:`lmfloss_kernels.reference.row_loss` and :func:`lmfloss_kernels.reference.region_loss`;
+``nonfinite_in_kernel = True`` if its kernels apply the non-finite logits policy themselves
+(without it, the package adds the policy on the host). Fused backends live in their own
+subpackages and are imported lazily, the first time they are asked for (the C++ extension when
+the package is imported, so that a missing or stale build is reported once, at import), so a
+broken or missing Triton or C++ extension never stops the others.
 
 ``"auto"`` tries, by device type, the candidates of :data:`AUTO_ORDER` and takes the first
 that is available; when it has to fall back to the eager reference on a device that has fused
@@ -29,6 +31,11 @@ from ._autograd import refuse_double_backward as refuse_double_backward  # re-ex
 
 class Backend(Protocol):
     name: str
+    # Whether the kernels apply the non-finite logits policy themselves, from the logits they load
+    # anyway (a probe added to each row's / image's loss). Otherwise functional._propagate_nonfinite
+    # adds it: for a fused kernel a second full read of the logits (two for reduction="none"), some
+    # 30% more memory traffic for a kernel bound by it, and on CPU a host read of their range per call.
+    nonfinite_in_kernel: bool
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None: ...
 
@@ -41,6 +48,7 @@ class ReferenceBackend:
     """The eager PyTorch definitions of :mod:`lmfloss_kernels.reference`; serves every tensor."""
 
     name = "reference"
+    nonfinite_in_kernel = False
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return None

@@ -171,15 +171,6 @@ def _class_values(name: str, value, logits: torch.Tensor) -> torch.Tensor:
     return class_vector(name, value, logits.shape[1], logits.device).to(_vector_dtype(logits))
 
 
-# Backends whose kernels apply the non-finite logits policy themselves, from the logits they
-# load anyway (a probe added to each row's / image's loss): for them _propagate_nonfinite would
-# be a second full read of the logits (two for reduction="none"), some 30% more memory traffic
-# for a kernel bound by it, and on CPU a host read of their range on every call. A backend object
-# may still say it does not (``nonfinite_in_kernel = False``: a C++ library built before the CPU
-# kernels had the probe).
-_NONFINITE_IN_KERNEL = frozenset({"triton", "cuda", "cpu"})
-
-
 # Set while a criterion validates its keywords at construction (:func:`checks_only`).
 _CHECKS_ONLY = contextvars.ContextVar("lmfloss_kernels_checks_only", default=False)
 
@@ -220,9 +211,9 @@ class _Dispatch:
         self.implementation = implementation
         self.function = getattr(implementation, family)
         self.family = family
-        self.in_kernel = implementation.name in _NONFINITE_IN_KERNEL and getattr(
-            implementation, "nonfinite_in_kernel", True
-        )
+        # A backend whose kernels apply the non-finite logits policy themselves (Backend.nonfinite_in_kernel)
+        # gets no _propagate_nonfinite on top; one that does not say so gets it.
+        self.in_kernel = getattr(implementation, "nonfinite_in_kernel", False)
 
     def __call__(self, logits: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         loss = self.function(logits, *args, **kwargs)
@@ -249,7 +240,7 @@ def _propagate_nonfinite(loss: torch.Tensor, logits: torch.Tensor, family: str, 
     logit is, and ``0 * inf`` and ``0 * nan`` are NaN. One read of the logits with no
     temporary (about 2% of a CPU fwd+bwd), no host sync, nothing added to the gradient. The
     fused kernels (Triton, CUDA, the C++ CPU ones) apply the same policy in-kernel
-    (``_NONFINITE_IN_KERNEL``): this serves the reference. CPU logits are first checked on the
+    (their ``nonfinite_in_kernel``): this serves the reference. CPU logits are first checked on the
     host (one min/max read), and finite ones skip the addition.
     """
     signal = logits.detach()

@@ -1,4 +1,4 @@
-"""The CPU kernels apply the non-finite logits policy themselves (``functional._NONFINITE_IN_KERNEL``).
+"""The CPU kernels apply the non-finite logits policy themselves (the backend's ``nonfinite_in_kernel``).
 
 A NaN, +inf or -inf logit makes the loss of its row / image NaN (ignored ones included) and of no
 other, for every reduction, rows and regions, softmax and sigmoid, label maps and dense targets,

@@ -197,7 +197,7 @@ def test_minus_inf_logit_without_clip_keeps_the_references_finite_gradient(soft)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_nonfinite_policy_is_applied_in_kernel(bad, dtype, monkeypatch):
-    """The CUDA kernels carry the policy (functional._NONFINITE_IN_KERNEL): no second read of the
+    """The CUDA kernels carry the policy (the backend's ``nonfinite_in_kernel``): no second read of the
     logits, and still NaN for exactly the row / image with the bad logit, ignored or not, for every
     reduction and with either term alone."""
     from lmfloss_kernels import functional as F

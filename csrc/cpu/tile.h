@@ -182,7 +182,7 @@ void load_tile(const scalar_t* x, const Geometry& g, int64_t b, int64_t v0, int6
   }
 }
 
-// Non-finite logits policy (functional.py, _NONFINITE_IN_KERNEL), as the CUDA kernels apply it:
+// Non-finite logits policy (functional.py; the backend's nonfinite_in_kernel), as the CUDA kernels apply it:
 // probe[t] = sum_c 0 * z_c over lane t's logits as loaded (padding lanes load 0), which is 0, or NaN
 // when one of them is NaN or +-inf. The forward kernels add it to the loss of the row / image
 // (ignored ones included) and to no gradient: the policy without a second read of the logits.

@@ -13,7 +13,7 @@
 // thread adds 4 of up to 1024 slots in order, then block_sum), in double. No atomics. The slot
 // count is a function of the shape only (blocks_per_image).
 //
-// Non-finite logits policy (functional.py, _NONFINITE_IN_KERNEL): the kernels add the probe
+// Non-finite logits policy (functional.py; the backend's nonfinite_in_kernel): the kernels add the probe
 // sum_c 0 * z_c of every row / voxel (0, or NaN when a logit is NaN or +-inf; ignored ones too) to
 // the row's loss and the sums of a row loss, and to the focal column of a region image, which every
 // finalize adds to the image's loss (as 0 * column without a focal term) and no backward reads.

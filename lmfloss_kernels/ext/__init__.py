@@ -50,7 +50,7 @@ class ExtensionBackend:
     def __init__(self, device_type: str):
         self.name = device_type
         self.device_type = device_type
-        # Read by functional._Dispatch: no host-side non-finite policy on top of these kernels.
+        # Backend.nonfinite_in_kernel: the CUDA kernels have the probe; the CPU ones if the library is recent.
         self.nonfinite_in_kernel = device_type == "cuda" or CPU_NONFINITE_IN_KERNEL
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:

@@ -33,6 +33,7 @@ class TritonBackend:
     """The backend object of the registry contract (see :mod:`lmfloss_kernels._backends`)."""
 
     name = "triton"
+    nonfinite_in_kernel = True
 
     def unavailable_reason(self, device: torch.device, dtype: torch.dtype) -> str | None:
         return unavailable_reason(device, dtype)
