@@ -107,7 +107,7 @@ def _extension_and_command():
         os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     os.environ.setdefault("MAX_JOBS", _default_max_jobs())
 
-    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    sources = ["csrc/ops.cpp", "csrc/autograd.cpp", "csrc/prepared.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     # No -std: torch.utils.cpp_extension adds the standard its headers need (C++20 for torch >= 2.12).
     # -fno-math-errno / -fno-trapping-math (no errno, no FP traps: nothing here reads them) let GCC
     # if-convert and vectorise the tile loops; no -ffast-math: NaN and the summation order stay exact.

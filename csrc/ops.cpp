@@ -2,7 +2,8 @@
 // the CPU (csrc/cpu) and CUDA (csrc/cuda) kernels, which register their implementations with
 // TORCH_LIBRARY_IMPL so the dispatcher picks one by the logits' device.
 //
-// Ops (autograd is added on the Python side, lmfloss_kernels/ext):
+// Ops (their autograd kernels: csrc/autograd.cpp; the Python module and the call plans' prepared
+// calls: csrc/prepared.cpp):
 //   row_loss_forward     -> (loss, norms)   norms = [sum of valid LDAM weights, number of valid rows]
 //   row_loss_backward    -> grad_logits     recomputes the softmax from the logits
 //   region_loss_forward  -> (loss, stats)   stats = per-image TP, FN, FP per class, focal sum, valid count
@@ -15,27 +16,12 @@
 //   calf_foreground_sizes   -> (counts, strays) per-image class counts (B, C) int64 and the number of
 //                                             labels outside [0, C) that are not ignore_index (int64 scalar)
 #include <ATen/ops/empty_like.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include "common.h"
 
 #include <cstdlib>
 #include <limits>
-
-// Importing lmfloss_kernels._C loads this library, whose static initialisers register the ops.
-// NONFINITE_IN_CPU_KERNELS tells the package that the CPU kernels apply the non-finite logits policy
-// themselves (the backend's nonfinite_in_kernel); a library built before they did lacks it.
-extern "C" PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "lmfloss-kernels C++/CUDA ops (torch.ops.lmfloss_ext)",
-                               -1, nullptr};
-  PyObject* m = PyModule_Create(&module);
-  if (m != nullptr && PyModule_AddIntConstant(m, "NONFINITE_IN_CPU_KERNELS", 1) < 0) {
-    Py_DECREF(m);
-    return nullptr;
-  }
-  return m;
-}
 
 namespace lmfloss {
 

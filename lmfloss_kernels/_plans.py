@@ -20,12 +20,20 @@ that one dispatch of the logits and checked target (a loss that post-processes o
 when a keyword is a tensor or an object other than a plain number, string or ``None`` (``dist_sync``'s
 process group), under ``torch.compile``, a dispatch mode, a ``torch.func`` transform, tensor
 subclasses, inference mode or the ``check_backend`` option.
+
+Where the backend offers it (the C++ extension), the two run as one native call: the replayed check
+describes itself as a :class:`TargetReplay` and the prepared dispatch turns that into an object of
+the compiled library (``csrc/prepared.cpp``) that checks the target's values and calls the op with
+no Python in between. It answers ``None`` whenever it cannot give exactly this plan's call (a bad
+value, every label ignored where that is decided upstream, a layout it does not scan, a dispatch
+mode), and the Python replay then runs, with the package's errors and rules.
 """
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import typing
 
 import torch
 from torch._C._functorch import peek_interpreter_stack as _functorch_interpreter
@@ -40,6 +48,20 @@ _RECORDING: contextvars.ContextVar[Recording | None] = contextvars.ContextVar("l
 # smaller batch); beyond this many the cache starts over rather than growing with every shape.
 MAX_PLANS = 8
 _PLAIN = (bool, int, float, str, type(None))
+
+
+class TargetReplay(typing.NamedTuple):
+    """What a replayed target check does, for a native replay of it (the check's ``native_replay``).
+
+    The checks of ``_validation`` describe themselves with it; ``csrc/prepared.cpp`` implements it.
+    """
+
+    dense: bool  # a dense (B, C, *S) map whose entries must be finite and in [0, 1]; else a label map
+    squeeze: bool  # a label map given with a singleton channel axis (B, 1, *S): dropped
+    inspect: bool  # the values are read (check_label_range / check_soft_range); else only the layout
+    classes: int  # labels must lie in [0, classes) ...
+    ignore_index: int | None  # ... or equal this
+    every_ignored_to_python: bool  # an all-ignored call takes the full path (the row losses' rule)
 
 
 class Recording:
@@ -90,7 +112,9 @@ def record_dispatch(compute, logits: torch.Tensor, args: tuple, kwargs: dict, lo
 class _Plan:
     """The replayable part of one recorded call; ``compute is None`` marks a signature that is not planned."""
 
-    __slots__ = ("state", "buffers", "implementation", "check", "compute", "constants", "kwargs", "prepared")
+    __slots__ = (
+        "state", "buffers", "implementation", "check", "compute", "constants", "kwargs", "prepared", "native"
+    )  # fmt: skip
 
     def __init__(self, state, buffers, implementation=None, check=None, compute=None, constants=(), kwargs=None):
         self.state = state
@@ -104,6 +128,10 @@ class _Plan:
         # constants and keywords is done (functional._Dispatch.prepared), where the backend offers one.
         prepare = getattr(compute, "prepared", None)
         self.prepared = None if prepare is None else prepare(constants, kwargs)
+        # check and prepared as one native call (see the module's docstring), where both offer it.
+        replay = getattr(check, "native_replay", None)
+        native = getattr(self.prepared, "native", None)
+        self.native = None if replay is None or native is None else native(replay)
 
     def holds(self, state, criterion) -> bool:
         if self.state != state:
@@ -117,6 +145,10 @@ class _Plan:
 
     def run(self, logits: torch.Tensor, target: torch.Tensor):
         """The loss, or ``NotImplemented`` when this call needs the full path (every label ignored)."""
+        if self.native is not None:
+            loss = self.native(logits, target)
+            if loss is not None:
+                return loss
         checked = self.check(logits, target)
         if isinstance(checked, tuple):  # (labels, every label ignored): the row losses' rule is decided upstream
             checked, every_ignored = checked

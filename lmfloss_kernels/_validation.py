@@ -16,7 +16,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ._config import get_options
-from ._plans import recorded_target_check
+from ._plans import TargetReplay, recorded_target_check
 
 REDUCTIONS = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -147,7 +147,12 @@ def _planned_labels(logits: torch.Tensor, target: torch.Tensor, *, ignore_index:
             check_label_range(labels, num_classes, ignore_index)
         return labels
 
-    return replay if coverage else replay_labels
+    chosen = replay if coverage else replay_labels
+    chosen.native_replay = TargetReplay(
+        dense=False, squeeze=squeeze, inspect=inspect, classes=num_classes, ignore_index=ignore_index,
+        every_ignored_to_python=coverage,
+    )  # fmt: skip
+    return chosen
 
 
 @recorded_target_check(_planned_labels)
@@ -269,6 +274,11 @@ def _planned_target(logits: torch.Tensor, target: torch.Tensor, *, ignore_index:
             check_soft_range(target)
         return target.to(torch.uint8) if convert else target
 
+    if not convert:
+        replay.native_replay = TargetReplay(
+            dense=True, squeeze=False, inspect=inspect, classes=logits.shape[1], ignore_index=None,
+            every_ignored_to_python=False,
+        )  # fmt: skip
     return replay
 
 

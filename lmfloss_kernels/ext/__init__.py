@@ -39,9 +39,20 @@ KERNEL_DEVICES = frozenset(
 # Whether the loaded library's CPU kernels apply the non-finite logits policy themselves (a probe in
 # the forward kernels, as the CUDA ones have; csrc/ops.cpp says so). A library built before they did
 # leaves it to functional._propagate_nonfinite.
-CPU_NONFINITE_IN_KERNEL = (
-    LOAD_ERROR is None and getattr(importlib.import_module("lmfloss_kernels._C"), "NONFINITE_IN_CPU_KERNELS", 0) == 1
-)
+_LIBRARY = importlib.import_module("lmfloss_kernels._C") if LOAD_ERROR is None else None
+CPU_NONFINITE_IN_KERNEL = getattr(_LIBRARY, "NONFINITE_IN_CPU_KERNELS", 0) == 1
+# Whether the loaded library has the call plans' native prepared calls (csrc/prepared.cpp); one built
+# before them leaves the plans to their Python replay.
+NATIVE_PREPARED_CALLS = hasattr(_LIBRARY, "PreparedRowLoss")
+
+
+def _with_native(call, constants: tuple, make):
+    """``call``, given ``call.native(replay)``: ``make(target_replay)``, the native form of a call plan's
+    replay (``_plans._Plan``; ``replay`` a ``_plans.TargetReplay``), where the library has one and the
+    per-class ``constants`` are plain tensors that need no gradient (as :func:`.._autograd.bind_op` asks)."""
+    if NATIVE_PREPARED_CALLS and all(type(c) is torch.Tensor and not c.requires_grad for c in constants):
+        call.native = lambda replay: make(_LIBRARY.TargetReplay(*replay))
+    return call
 
 
 class ExtensionBackend:
@@ -81,7 +92,12 @@ class ExtensionBackend:
             reduction,
         )  # fmt: skip
         bound = bind_op(ops.row_loss_op, tail)
-        return lambda logits, labels: bound(logits, labels)[0]
+
+        def call(logits, labels):
+            return bound(logits, labels)[0]
+
+        code = ops.REDUCTION_CODES[reduction]
+        return _with_native(call, tail[:3], lambda replay: _LIBRARY.PreparedRowLoss(replay, *tail[:-1], code))
 
     def region_loss(self, logits, target, focal_weight, focal_gamma, tversky_exponent, *, sync=None, **options):
         if sync is None:
@@ -105,10 +121,15 @@ class ExtensionBackend:
         once; ``None`` with ``sync`` (the distributed path, not replayed)."""
         if sync is not None:
             return None
-        bound = bind_op(
-            ops.region_loss_op, (focal_weight, focal_gamma, tversky_exponent, *region_op_scalars(**options))
-        )
-        return lambda logits, target: bound(logits, target)[0]
+        tail = (focal_weight, focal_gamma, tversky_exponent, *region_op_scalars(**options))
+        bound = bind_op(ops.region_loss_op, tail)
+
+        def call(logits, target):
+            return bound(logits, target)[0]
+
+        *head, reduction, sigmoid = tail
+        code = ops.REDUCTION_CODES[reduction]
+        return _with_native(call, tail[:3], lambda replay: _LIBRARY.PreparedRegionLoss(replay, *head, code, sigmoid))
 
 
 CPU_BACKEND = ExtensionBackend("cpu")
