@@ -22,11 +22,12 @@
 namespace lmfloss::cpu {
 namespace {
 
+// The clip is not among the parameters: the kernels take it as an argument of type ClipBounds<math_t>
+// or, for clip=False, NoClip (loss_math.h), so that the unclipped loops carry no clamps.
 template <typename math_t>
 struct RegionParams {
   const math_t* focal_weight;  // (C,), or (2, C) in sigmoid mode: [c] positive, [C + c] negative side
   const math_t* focal_gamma;
-  ClipBounds<math_t> bounds;
   bool with_focal, with_tversky;
 };
 
@@ -68,7 +69,8 @@ struct RegionTile {
     }
   }
 
-  ClippedProb<math_t> clipped(int64_t c, int64_t t, const ClipBounds<math_t>& bounds) const {
+  template <typename Bounds>
+  ClippedProb<math_t> clipped(int64_t c, int64_t t, const Bounds& bounds) const {
     const math_t log_p = z[c * kTile + t], prob = p[c * kTile + t];
     return clip_prob(log_p, prob, one_minus_p(log_p, prob), bounds);
   }
@@ -96,9 +98,9 @@ struct RegionTile {
   }
 };
 
-template <typename scalar_t, bool kSigmoid, typename Target>
+template <typename scalar_t, bool kSigmoid, typename Target, typename Bounds>
 void region_forward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
-                         double* stats) {
+                         const Bounds bounds, double* stats) {
   using math_t = math_of<scalar_t>;
   at::Tensor logits = logits_in;
   const Geometry g = class_geometry(logits);
@@ -118,7 +120,6 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
           // Channels are independent: one loop per channel gives its sums and its focal terms (the
           // focal switch a compile-time one, so that every version of the loop vectorises).
           const auto channels = [&](auto with_focal) {
-            const ClipBounds<math_t> bounds = P.bounds;
             math_t focal = 0;
             for (int64_t c = 0; c < C; ++c) {
               const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
@@ -156,7 +157,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
 #pragma omp simd reduction(+ : tp, fn, fp)
               for (int64_t t = 0; t < kTile; ++t) {
-                const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
+                const ClippedProb<math_t> cp = tile.clipped(c, t, bounds);
                 const math_t yt = tile.target_of(c, t);
                 tp += yt * cp.q;
                 fn += yt * cp.u;
@@ -173,7 +174,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               for (int64_t c = 0; c < C; ++c) {
                 const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
                 for (int64_t t = 0; t < kTile; ++t) {
-                  const ClippedProb<math_t> cp = tile.clipped(c, t, P.bounds);
+                  const ClippedProb<math_t> cp = tile.clipped(c, t, bounds);
                   // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
                   const math_t yt = tile.target_of(c, t);
                   const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
@@ -185,7 +186,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
 #pragma omp simd reduction(+ : focal)
               for (int64_t t = 0; t < kTile; ++t) {
-                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
                 focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
               }
             }
@@ -214,9 +215,9 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
 }
 
 // coef: per image [dTP_c, dFN_c, dFP_c (3C), focal scale s_F], already times d loss / d L_b.
-template <typename scalar_t, bool kSigmoid, typename Target>
+template <typename scalar_t, bool kSigmoid, typename Target, typename Bounds>
 void region_backward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
-                          const std::vector<math_of<scalar_t>>& coef, at::Tensor& grad_in) {
+                          const Bounds bounds, const std::vector<math_of<scalar_t>>& coef, at::Tensor& grad_in) {
   using math_t = math_of<scalar_t>;
   at::Tensor logits = logits_in;
   const Geometry g = class_geometry(logits);
@@ -235,7 +236,6 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
         tile.load(b, v0, n);
         if constexpr (kSigmoid) {
           const auto channels = [&](auto with_focal) {
-            const ClipBounds<math_t> bounds = P.bounds;
             for (int64_t c = 0; c < C; ++c) {
               const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
               const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
@@ -265,7 +265,7 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
             math_t* hc = tile.h + c * kTile;
             for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), P.bounds);
+              const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), bounds);
               const math_t yt = tile.target_of(c, t);
               // Branch-free so that it vectorises: a skipped term has zero coefficients here.
               math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
@@ -283,7 +283,7 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
             math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
             tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
             for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), P.bounds);
+              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
               d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
             }
             for (int64_t t = 0; t < kTile; ++t) {
@@ -338,18 +338,22 @@ void dispatch_target(const at::Tensor& logits, const at::Tensor& target_in, std:
   });
 }
 
-// Calls fn(std::bool_constant<sigmoid>): the softmax or the sigmoid (multi-label) kernels.
-template <typename Fn>
-void dispatch_mode(bool sigmoid, Fn&& fn) {
-  if (sigmoid) return fn(std::true_type{});
-  fn(std::false_type{});
+// Calls fn(std::bool_constant<sigmoid>, bounds): the softmax or the sigmoid (multi-label) kernels, with
+// the clip's bounds or, without the clip, NoClip.
+template <typename math_t, typename Fn>
+void dispatch_mode(bool sigmoid, bool clip, double eps, Fn&& fn) {
+  const auto with_bounds = [&](auto mode) {
+    if (clip) return fn(mode, ClipBounds<math_t>::make(true, eps));
+    fn(mode, NoClip{});
+  };
+  if (sigmoid) return with_bounds(std::true_type{});
+  with_bounds(std::false_type{});
 }
 
 template <typename math_t>
-RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, double focal_coef, double tversky_coef,
-                                   double eps, bool clip) {
-  return {fw.data_ptr<math_t>(), fg.data_ptr<math_t>(), ClipBounds<math_t>::make(clip, eps), focal_coef != 0.0,
-          tversky_coef != 0.0};
+RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, double focal_coef,
+                                   double tversky_coef) {
+  return {fw.data_ptr<math_t>(), fg.data_ptr<math_t>(), focal_coef != 0.0, tversky_coef != 0.0};
 }
 
 // The elements of a float tensor of at most one axis (any stride) as doubles, exactly: the finalize's
@@ -396,10 +400,12 @@ std::tuple<at::Tensor, at::Tensor> region_loss_forward(const at::Tensor& logits,
   at::Tensor stats = debug_poison(at::empty({B, width}, logits.options().dtype(at::kDouble)));
   double* st = stats.data_ptr<double>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_forward_cpu", [&] {
-    const auto P = region_params<math_of<scalar_t>>(fw, fg, focal_coef, tversky_coef, eps, clip);
+    using math_t = math_of<scalar_t>;
+    const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef);
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_mode(sigmoid,
-                    [&](auto mode) { region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, st); });
+      dispatch_mode<math_t>(sigmoid, clip, eps, [&](auto mode, auto bounds) {
+        region_forward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, bounds, st);
+      });
     });
   });
   // Finalize: L_b = focal_coef F_b + tversky_coef mean_c max(1 - TI_bc, tiny)^e_c. The focal column
@@ -476,11 +482,11 @@ at::Tensor region_loss_backward(const at::Tensor& grad, const at::Tensor& logits
   at::Tensor grad_in = gradient_like(logits);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "region_loss_backward_cpu", [&] {
     using math_t = math_of<scalar_t>;
-    const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef, eps, clip);
+    const auto P = region_params<math_t>(fw, fg, focal_coef, tversky_coef);
     const std::vector<math_t> k(coef.begin(), coef.end());
     dispatch_target<scalar_t>(logits, target, ignore_index, [&](const auto& acc) {
-      dispatch_mode(sigmoid, [&](auto mode) {
-        region_backward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, k, grad_in);
+      dispatch_mode<math_t>(sigmoid, clip, eps, [&](auto mode, auto bounds) {
+        region_backward_impl<scalar_t, decltype(mode)::value>(logits, acc, P, bounds, k, grad_in);
       });
     });
   });
