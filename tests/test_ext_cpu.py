@@ -170,6 +170,22 @@ def test_regions_match_reference(shape, case):
     )
 
 
+@pytest.mark.parametrize("soft", [False, True], ids=["labels", "soft"])
+@pytest.mark.parametrize("case", [dict(), dict(clip=False, ignore_index=2, reduction="none"), dict(clip=False)])
+def test_regions_with_every_gamma_zero(case, soft):
+    """Every focal gamma 0 (cross-entropy, as DiceCE and nnU-Net's DC + CE have it): the kernels skip the
+    modulation's pow there, with and without the clip (the clip-free kernels have no clamps at all)."""
+    if soft and case.get("ignore_index") is not None:
+        case = {k: v for k, v in case.items() if k != "ignore_index"}
+    options = _region_options(**case)
+    logits, target, weight, gamma, exponent = _region_inputs((2, 4, 7, 5, 3), soft=soft, scale=6.0)
+    grad_output = _grad_output(_out_shape(logits, options["reduction"]))
+    compare_with_reference(
+        reference.region_loss, CPU_BACKEND.region_loss, logits, target, weight, torch.zeros_like(gamma), exponent,
+        grad_output=grad_output, **options,
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize("case", [dict(), dict(clip=False, reduction="none"), dict(batch=True, reduction="sum")])
 def test_regions_soft_targets(case):
     options = _region_options(**case)

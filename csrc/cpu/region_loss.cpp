@@ -14,6 +14,7 @@
 #include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
@@ -29,6 +30,9 @@ struct RegionParams {
   const math_t* focal_weight;  // (C,), or (2, C) in sigmoid mode: [c] positive, [C + c] negative side
   const math_t* focal_gamma;
   bool with_focal, with_tversky;
+  // Every gamma 0 (cross-entropy: DiceCE, nnU-Net's DC + CE): the modulation is exactly 1, and the
+  // one-hot focal loops skip its pow (a log and an exp per voxel) with bitwise the same result.
+  bool gamma_zero;
 };
 
 template <typename scalar_t, typename Target, bool kSigmoid>
@@ -57,22 +61,15 @@ struct RegionTile {
     load_tile(x, g, b, v0, n, z);
     if (probe != nullptr) nonfinite_probe(z, g.classes, probe);
     target.load(b, v0, n, label, valid, y);
-    if constexpr (!kSigmoid) {
-      softmax_tile(z, p, g.classes);
-    } else if constexpr (!Target::kSoft) {
-      // The sigmoid loops read every target from y: a label map's one-hot, 0 on ignored and padding
+    if constexpr (!Target::kSoft) {
+      // The class loops read every target from y: a label map's one-hot, 0 on ignored and padding
       // lanes (a soft map's y is 0 there already). Label selects inside those loops kept GCC from
       // vectorising them (5x slower).
       for (int64_t c = 0; c < g.classes; ++c) {
         for (int64_t t = 0; t < kTile; ++t) y[c * kTile + t] = label[t] == c ? math_t(1) : math_t(0);
       }
     }
-  }
-
-  template <typename Bounds>
-  ClippedProb<math_t> clipped(int64_t c, int64_t t, const Bounds& bounds) const {
-    const math_t log_p = z[c * kTile + t], prob = p[c * kTile + t];
-    return clip_prob(log_p, prob, one_minus_p(log_p, prob), bounds);
+    if constexpr (!kSigmoid) softmax_tile(z, p, g.classes);
   }
 
   // Focal terms of a one-hot target, which only the true class has: gathers that class's log p,
@@ -85,15 +82,6 @@ struct RegionTile {
       prob[t] = p[c * kTile + t];
       w[t] = weight[c] * valid[t];
       g[t] = gamma[c];
-    }
-  }
-
-  // Target of class c at lane t (one-hot for label maps), 0 on ignored and padding lanes.
-  math_t target_of(int64_t c, int64_t t) const {
-    if constexpr (Target::kSoft) {
-      return y[c * kTile + t] * valid[t];
-    } else {
-      return label[t] == c ? math_t(1) : math_t(0);
     }
   }
 };
@@ -154,14 +142,18 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
           if (P.with_tversky) {
             for (int64_t c = 0; c < C; ++c) {
               math_t tp = 0, fn = 0, fp = 0;
+              // Row pointers taken out of the tile first (as in the sigmoid loops): read through the
+              // tile in the loop, they have kept GCC from vectorising it.
+              const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile, *y = tile.y + c * kTile;
+              const math_t* valid = tile.valid;
               // Lane-wise partial sums in a fixed pattern: vectorised and still deterministic.
 #pragma omp simd reduction(+ : tp, fn, fp)
               for (int64_t t = 0; t < kTile; ++t) {
-                const ClippedProb<math_t> cp = tile.clipped(c, t, bounds);
-                const math_t yt = tile.target_of(c, t);
+                const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), bounds);
+                const math_t yt = y[t];
                 tp += yt * cp.q;
                 fn += yt * cp.u;
-                fp += (tile.valid[t] - yt) * cp.q;
+                fp += (valid[t] - yt) * cp.q;
               }
               acc[c] += tp;
               acc[C + c] += fn;
@@ -173,10 +165,11 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             if constexpr (Target::kSoft) {
               for (int64_t c = 0; c < C; ++c) {
                 const math_t a = P.focal_weight[c], gamma = P.focal_gamma[c];
+                const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile, *y = tile.y + c * kTile;
                 for (int64_t t = 0; t < kTile; ++t) {
-                  const ClippedProb<math_t> cp = tile.clipped(c, t, bounds);
+                  const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), bounds);
                   // A select, not y * term: without the clip a -inf logit has log q = -inf, 0 * inf = NaN.
-                  const math_t yt = tile.target_of(c, t);
+                  const math_t yt = y[t];
                   const math_t term = a * yt * focal_modulation<TileMath>(cp.u, gamma) * (-cp.log_q);
                   focal += yt != math_t(0) ? term : math_t(0);
                 }
@@ -184,10 +177,17 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             } else {
               math_t log_p[kTile], prob[kTile], w[kTile], g[kTile];
               tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
+              if (P.gamma_zero) {
 #pragma omp simd reduction(+ : focal)
-              for (int64_t t = 0; t < kTile; ++t) {
-                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
-                focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+                for (int64_t t = 0; t < kTile; ++t) {
+                  focal += w[t] * (-clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds).log_q);
+                }
+              } else {
+#pragma omp simd reduction(+ : focal)
+                for (int64_t t = 0; t < kTile; ++t) {
+                  const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
+                  focal += w[t] * focal_modulation<TileMath>(cp.u, g[t]) * (-cp.log_q);
+                }
               }
             }
             acc[RegionStats<double>::focal(C)] += focal;
@@ -262,13 +262,14 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
           for (int64_t c = 0; c < C; ++c) {
             const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
             const math_t a = focal_scale * P.focal_weight[c], gamma = P.focal_gamma[c];
-            const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile;
+            const math_t *zc = tile.z + c * kTile, *pc = tile.p + c * kTile, *y = tile.y + c * kTile;
+            const math_t* valid = tile.valid;
             math_t* hc = tile.h + c * kTile;
             for (int64_t t = 0; t < kTile; ++t) {
               const ClippedProb<math_t> cp = clip_prob(zc[t], pc[t], one_minus_p(zc[t], pc[t]), bounds);
-              const math_t yt = tile.target_of(c, t);
+              const math_t yt = y[t];
               // Branch-free so that it vectorises: a skipped term has zero coefficients here.
-              math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (tile.valid[t] - yt)) - cp.mask_u * d_fn * yt);
+              math_t d = pc[t] * (cp.mask_q * (d_tp * yt + d_fp * (valid[t] - yt)) - cp.mask_u * d_fn * yt);
               // A select, not y * factor: without the clip a -inf logit (p = 0, log q = -inf) makes the
               // factor 0 * inf = NaN, and y = 0 would not cancel it (the reference's gradient is finite
               // there where that class's gamma is 0: pow's derivative at exponent 0 is 0).
@@ -282,9 +283,16 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
           if (!Target::kSoft && P.with_focal) {
             math_t log_p[kTile], prob[kTile], w[kTile], g[kTile], d[kTile];
             tile.gather_true_class(P.focal_weight, P.focal_gamma, log_p, prob, w, g);
-            for (int64_t t = 0; t < kTile; ++t) {
-              const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
-              d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+            if (P.gamma_zero) {
+              for (int64_t t = 0; t < kTile; ++t) {  // focal_factor without its modulation, exactly 1 here
+                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
+                d[t] = focal_scale * w[t] * focal_bracket(cp, prob[t], math_t(0));
+              }
+            } else {
+              for (int64_t t = 0; t < kTile; ++t) {
+                const ClippedProb<math_t> cp = clip_prob(log_p[t], prob[t], one_minus_p(log_p[t], prob[t]), bounds);
+                d[t] = focal_scale * w[t] * focal_factor<TileMath>(cp, prob[t], g[t]);
+              }
             }
             for (int64_t t = 0; t < kTile; ++t) {
               if (tile.label[t] >= 0) tile.h[tile.label[t] * kTile + t] -= d[t];
@@ -353,7 +361,9 @@ void dispatch_mode(bool sigmoid, bool clip, double eps, Fn&& fn) {
 template <typename math_t>
 RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, double focal_coef,
                                    double tversky_coef) {
-  return {fw.data_ptr<math_t>(), fg.data_ptr<math_t>(), focal_coef != 0.0, tversky_coef != 0.0};
+  const math_t* gamma = fg.data_ptr<math_t>();
+  const bool gamma_zero = std::all_of(gamma, gamma + fg.numel(), [](math_t g) { return g == math_t(0); });
+  return {fw.data_ptr<math_t>(), gamma, focal_coef != 0.0, tversky_coef != 0.0, gamma_zero};
 }
 
 // The elements of a float tensor of at most one axis (any stride) as doubles, exactly: the finalize's
