@@ -31,7 +31,9 @@ HOT_FUNCTIONS = (
     r"region_backward_impl<float, true, lmfloss::cpu::SoftMap<unsigned char>, lmfloss::NoClip>\(",
     r"region_forward_impl<float, true, lmfloss::cpu::SoftMap<unsigned char>, lmfloss::ClipBounds<float> >\(",
     r"region_backward_impl<float, true, lmfloss::cpu::SoftMap<unsigned char>, lmfloss::ClipBounds<float> >\(",
+    r"row_forward_impl<float, long>\(",
     r"row_backward_impl<float, unsigned char>\(",
+    r"row_backward_impl<float, long>\(",
 )
 PACKED_YMM = re.compile(r"\tv(?:add|sub|mul|div|max|min|blendv|f[n]?m(?:add|sub)\w*)ps\s[^\n]*%ymm")
 # A call from a hot function to a function of the loss math (loss_math.h, tile.h's polynomials) or to

@@ -88,36 +88,54 @@ void row_forward_impl(const at::Tensor& logits_in, const at::Tensor& labels_in, 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, label_t> tile(logits.data_ptr<scalar_t>(), g, target, P);
     math_t probe[kTile];
+    // Per lane: the true class's LDAM logit, log p and p, and the class weights (0 on ignored and
+    // padding lanes), gathered first so that the loss loop below vectorises (with the gathers in it,
+    // it ran one lane at a time).
+    math_t zeta_t[kTile], log_pt[kTile], pt[kTile], w_ldam[kTile], w_focal[kTile], rows[kTile];
+    const bool ldam = P.alpha != math_t(0), focal = P.beta != math_t(0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       double* acc = partials.data() + chunk * 4;
       for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
         tile.load(b, v0, n, probe);
-        math_t sums[4] = {0, 0, 0, 0};
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t c = tile.label[t] < 0 ? 0 : tile.label[t];
-          const math_t v = tile.valid[t];
+          zeta_t[t] = ldam ? tile.zeta[c * kTile + t] : math_t(0);
+          log_pt[t] = tile.z[c * kTile + t];
+          pt[t] = tile.p[c * kTile + t];
+          w_ldam[t] = P.ldam_weight[c] * tile.valid[t];
+          w_focal[t] = P.focal_weight[c] * tile.valid[t];
+        }
+        const math_t alpha = P.alpha, beta = P.beta, gamma = P.gamma;
+        const math_t* valid = tile.valid;
+        math_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int64_t t = 0; t < kTile; ++t) {
           math_t row = 0;
-          if (P.alpha != math_t(0)) {
-            const math_t w = P.ldam_weight[c] * v;
-            const math_t wce = -w * tile.zeta[c * kTile + t];
-            sums[0] += wce;
-            sums[1] += w;
-            row += P.alpha * wce;
+          if (ldam) {
+            const math_t wce = -w_ldam[t] * zeta_t[t];
+            s0 += wce;
+            s1 += w_ldam[t];
+            row += alpha * wce;
           }
-          if (P.beta != math_t(0)) {
-            const math_t log_p = tile.z[c * kTile + t];
-            const math_t u = one_minus_p(log_p, tile.p[c * kTile + t]);
-            const math_t fl = P.focal_weight[c] * v * focal_modulation<TileMath>(u, P.gamma) * (-log_p);
-            sums[2] += fl;
-            row += P.beta * fl;
+          if (focal) {
+            const math_t u = one_minus_p(log_pt[t], pt[t]);
+            const math_t fl = w_focal[t] * focal_modulation<TileMath>(u, gamma) * (-log_pt[t]);
+            s2 += fl;
+            row += beta * fl;
           }
           // The non-finite probe enters the row's loss and both weighted sums (whichever term is on).
-          sums[0] += probe[t];
-          sums[2] += probe[t];
-          sums[3] += v;
-          if (out != nullptr && t < n) out[b * g.voxels + v0 + t] = row + probe[t];
+          s0 += probe[t];
+          s2 += probe[t];
+          s3 += valid[t];
+          rows[t] = row + probe[t];
         }
-        for (int k = 0; k < 4; ++k) acc[k] += sums[k];
+        if (out != nullptr) {
+          for (int64_t t = 0; t < n; ++t) out[b * g.voxels + v0 + t] = rows[t];
+        }
+        acc[0] += s0;
+        acc[1] += s1;
+        acc[2] += s2;
+        acc[3] += s3;
       });
     }
   });
@@ -143,22 +161,31 @@ void row_backward_impl(const at::Tensor& grad_out, const at::Tensor& logits_in, 
 
   at::parallel_for(0, g.batch * per_image, parallel_grain(kChunk * g.classes), [&](int64_t begin, int64_t end) {
     RowTile<scalar_t, label_t> tile(logits.data_ptr<scalar_t>(), g, target, P);
-    math_t c_ldam[kTile], c_focal[kTile];
+    math_t c_ldam[kTile], c_focal[kTile], log_pt[kTile], pt[kTile];
+    const bool focal = P.beta != math_t(0);
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       for_tiles(chunk, per_image, g.voxels, [&](int64_t b, int64_t v0, int64_t n) {
         tile.load(b, v0, n);
+        // Gathers first (the true class's log p and p, the weights times d loss / d row), then the
+        // focal factor in a loop of its own, which vectorises.
         for (int64_t t = 0; t < kTile; ++t) {
           const int64_t c = tile.label[t] < 0 ? 0 : tile.label[t];
           const math_t v = tile.valid[t];
           const math_t g_row = reduction == kNone ? (t < n ? go[b * g.voxels + v0 + t] : math_t(0)) : go[0];
           c_ldam[t] = ldam_scale * P.ldam_weight[c] * v * g_row;
-          c_focal[t] = math_t(0);
-          if (P.beta != math_t(0)) {
-            const math_t log_p = tile.z[c * kTile + t];
-            const math_t pt = tile.p[c * kTile + t];
-            const ClippedProb<math_t> cp{pt, one_minus_p(log_p, pt), log_p, 1, 1, 1};  // no clip for rows
-            c_focal[t] = focal_scale * P.focal_weight[c] * v * g_row * focal_factor<TileMath>(cp, pt, P.gamma);
+          c_focal[t] = focal_scale * P.focal_weight[c] * v * g_row;
+          log_pt[t] = tile.z[c * kTile + t];
+          pt[t] = tile.p[c * kTile + t];
+        }
+        if (focal) {
+          const math_t gamma = P.gamma;
+#pragma omp simd
+          for (int64_t t = 0; t < kTile; ++t) {
+            const ClippedProb<math_t> cp{pt[t], one_minus_p(log_pt[t], pt[t]), log_pt[t], 1, 1, 1};  // rows: no clip
+            c_focal[t] *= focal_factor<TileMath>(cp, pt[t], gamma);
           }
+        } else {
+          for (int64_t t = 0; t < kTile; ++t) c_focal[t] = math_t(0);
         }
         const bool ldam = P.alpha != math_t(0);
         for (int64_t c = 0; c < g.classes; ++c) {
