@@ -13,6 +13,8 @@ import pytest
 import torch
 from test_ext_helpers import compare_with_reference, loss_and_grad
 
+import lmfloss_kernels as lk
+from lmfloss_kernels import functional as F
 from lmfloss_kernels import reference
 from lmfloss_kernels.ext import CUDA_BACKEND, ops
 
@@ -369,3 +371,34 @@ def test_opcheck_cuda_sigmoid():
     logits, target, *vectors = _sigmoid_inputs((2, 3, 5, 6), "multihot")
     scalars = (0.6, 0.5, 0.5, 1e-5, 1e-5, 1e-7, True, False, None)
     torch.library.opcheck(ops.region_loss_op, (logits.requires_grad_(), target, *vectors, *scalars, "mean", True))
+
+
+def test_criteria_replay_one_native_call_and_read_labels_only_when_asked():
+    """On CUDA tensors a criterion's plan replays as one C++ call (csrc/prepared.cpp) that reads no label;
+    with the check_labels option it hands the call to the Python replay, which reads them and refuses a
+    stray. Loss and gradient equal the functional API's on fresh values."""
+    counts = [90, 40, 11, 3]
+    for criterion, functional, kind in (
+        (lk.LMFLoss(counts, backend="cuda"), lambda x, y: F.lmf_loss(x, y, counts, backend="cuda"), "rows"),
+        (lk.UnifiedFocalLoss(backend="cuda"), lambda x, y: F.unified_focal_loss(x, y, backend="cuda"), "dense"),
+        (lk.DiceLoss(backend="cuda"), lambda x, y: F.dice_loss(x, y, backend="cuda"), "dense"),
+    ):
+        for _ in range(3):
+            if kind == "rows":
+                x, y = torch.randn(37, 4, device="cuda"), torch.randint(0, 4, (37,), device="cuda")
+            else:
+                x = torch.randn(2, 4, 6, 7, 5, device="cuda")
+                y = torch.randint(0, 4, (2, 6, 7, 5), device="cuda", dtype=torch.uint8)
+            got, want = loss_and_grad(criterion, x, y), loss_and_grad(functional, x, y)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        (plan,) = criterion._call_plans.values()
+        assert plan.native is not None and plan.native(x, y) is not None
+        bad = y.clone()
+        bad.view(-1)[3] = 9
+        with lk.options(check_labels=True):  # a new signature: its plan's native call declines CUDA values
+            criterion(x, y)
+            criterion(x, y)
+            checked = [p for p in criterion._call_plans.values() if p is not plan]
+            assert len(checked) == 1 and checked[0].native(x, y) is None
+            with pytest.raises(ValueError, match="target labels must be in"):
+                criterion(x, bad)
