@@ -92,6 +92,9 @@ struct LibmMath {
   LMF_HD static T atan_unit(T h) {
     return math_atan(h);
   }
+  // Whether every focal gamma of the call is 2 (sigmoid_modulation then squares u: no exp); a policy
+  // that says so serves only such calls (the CPU kernels pick it per call).
+  static constexpr bool kGammaTwo = false;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -304,16 +307,31 @@ LMF_HD T focal_modulation_of_log(T log_u, T gamma) {
   return gamma == T(0) ? T(1) : m;
 }
 
+// The sigmoid mode's modulation u^gamma from u and log u (both clipped): from log u, or, under a
+// policy whose kGammaTwo says every gamma is 2 (MONAI's default), max(u, tiny)^2, the reference's
+// clamp and pow(., 2) without an exp.
+template <typename M, typename T>
+LMF_HD T sigmoid_modulation(T u, T log_u, T gamma) {
+  if constexpr (M::kGammaTwo) {
+    const T uc = u > Limits<T>::tiny() ? u : Limits<T>::tiny();
+    return uc * uc;
+  } else {
+    return focal_modulation_of_log<M>(log_u, gamma);
+  }
+}
+
 // Focal sum of one channel of one voxel (y already times valid, 0 on ignored voxels), from the
-// clipped log q and log(1 - q) (scalars, not the struct: the CPU kernels call it in `omp simd` loops,
-// where a struct passed by reference stays in memory and the loop neither vectorises nor runs fast):
+// clipped q, 1 - q and their logs (scalars, not the struct: the CPU kernels call it in `omp simd`
+// loops, where a struct passed by reference stays in memory and the loop neither vectorises nor
+// runs fast):
 //     a+ y (1 - q)^g+ (-log q) + a- (valid - y) q^g- (-log(1 - q)).
 // Selects, not products, so that a side with weight 0 drops a -log q = inf (no clip, z = -+inf).
 template <typename M, typename T>
-LMF_HD T sigmoid_focal_term(T log_q, T log_one_minus_q, T y, T valid, T a_pos, T g_pos, T a_neg, T g_neg) {
+LMF_HD T sigmoid_focal_term(T q, T one_minus_q, T log_q, T log_one_minus_q, T y, T valid, T a_pos, T g_pos, T a_neg,
+                            T g_neg) {
   const T n = valid - y;
-  const T pos = a_pos * y * focal_modulation_of_log<M>(log_one_minus_q, g_pos) * (-log_q);
-  const T neg = a_neg * n * focal_modulation_of_log<M>(log_q, g_neg) * (-log_one_minus_q);
+  const T pos = a_pos * y * sigmoid_modulation<M>(one_minus_q, log_one_minus_q, g_pos) * (-log_q);
+  const T neg = a_neg * n * sigmoid_modulation<M>(q, log_q, g_neg) * (-log_one_minus_q);
   return (y != T(0) ? pos : T(0)) + (n != T(0) ? neg : T(0));
 }
 
@@ -332,8 +350,8 @@ LMF_HD T sigmoid_focal_grad(const SigmoidChannel<T>& ch, T y, T valid, T a_pos, 
   const T n = valid - y;
   const T bracket_pos = focal_bracket(ch.positive(), ch.p, g_pos);
   const T bracket_neg = focal_bracket(ch.negative(), ch.u, g_neg);
-  const T pos = a_pos * y * focal_modulation_of_log<M>(ch.log_one_minus_q, g_pos) * bracket_pos;
-  const T neg = a_neg * n * focal_modulation_of_log<M>(ch.log_q, g_neg) * bracket_neg;
+  const T pos = a_pos * y * sigmoid_modulation<M>(ch.one_minus_q, ch.log_one_minus_q, g_pos) * bracket_pos;
+  const T neg = a_neg * n * sigmoid_modulation<M>(ch.q, ch.log_q, g_neg) * bracket_neg;
   return ch.p * (n != T(0) ? neg : T(0)) - ch.u * (y != T(0) ? pos : T(0));
 }
 

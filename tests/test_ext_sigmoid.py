@@ -93,6 +93,18 @@ def test_sigmoid_matches_the_float64_reference(num_classes, kind, terms, mode):
     _against_float64_truth(logits, target, *constants, _options(ignore_index=ignore_index, **TERMS[terms], **mode))
 
 
+@pytest.mark.parametrize("gamma_value", [2.0, 0.0], ids=["gamma2", "gamma0"])
+@pytest.mark.parametrize("mode", MODES[:2], ids=["clip", "no-clip"])
+@pytest.mark.parametrize("kind", ["labels", "multihot"])
+def test_sigmoid_with_one_gamma_everywhere(kind, mode, gamma_value):
+    """Every gamma 2 (MONAI's focal default: the CPU kernels square the modulation instead of an exp) or
+    every gamma 0 (BCE), large logits included (u near 0 and 1), against the float64 reference."""
+    logits, target, weight, gamma, exponent = _sigmoid_inputs((2, 3, 9, 11), kind, scale=12.0)
+    _against_float64_truth(
+        logits, target, weight, torch.full_like(gamma, gamma_value), exponent, _options(**TERMS["both"], **mode)
+    )
+
+
 @pytest.mark.parametrize("kind", ["labels", "soft", "multihot"])
 def test_sigmoid_float64_logits(kind):
     ignore_index = 1 if kind == "labels" else None

@@ -33,6 +33,8 @@ struct RegionParams {
   // Every gamma 0 (cross-entropy: DiceCE, nnU-Net's DC + CE): the modulation is exactly 1, and the
   // one-hot focal loops skip its pow (a log and an exp per voxel) with bitwise the same result.
   bool gamma_zero;
+  // Every gamma 2 (MONAI's focal default): the sigmoid loops square instead (TileMathGammaTwo).
+  bool gamma_two;
 };
 
 template <typename scalar_t, typename Target, bool kSigmoid>
@@ -86,6 +88,15 @@ struct RegionTile {
   }
 };
 
+// Calls channels(with_focal, math policy) of the sigmoid loops: without a focal term, with one, or
+// with one whose gammas are all 2 (TileMathGammaTwo: squares for the modulation).
+template <typename math_t, typename Channels>
+void with_sigmoid_policy(const RegionParams<math_t>& P, Channels&& channels) {
+  if (!P.with_focal) return channels(std::false_type{}, TileMath{});
+  if (P.gamma_two) return channels(std::true_type{}, TileMathGammaTwo{});
+  channels(std::true_type{}, TileMath{});
+}
+
 template <typename scalar_t, bool kSigmoid, typename Target, typename Bounds>
 void region_forward_impl(const at::Tensor& logits_in, const Target& target, const RegionParams<math_of<scalar_t>>& P,
                          const Bounds bounds, double* stats) {
@@ -106,8 +117,10 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
         tile.load(chunk / per_image, v0, n, probe);
         if constexpr (kSigmoid) {
           // Channels are independent: one loop per channel gives its sums and its focal terms (the
-          // focal switch a compile-time one, so that every version of the loop vectorises).
-          const auto channels = [&](auto with_focal) {
+          // focal switch and the math policy compile-time ones, so that every version of the loop
+          // vectorises).
+          const auto channels = [&](auto with_focal, auto math) {
+            using Math = decltype(math);
             math_t focal = 0;
             for (int64_t c = 0; c < C; ++c) {
               const math_t a_pos = P.focal_weight[c], g_pos = P.focal_gamma[c];
@@ -117,13 +130,14 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
               math_t tp = 0, fn = 0, fp = 0, fc = 0;
 #pragma omp simd reduction(+ : tp, fn, fp, fc)
               for (int64_t t = 0; t < kTile; ++t) {
-                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const SigmoidChannel<math_t> ch = sigmoid_channel<Math>(zc[t], bounds);
                 const math_t yt = y[t], vt = valid[t];
                 tp += yt * ch.q;
                 fn += yt * ch.one_minus_q;
                 fp += (vt - yt) * ch.q;
                 if constexpr (decltype(with_focal)::value) {
-                  fc += sigmoid_focal_term<TileMath>(ch.log_q, ch.log_one_minus_q, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                  fc += sigmoid_focal_term<Math>(ch.q, ch.one_minus_q, ch.log_q, ch.log_one_minus_q, yt, vt, a_pos,
+                                                 g_pos, a_neg, g_neg);
                 }
               }
               acc[c] += tp;
@@ -133,11 +147,7 @@ void region_forward_impl(const at::Tensor& logits_in, const Target& target, cons
             }
             acc[RegionStats<double>::focal(C)] += focal;
           };
-          if (P.with_focal) {
-            channels(std::true_type{});
-          } else {
-            channels(std::false_type{});
-          }
+          with_sigmoid_policy(P, channels);
         } else {
           if (P.with_tversky) {
             for (int64_t c = 0; c < C; ++c) {
@@ -235,7 +245,8 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
         const math_t focal_scale = k[3 * C];
         tile.load(b, v0, n);
         if constexpr (kSigmoid) {
-          const auto channels = [&](auto with_focal) {
+          const auto channels = [&](auto with_focal, auto math) {
+            using Math = decltype(math);
             for (int64_t c = 0; c < C; ++c) {
               const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
               const math_t a_pos = focal_scale * P.focal_weight[c], g_pos = P.focal_gamma[c];
@@ -243,21 +254,17 @@ void region_backward_impl(const at::Tensor& logits_in, const Target& target, con
               math_t* hc = tile.h + c * kTile;
               const math_t *zc = tile.z + c * kTile, *y = tile.y + c * kTile, *valid = tile.valid;
               for (int64_t t = 0; t < kTile; ++t) {
-                const SigmoidChannel<math_t> ch = sigmoid_channel<TileMath>(zc[t], bounds);
+                const SigmoidChannel<math_t> ch = sigmoid_channel<Math>(zc[t], bounds);
                 const math_t yt = y[t], vt = valid[t];
                 math_t d = sigmoid_tversky_grad(ch, yt, vt, d_tp, d_fn, d_fp);
                 if constexpr (decltype(with_focal)::value) {
-                  d += sigmoid_focal_grad<TileMath>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);
+                  d += sigmoid_focal_grad<Math>(ch, yt, vt, a_pos, g_pos, a_neg, g_neg);
                 }
                 hc[t] = d;
               }
             }
           };
-          if (P.with_focal) {
-            channels(std::true_type{});
-          } else {
-            channels(std::false_type{});
-          }
+          with_sigmoid_policy(P, channels);
         } else {
           for (int64_t c = 0; c < C; ++c) {
             const math_t d_tp = k[c], d_fn = k[C + c], d_fp = k[2 * C + c];
@@ -363,7 +370,8 @@ RegionParams<math_t> region_params(const at::Tensor& fw, const at::Tensor& fg, d
                                    double tversky_coef) {
   const math_t* gamma = fg.data_ptr<math_t>();
   const bool gamma_zero = std::all_of(gamma, gamma + fg.numel(), [](math_t g) { return g == math_t(0); });
-  return {fw.data_ptr<math_t>(), gamma, focal_coef != 0.0, tversky_coef != 0.0, gamma_zero};
+  const bool gamma_two = std::all_of(gamma, gamma + fg.numel(), [](math_t g) { return g == math_t(2); });
+  return {fw.data_ptr<math_t>(), gamma, focal_coef != 0.0, tversky_coef != 0.0, gamma_zero, gamma_two};
 }
 
 // The elements of a float tensor of at most one axis (any stride) as doubles, exactly: the finalize's

@@ -143,6 +143,12 @@ struct TileMath : LibmMath {
   static float atan_unit(float h) { return cpu::atan_unit(h); }
 };
 
+// TileMath for a call whose focal gammas are all 2: the sigmoid mode's modulation is a square
+// (loss_math.h, sigmoid_modulation), two exps fewer per voxel and channel in each pass.
+struct TileMathGammaTwo : TileMath {
+  static constexpr bool kGammaTwo = true;
+};
+
 inline int64_t chunks_per_image(int64_t voxels) { return (voxels + kChunk - 1) / kChunk; }
 
 // Parallelism only pays for itself on large problems: waking and joining a worker costs tens of

@@ -442,7 +442,7 @@ __device__ void sigmoid_voxel_sums(const scalar_t* row, const Target& target, in
     fp[j] += (valid - y) * ch.q;
     focal += math_t(0) * z[j];
     if (P.with_focal) {
-      focal += sigmoid_focal_term<LibmMath>(ch.log_q, ch.log_one_minus_q, y, valid, P.focal_weight[c], P.focal_gamma[c],
+      focal += sigmoid_focal_term<LibmMath>(ch.q, ch.one_minus_q, ch.log_q, ch.log_one_minus_q, y, valid, P.focal_weight[c], P.focal_gamma[c],
                                             P.focal_weight[C + c], P.focal_gamma[C + c]);
     }
   }
