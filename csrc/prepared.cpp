@@ -37,7 +37,8 @@ namespace py = pybind11;
 // (csrc/cpu/tile.h kMinTaskElements, lmfloss_kernels/_validation.py SERIAL_ELEMENTS).
 constexpr int64_t kSerialElements = int64_t(1) << 20;
 
-// What a recorded target check leaves to each call (lmfloss_kernels._validation, NativeReplay).
+// What a recorded target check leaves to each call (lmfloss_kernels._plans.TargetReplay, filled in by
+// the checks of lmfloss_kernels._validation).
 struct TargetReplay {
   bool dense;                           // a dense map (B, C, *S); else a label map
   bool squeeze;                         // a label map given as (B, 1, *S): drop the channel axis
