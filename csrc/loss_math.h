@@ -309,12 +309,15 @@ LMF_HD T focal_modulation_of_log(T log_u, T gamma) {
 
 // The sigmoid mode's modulation u^gamma from u and log u (both clipped): from log u, or, under a
 // policy whose kGammaTwo says every gamma is 2 (MONAI's default), max(u, tiny)^2, the reference's
-// clamp and pow(., 2) without an exp.
+// clamp and pow(., 2) without an exp (flushed to 0 below tiny).
 template <typename M, typename T>
 LMF_HD T sigmoid_modulation(T u, T log_u, T gamma) {
   if constexpr (M::kGammaTwo) {
+    // Below the smallest normal number the square is 0, as exp(2 log u) underflows to in the other
+    // form: no subnormal result (on x86 a microcode assist per instruction that meets one).
     const T uc = u > Limits<T>::tiny() ? u : Limits<T>::tiny();
-    return uc * uc;
+    const T square = uc * uc;
+    return square < Limits<T>::tiny() ? T(0) : square;
   } else {
     return focal_modulation_of_log<M>(log_u, gamma);
   }

@@ -13,10 +13,11 @@
 // package's errors (with their messages) or applies its rules. That is the case for a bad target
 // value, every label ignored where the row losses decide the loss upstream, a target layout the
 // native scan does not read (not contiguous, empty), values that live on an accelerator while the
-// check_labels option asks for them to be read, and an active Python dispatch mode.
+// check_labels option asks for them to be read, and an active Python mode (torch function or dispatch).
 //
 // Importing the module also loads the library, whose static initialisers register the ops.
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
@@ -192,7 +193,8 @@ class PreparedLoss {
 
   // The loss, or None: the plan's Python replay decides this call (see the top of the file).
   py::object operator()(const at::Tensor& logits, const at::Tensor& target) const {
-    if (c10::impl::dispatch_mode_enabled()) return py::none();
+    // A Python mode (torch function or dispatch) must see the ops the Python replay calls.
+    if (c10::impl::dispatch_mode_enabled() || at::impl::torch_function_mode_enabled()) return py::none();
     std::optional<at::Tensor> checked;
     at::Tensor loss;
     {

@@ -25,8 +25,8 @@ Where the backend offers it (the C++ extension), the two run as one native call:
 describes itself as a :class:`TargetReplay` and the prepared dispatch turns that into an object of
 the compiled library (``csrc/prepared.cpp``) that checks the target's values and calls the op with
 no Python in between. It answers ``None`` whenever it cannot give exactly this plan's call (a bad
-value, every label ignored where that is decided upstream, a layout it does not scan, a dispatch
-mode), and the Python replay then runs, with the package's errors and rules.
+value, every label ignored where that is decided upstream, a layout it does not scan, a torch
+function or dispatch mode), and the Python replay then runs, with the package's errors and rules.
 """
 
 from __future__ import annotations

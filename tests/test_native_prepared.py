@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmfloss_kernels as lk
@@ -252,6 +253,29 @@ class _Ops(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.append(str(func))
         return func(*args, **(kwargs or {}))
+
+
+class _TorchFunctions(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_torch_function_mode_sees_the_ops_of_the_python_replay():
+    unified = lk.UnifiedFocalLoss(backend="cpu")
+    x = torch.randn(2, 4, 5, 6)
+    y = torch.randint(0, 4, (2, 5, 6))
+    want = unified(x, y)
+    unified(x, y)
+    assert _plan(unified).native is not None
+    with _TorchFunctions() as mode:
+        got = unified(x, y)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert any("region_loss_forward" in name for name in mode.names), mode.names
 
 
 def test_a_dispatch_mode_sees_the_python_replay_and_forward_mode_ad_is_refused():
